@@ -1,0 +1,28 @@
+"""Packaging for attn-fast.
+
+`kernels/` (Triton only) is installed as `attn_fast.kernels` through a package_dir mapping, so that no top-level
+module called `kernels` is created (an unrelated PyPI package already owns that name).
+"""
+from setuptools import setup
+
+setup(
+    name="attn-fast",
+    version="0.1.0",
+    description="Fused Triton kernels for additive (Bahdanau) attention, with a drop-in layer and a PyTorch reference",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=["attn_fast", "attn_fast.kernels"],
+    package_dir={"attn_fast": "attn_fast", "attn_fast.kernels": "kernels"},
+    install_requires=[
+        # 2.6 is the first release with torch.library.triton_op; no upper pin.
+        "torch>=2.6",
+        "triton; platform_system == 'Linux'",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+    },
+    entry_points={"console_scripts": ["attn-fast = attn_fast.cli:main"]},
+)
