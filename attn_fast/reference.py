@@ -72,7 +72,10 @@ def additive_attention_reference(
     # row with no visible key has max -inf, which is replaced by 0 so that exp(-inf - 0) = 0 and the row sums
     # to 0: weights 0 and context 0 instead of NaN, with zero (not NaN) gradients.
     scores = scores.masked_fill(~visible, float("-inf"))
-    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    if src_len > 0:
+        row_max = scores.detach().amax(dim=-1, keepdim=True)
+    else:  # amax over an empty axis is an error; every row is empty anyway
+        row_max = scores.new_zeros(batch, tgt_len, 1)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     unnormalized = torch.exp(scores - row_max)
     row_sum = unnormalized.sum(dim=-1, keepdim=True)

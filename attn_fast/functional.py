@@ -1,0 +1,99 @@
+"""`additive_attention`: the public functional entry point — validation, then dispatch to a backend."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .cpu_warmup import warm_cpu_math
+from .reference import additive_attention_reference
+from .torch_backend import additive_attention_torch
+from .validation import check_attention_inputs, check_backend
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton kernels run on CUDA tensors, and on CPU tensors only under the interpreter (TRITON_INTERPRET=1)."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    if device.type not in ("cpu", "cuda"):
+        return False
+    try:
+        from .kernels import forward  # noqa: F401  (imports triton)
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that will run: "auto" means Triton on CUDA when it is importable, else the torch backend."""
+    check_backend(backend)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+    if backend == "triton" and not triton_usable(device):
+        if device.type == "cpu":
+            raise ValueError(
+                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, for "
+                "testing on CPU); use backend='torch' or 'auto' for CPU tensors"
+            )
+        raise ValueError(f"backend='triton' is not available for tensors on {device} (is triton installed?)")
+    return backend
+
+
+def additive_attention(
+    query_proj: torch.Tensor,
+    key_proj: torch.Tensor,
+    value: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_lengths: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    need_weights: bool = False,
+    index: torch.Tensor | None = None,
+    extra_key_term: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Additive (Bahdanau) attention over pre-projected queries and keys, for all decoder steps at once.
+
+        E[b, i, j] = sum_a v[a] * tanh(query_proj[b, i, a] + key_proj[b, j, a])
+        weights    = softmax_j(E) over visible keys;   context = weights @ value
+
+    Args:
+        query_proj: [B, T, A] projected decoder states, one row per decoder step.
+        key_proj: [B, S, A] projected encoder states (compute once per source, reuse across steps).
+        value: [B, S, D] what is averaged, often the encoder states themselves.
+        v: [A] score vector.
+        key_lengths: [B] integer; key j is visible when j < key_lengths[b].
+        key_padding_mask: [B, S] or [B, T, S] bool; True marks keys to ignore (nn.MultiheadAttention convention).
+        causal: key j is visible to query i only when j <= i.
+        need_weights: also return the weights [B, T, S].
+        index: [B_q] integer: query row b reads memory row index[b] (beam search without copying the memory).
+            key_proj, value, key_lengths and a [B, S] mask are then memory rows [B_m, ...]; query_proj, a
+            [B_q, T, S] mask and extra_key_term are query rows.
+        extra_key_term: [B_q, S, A] added to the key projection of each query row (location-sensitive
+            attention, coverage).
+        backend: "auto" (Triton on CUDA, else "torch"), "triton", "torch" (memory-bounded chunks) or
+            "reference" (naive, materializes [B, T, S, A]).
+
+    Returns:
+        context [B, T, D] and weights [B, T, S] (None unless `need_weights`), in the input dtype. A row with no
+        visible key gets context 0 and weights 0 (never NaN). Inputs are never modified.
+    """
+    check_backend(backend)
+    options = dict(
+        key_lengths=key_lengths, key_padding_mask=key_padding_mask, causal=causal, need_weights=need_weights,
+        index=index, extra_key_term=extra_key_term,
+    )
+    size = check_attention_inputs(query_proj, key_proj, value, v, **options)
+    device = query_proj.device
+    if device.type == "cpu":
+        warm_cpu_math()
+    chosen = resolve_backend(backend, device)
+    if chosen == "reference":
+        return additive_attention_reference(query_proj, key_proj, value, v, **options)
+    empty = size.query_rows == 0 or size.tgt_len == 0 or size.src_len == 0
+    if chosen == "torch" or empty:  # an empty problem has a trivial answer; no kernel launch for it
+        return additive_attention_torch(query_proj, key_proj, value, v, **options)
+    from .triton_backend import additive_attention_triton
+
+    return additive_attention_triton(query_proj, key_proj, value, v, **options)
