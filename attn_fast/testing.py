@@ -8,6 +8,9 @@ import math
 
 import torch
 
+from .reference import additive_attention_reference
+from .tolerances import relative_error
+
 MASK_KINDS = ("none", "lengths", "padding", "padding_per_query", "causal", "mixed")
 
 
@@ -141,3 +144,37 @@ def random_case(
         for name, tensor in case.float_tensors().items():
             setattr(case, name, _noncontiguous(tensor, generator))
     return case.cast(dtype, device=device)
+
+
+def errors_against_reference(case: AttentionCase, dtype: torch.dtype, run, *, gradients: bool = True,
+                             seed: int = 0) -> dict[str, float]:
+    """Relative errors of one backend against the float64 reference on the same (rounded) inputs.
+
+    `run(query_proj, key_proj, value, v, need_weights=True, **case.options())` is called on `case` cast to
+    `dtype`; with `gradients`, both sides are back-propagated from the same random output gradients (through
+    the context and through the weights). Returns {"context", "weights", "grad_<input>"...: error}. Raises
+    AssertionError if `run` modified any input.
+    """
+    tested = case.cast(dtype, requires_grad=gradients)
+    # The reference sees exactly the values the backend sees: the dtype-rounded inputs, then float64.
+    oracle = tested.cast(torch.float64, requires_grad=gradients)
+    before = {name: tensor.detach().clone() for name, tensor in tested.float_tensors().items()}
+
+    expected_context, expected_weights = additive_attention_reference(*oracle.inputs(), **oracle.options(),
+                                                                      need_weights=True)
+    context, weights = run(*tested.inputs(), need_weights=True, **tested.options())
+    errors = {"context": relative_error(context, expected_context), "weights": relative_error(weights, expected_weights)}
+    if gradients:
+        generator = torch.Generator(device="cpu").manual_seed(seed + 1)
+        grad_context = torch.randn(expected_context.shape, generator=generator, dtype=torch.float64)
+        grad_weights = torch.randn(expected_weights.shape, generator=generator, dtype=torch.float64)
+        device = expected_context.device
+        grad_context, grad_weights = grad_context.to(device), grad_weights.to(device)
+        ((expected_context * grad_context).sum() + (expected_weights * grad_weights).sum()).backward()
+        ((context * grad_context.to(dtype)).sum() + (weights * grad_weights.to(dtype)).sum()).backward()
+        for name in tested.float_tensors():
+            errors[f"grad_{name}"] = relative_error(getattr(tested, name).grad, getattr(oracle, name).grad)
+    for name, tensor in tested.float_tensors().items():
+        if not torch.equal(tensor.detach(), before[name]):
+            raise AssertionError(f"{name} was modified by the call")
+    return errors

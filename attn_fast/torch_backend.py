@@ -57,12 +57,14 @@ class BlockSizes:
 
 def plan_blocks(query_rows: int, tgt_len: int, src_len: int, attn_dim: int, chunk_elements: int) -> BlockSizes:
     """Largest block of at most `chunk_elements` elements: whole key rows first, then decoder steps, then rows."""
+    # An empty problem visits no block; sizes of at least 1 keep the loops' steps positive.
+    query_rows, tgt_len, src_len = max(query_rows, 1), max(tgt_len, 1), max(src_len, 1)
     if src_len * attn_dim >= chunk_elements:
         return BlockSizes(1, 1, max(1, min(src_len, chunk_elements // attn_dim)))
     steps = max(1, min(tgt_len, chunk_elements // (src_len * attn_dim)))
     if steps < tgt_len:
         return BlockSizes(1, steps, src_len)
-    rows = max(1, min(query_rows, chunk_elements // max(1, tgt_len * src_len * attn_dim)))
+    rows = max(1, min(query_rows, chunk_elements // (tgt_len * src_len * attn_dim)))
     return BlockSizes(rows, tgt_len, src_len)
 
 
