@@ -107,15 +107,15 @@ def check_attention_inputs(
         )
     if v.shape[0] != attn_dim:
         raise ValueError(f"v must be [A] with A = {attn_dim} (from query_proj), got shape {tuple(v.shape)}")
-    if value.shape[0] != memory_rows or value.shape[1] != src_len:
-        raise ValueError(
-            f"value must be [B, S, D] with B = {memory_rows}, S = {src_len} (from key_proj), "
-            f"got shape {tuple(value.shape)}"
-        )
     if index is None and query_rows != memory_rows:
         raise ValueError(
             f"query_proj has batch {query_rows} but key_proj has batch {memory_rows}; they must match "
             "(or pass index [B_q] mapping query rows to memory rows)"
+        )
+    if value.shape[0] != memory_rows or value.shape[1] != src_len:
+        raise ValueError(
+            f"value must be [B, S, D] with B = {memory_rows}, S = {src_len} (from key_proj), "
+            f"got shape {tuple(value.shape)}"
         )
 
     device = query_proj.device
