@@ -92,13 +92,17 @@ def random_case(
     extra_key_term: bool = False,
     noncontiguous: bool = False,
     scale: float = 1.0,
+    saturate: float | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> AttentionCase:
     """A random problem with B = `batch` memory rows (and B * `beam` query rows when `beam` > 0).
 
-    `scale` multiplies the projections: 1 keeps tanh in its curved range, 1e4 saturates it.
+    `scale` multiplies the projections: 1 keeps tanh in its curved range, 1e4 saturates it everywhere.
+    `saturate` multiplies only every other attention unit (|q + k| up to ~`saturate` there), so that tanh
+    saturates on half the units while the other half keep the gradients meaningful (an all-saturated problem
+    has gradients of ~e^-18, whose relative error says nothing).
     `fully_masked_rows` makes at least one query row see no key (when the mask kind allows it).
     """
     if mask not in MASK_KINDS:
@@ -109,9 +113,12 @@ def random_case(
         return torch.randn(*shape, generator=generator, dtype=torch.float64) * std
 
     query_rows = batch * beam if beam else batch
+    unit_scale = torch.full((attn_dim,), float(scale), dtype=torch.float64)
+    if saturate is not None:
+        unit_scale[::2] *= saturate
     case = AttentionCase(
-        query_proj=normal(query_rows, tgt_len, attn_dim, std=scale),
-        key_proj=normal(batch, src_len, attn_dim, std=scale),
+        query_proj=normal(query_rows, tgt_len, attn_dim) * unit_scale,
+        key_proj=normal(batch, src_len, attn_dim) * unit_scale,
         value=normal(batch, src_len, value_dim),
         # Scores of order 1-3: the softmax is neither uniform nor one-hot.
         v=normal(attn_dim, std=2.0 / math.sqrt(attn_dim)),
@@ -119,7 +126,7 @@ def random_case(
     if beam:
         case.index = torch.arange(batch).repeat_interleave(beam)[torch.randperm(query_rows, generator=generator)]
     if extra_key_term:
-        case.extra_key_term = normal(query_rows, src_len, attn_dim, std=0.5 * scale)
+        case.extra_key_term = normal(query_rows, src_len, attn_dim, std=0.5) * unit_scale
 
     if mask in ("lengths", "mixed"):
         case.key_lengths = torch.randint(1, src_len + 1, (batch,), generator=generator)
