@@ -66,8 +66,9 @@ def verify_one(backend: str, case: VerifyCase, dtype: torch.dtype, device: torch
     return VerifyResult(backend, case.name, dtype, max(errors["context"], errors["weights"]), max(gradients))
 
 
-def run_verify(device: torch.device, backends: list[str], dtypes, seed: int = 0, out=sys.stdout) -> int:
-    """Print the table; return the number of failed rows."""
+def run_verify(device: torch.device, backends: list[str], dtypes, seed: int = 0, out=None) -> int:
+    """Print the table (to `out`, default stdout); return the number of failed rows."""
+    out = sys.stdout if out is None else out
     header = f"{'backend':<10} {'case':<24} {'dtype':<9} {'fwd error':>10} {'fwd tol':>8} {'grad error':>10} {'grad tol':>8}  result"
     print(f"attn-fast verify on {device} (torch {torch.__version__}); errors are ||out - ref|| / ||ref|| against "
           "the float64 reference", file=out)
