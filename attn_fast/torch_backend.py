@@ -71,7 +71,7 @@ def plan_blocks(query_rows: int, tgt_len: int, src_len: int, attn_dim: int, chun
 class _DirectTanh:
     """Block = t = tanh(q + k): one add and one tanh per element."""
 
-    sign_of_derivative_scale = -1.0
+    name = "direct"
 
     @staticmethod
     def prepare(projection: torch.Tensor) -> torch.Tensor:
@@ -106,6 +106,8 @@ class _FactorizedTanh:
     add and a reciprocal instead of a tanh.
     """
 
+    name = "factorized"
+
     @staticmethod
     def prepare(projection: torch.Tensor) -> torch.Tensor:
         return torch.exp(2.0 * projection)
@@ -133,7 +135,7 @@ class _FactorizedTanh:
         return 4.0
 
 
-def choose_tanh_form(form: str, dtype: torch.dtype, largest_magnitude: "callable"):
+def choose_tanh_form(form: str, dtype: torch.dtype, largest_magnitude):
     """The factorized form when e^{2x} stays finite for every input (or when forced), else the direct one.
     `largest_magnitude()` bounds |query_proj| and |key_proj (+ extra_key_term)|; it is only called for "auto"."""
     if form not in TANH_FORMS:
@@ -146,7 +148,11 @@ def choose_tanh_form(form: str, dtype: torch.dtype, largest_magnitude: "callable
 
 
 def _largest(tensor: torch.Tensor | None) -> float:
-    return float(tensor.abs().amax()) if tensor is not None and tensor.numel() else 0.0
+    """max |tensor| in one pass, without an |tensor| temporary."""
+    if tensor is None or tensor.numel() == 0:
+        return 0.0
+    smallest, largest = torch.aminmax(tensor)
+    return max(-float(smallest), float(largest))
 
 
 class _Operands:
@@ -172,14 +178,9 @@ class _Operands:
         )
         self.blocks = plan_blocks(self.query_rows, self.tgt_len, self.src_len, self.attn_dim, chunk_elements)
 
-    def memory_rows(self, rows: slice) -> torch.Tensor | slice:
-        """Memory rows read by query rows `rows`: a slice without `index` (views, no copies), else indices."""
-        return rows if self.index is None else self.index[rows]
-
     def gather(self, tensor: torch.Tensor, rows: slice) -> torch.Tensor:
         """`tensor` (memory-indexed) for query rows `rows`: a view without `index`, a bounded copy with it."""
-        memory = self.memory_rows(rows)
-        return tensor[memory] if isinstance(memory, slice) else tensor.index_select(0, memory)
+        return tensor[rows] if self.index is None else tensor.index_select(0, self.index[rows])
 
     def row_keys(self, rows: slice) -> torch.Tensor:
         """Key projections [rows, S, A] as seen by query rows `rows` (memory row + extra key term)."""
@@ -267,22 +268,26 @@ def _forward(ops: _Operands, visible, chunk_elements):
 def _backward(ops: _Operands, probs, grad_context, grad_weights, chunk_elements, need_value_grad):
     """Gradients (query_proj, key_proj, value, v, extra_key_term), in the compute dtype."""
     memory_rows = ops.keys.shape[0]
-    grad_probs = (
-        torch.zeros_like(probs) if grad_weights is None else grad_weights.to(ops.dtype, copy=True)
-    )
-    grad_value = torch.zeros_like(ops.value) if need_value_grad else None
+    grad_probs, grad_value = None, None
     if grad_context is not None:
         grad_context = grad_context.to(ops.dtype)
-        for rows in _row_blocks(ops, ops.value_dim, chunk_elements):
-            values = ops.gather(ops.value, rows)  # [r, S, D]
-            grad_probs[rows].baddbmm_(grad_context[rows], values.transpose(1, 2))
-            if grad_value is not None:
-                row_grad_value = torch.bmm(probs[rows].transpose(1, 2), grad_context[rows])
-                memory = ops.memory_rows(rows)
-                if isinstance(memory, slice):
-                    grad_value[memory] = row_grad_value
-                else:
-                    grad_value.index_add_(0, memory, row_grad_value)
+        if ops.index is None:  # one batched product each, no gather
+            grad_probs = torch.bmm(grad_context, ops.value.transpose(1, 2))
+            if need_value_grad:
+                grad_value = torch.bmm(probs.transpose(1, 2), grad_context)
+        else:  # memory rows gathered per block of query rows, value gradients scattered back
+            grad_probs = torch.empty_like(probs)
+            grad_value = torch.zeros_like(ops.value) if need_value_grad else None
+            for rows in _row_blocks(ops, ops.value_dim, chunk_elements):
+                values = ops.gather(ops.value, rows)  # [r, S, D]
+                torch.bmm(grad_context[rows], values.transpose(1, 2), out=grad_probs[rows])
+                if grad_value is not None:
+                    grad_value.index_add_(0, ops.index[rows], torch.bmm(probs[rows].transpose(1, 2), grad_context[rows]))
+    if grad_weights is not None:
+        grad_weights = grad_weights.to(ops.dtype)
+        grad_probs = grad_weights.clone() if grad_probs is None else grad_probs.add_(grad_weights)
+    if grad_probs is None:
+        grad_probs = torch.zeros_like(probs)
 
     # dE = P * (dP - rowsum(P * dP)); masked keys and empty rows have P = 0, hence dE = 0.
     row_dot = torch.linalg.vecdot(probs, grad_probs).unsqueeze(-1)
@@ -326,7 +331,7 @@ class _ChunkedAdditiveAttention(torch.autograd.Function):
         )
         context, probs = _forward(ops, visible, chunk_elements)
         ctx.save_for_backward(query_proj, key_proj, value, v, extra_key_term, index, probs)
-        ctx.options = (causal, tanh_form, chunk_elements)
+        ctx.options = (causal, ops.form.name, chunk_elements)  # the backward reuses the form, without re-checking
         weights = probs.to(query_proj.dtype)
         return context.to(query_proj.dtype), weights
 

@@ -1,0 +1,1 @@
+"""Benchmarks and static (offline) reports of attn-fast; run from the repository root."""

@@ -1,0 +1,106 @@
+"""Measurements behind the torch backend's two choices — the tanh form and the block size — and its speed next to
+the eager reference, on this machine. Writes JSON to benchmarks/results/ and prints a table.
+
+    python -m benchmarks.tune_torch_backend [--quick]
+
+Wall-clock medians after one warm-up call, with the thread count recorded (CPU timing; the GPU suite with device
+events is `attn-fast bench`). Every timed configuration is first checked against the float64 reference.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import platform
+import statistics
+import time
+
+import torch
+
+from attn_fast.cpu_warmup import warm_cpu_math
+from attn_fast.reference import additive_attention_reference
+from attn_fast.testing import random_case
+from attn_fast.tolerances import forward_tolerance, relative_error
+from attn_fast.torch_backend import DEFAULT_CHUNK_ELEMENTS, additive_attention_torch
+
+# (B, T, S, A, D). The first is the issue's measurement point; the others are DESIGN.md's named shapes.
+SHAPES = {
+    "issue_point": (8, 256, 512, 512, 64),
+    "nmt_train": (32, 50, 50, 256, 512),
+    "tts_step": (32, 1, 200, 128, 512),
+    "caption": (32, 20, 196, 512, 2048),
+    "long": (8, 400, 400, 256, 256),
+}
+CHUNKS = (1 << 18, 1 << 20, 1 << 22)
+
+
+def median_seconds(function, repeats: int) -> float:
+    function()  # warm-up: first-touch page faults, allocator growth
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_backward(function, case):
+    def run():
+        leaves = case.cast(torch.float32, requires_grad=True)
+        context, _ = function(*leaves.inputs(), **leaves.options())
+        context.sum().backward()
+    return run
+
+
+def checked(function, case, expected) -> None:
+    """Refuse to time a configuration that is wrong."""
+    actual, _ = function(*case.inputs(), **case.options())
+    error = relative_error(actual, expected)
+    if error > forward_tolerance(torch.float32):
+        raise AssertionError(f"relative error {error:.2e} before timing")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, skip the largest eager runs")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "cpu-torch-backend-tuning.json"))
+    args = parser.parse_args()
+    warm_cpu_math()
+    repeats = 3 if args.quick else 5
+    rows = []
+    for shape_name, sizes in SHAPES.items():
+        case = random_case(*sizes, mask="lengths", seed=0)
+        oracle = case.cast(torch.float64)
+        expected, _ = additive_attention_reference(*oracle.inputs(), **oracle.options())
+        del oracle
+        variants = {"reference": additive_attention_reference}
+        for form in ("direct", "factorized"):
+            for chunk in CHUNKS:
+                variants[f"torch/{form}/chunk={chunk}"] = (
+                    lambda *a, form=form, chunk=chunk, **k: additive_attention_torch(*a, tanh_form=form, chunk_elements=chunk, **k))
+        for name, function in variants.items():
+            checked(function, case, expected)
+            forward = median_seconds(lambda: function(*case.inputs(), **case.options()), repeats)
+            row = {"shape": shape_name, "sizes": sizes, "variant": name, "forward_s": forward}
+            if name == "reference" or name.endswith(f"chunk={DEFAULT_CHUNK_ELEMENTS}"):
+                row["forward_backward_s"] = median_seconds(forward_backward(function, case), repeats)
+            rows.append(row)
+            print(f"{shape_name:<12} {name:<34} fwd {forward * 1e3:9.1f} ms"
+                  + (f"   fwd+bwd {row['forward_backward_s'] * 1e3:9.1f} ms" if "forward_backward_s" in row else ""),
+                  flush=True)
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "method": "wall-clock median after one warm-up, float32, key_lengths mask, CPU",
+        "rows": rows,
+    }
+    path = pathlib.Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
