@@ -339,14 +339,28 @@ class _ChunkedAdditiveAttention(torch.autograd.Function):
     def backward(ctx, grad_context, grad_weights):
         query_proj, key_proj, value, v, extra_key_term, index, probs = ctx.saved_tensors
         causal, tanh_form, chunk_elements = ctx.options
-        ops = _Operands(query_proj, key_proj, value, v, extra_key_term, index, causal, tanh_form, chunk_elements)
-        grads = _backward(ops, probs, grad_context, grad_weights, chunk_elements, ctx.needs_input_grad[2])
-        inputs = (query_proj, key_proj, value, v, extra_key_term)
-        results = [
-            None if grad is None or not needed else grad.to(tensor.dtype)
-            for grad, tensor, needed in zip(grads, inputs, ctx.needs_input_grad[:5])
-        ]
-        return (*results, None, None, None, None, None, None)
+        grads = backward_from_probs(
+            query_proj, key_proj, value, v, extra_key_term, index, causal, probs, grad_context, grad_weights,
+            needs_input_grad=ctx.needs_input_grad[:5], tanh_form=tanh_form, chunk_elements=chunk_elements,
+        )
+        return (*grads, None, None, None, None, None, None)
+
+
+def backward_from_probs(query_proj, key_proj, value, v, extra_key_term, index, causal, probs, grad_context,
+                        grad_weights, *, needs_input_grad, tanh_form="auto", chunk_elements=DEFAULT_CHUNK_ELEMENTS):
+    """Gradients of (query_proj, key_proj, value, v, extra_key_term) from the attention probabilities P [B_q, T, S]
+    of the forward, block by block (one recomputed tanh pass); None where `needs_input_grad` is False.
+
+    Any forward that can hand over P — this backend's or the Triton kernel's — can use it as its backward.
+    grad_context [B_q, T, D] and grad_weights [B_q, T, S] may be None.
+    """
+    ops = _Operands(query_proj, key_proj, value, v, extra_key_term, index, causal, tanh_form, chunk_elements)
+    grads = _backward(ops, probs.to(ops.dtype), grad_context, grad_weights, chunk_elements, needs_input_grad[2])
+    inputs = (query_proj, key_proj, value, v, extra_key_term)
+    return tuple(
+        None if grad is None or not needed else grad.to(tensor.dtype)
+        for grad, tensor, needed in zip(grads, inputs, needs_input_grad)
+    )
 
 
 def additive_attention_torch(
