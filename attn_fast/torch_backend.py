@@ -37,6 +37,12 @@ FACTORIZED_LIMIT = {torch.float32: 40.0, torch.float64: 300.0}
 TANH_FORMS = ("auto", "direct", "factorized")
 
 
+def empty_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every uninitialized buffer of this backend comes from here; the loops write each element they later read.
+    Tests replace it with one that fills NaN, to prove that claim."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp16/bf16 inputs are computed in fp32 (accumulation in fp32, as on the GPU); fp64 stays fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -191,7 +197,7 @@ class _Operands:
 
     def scratch(self) -> torch.Tensor:
         """The one buffer the tanh blocks are computed in, for a whole forward or backward call."""
-        return torch.empty(self.blocks.elements_per_attn_dim * self.attn_dim, dtype=self.dtype, device=self.query.device)
+        return empty_buffer(self.blocks.elements_per_attn_dim * self.attn_dim, self.dtype, self.query.device)
 
     def walk(self):
         """Yield (rows, steps, keys, prepared query [r, t, A], prepared keys [r, s, A]) block by block.
@@ -223,7 +229,7 @@ def _scores(ops: _Operands) -> torch.Tensor:
     """E [B, T, S] in the compute dtype, block by block; blocks skipped by `causal` stay 0 (they are masked)."""
     scores = torch.zeros(ops.query_rows, ops.tgt_len, ops.src_len, dtype=ops.dtype, device=ops.query.device)
     scratch = ops.scratch()
-    score_buffer = torch.empty(ops.blocks.elements_per_attn_dim, dtype=ops.dtype, device=ops.query.device)
+    score_buffer = empty_buffer(ops.blocks.elements_per_attn_dim, ops.dtype, ops.query.device)
     for rows, steps, keys, query, key_block in ops.walk():
         block = _block_view(scratch, query, key_block)
         ops.form.fill(block, query[:, :, None, :], key_block[:, None, :, :])
@@ -259,7 +265,7 @@ def _forward(ops: _Operands, visible, chunk_elements):
     probs = _masked_softmax_(_scores(ops), visible)
     if ops.index is None:
         return torch.bmm(probs, ops.value), probs
-    context = torch.empty(ops.query_rows, ops.tgt_len, ops.value_dim, dtype=ops.dtype, device=probs.device)
+    context = empty_buffer((ops.query_rows, ops.tgt_len, ops.value_dim), ops.dtype, probs.device)
     for rows in _row_blocks(ops, ops.value_dim, chunk_elements):
         torch.bmm(probs[rows], ops.gather(ops.value, rows), out=context[rows])
     return context, probs
@@ -276,7 +282,7 @@ def _backward(ops: _Operands, probs, grad_context, grad_weights, chunk_elements,
             if need_value_grad:
                 grad_value = torch.bmm(probs.transpose(1, 2), grad_context)
         else:  # memory rows gathered per block of query rows, value gradients scattered back
-            grad_probs = torch.empty_like(probs)
+            grad_probs = empty_buffer(probs.shape, probs.dtype, probs.device)
             grad_value = torch.zeros_like(ops.value) if need_value_grad else None
             for rows in _row_blocks(ops, ops.value_dim, chunk_elements):
                 values = ops.gather(ops.value, rows)  # [r, S, D]

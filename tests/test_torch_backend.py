@@ -7,12 +7,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 import torch
 
-from attn_fast import additive_attention
+from attn_fast import additive_attention, torch_backend
 from attn_fast.testing import MASK_KINDS, errors_against_reference, random_case
 from attn_fast.tolerances import forward_tolerance, gradient_tolerance
 from attn_fast.torch_backend import (
     _DirectTanh, _FactorizedTanh, _Operands, additive_attention_torch, plan_blocks,
 )
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    """Every uninitialized buffer of the backend starts as NaN: an element the loops forget to write shows up."""
+    def nan_buffer(shape, dtype, device):
+        return torch.empty(shape, dtype=dtype, device=device).fill_(float("nan"))
+
+    monkeypatch.setattr(torch_backend, "empty_buffer", nan_buffer)
+
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # (B, T, S, A, D): single step, single key, odd sizes, A and D not powers of two.
