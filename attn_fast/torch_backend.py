@@ -315,10 +315,13 @@ def _backward(ops: _Operands, probs, grad_context, grad_weights, chunk_elements,
     grad_query.mul_(ops.v)
     grad_row_keys.mul_(ops.v)
 
-    grad_extra = grad_row_keys if ops.extra is not None else None
+    grad_extra = None
     if ops.index is None:
         grad_keys = grad_row_keys
+        if ops.extra is not None:  # the same values, but two leaves must never share one .grad tensor
+            grad_extra = grad_row_keys.clone()
     else:
+        grad_extra = grad_row_keys if ops.extra is not None else None
         grad_keys = torch.zeros(memory_rows, ops.src_len, ops.attn_dim, dtype=ops.dtype, device=probs.device)
         grad_keys.index_add_(0, ops.index, grad_row_keys)
     return grad_query, grad_keys, grad_value, grad_v, grad_extra

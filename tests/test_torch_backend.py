@@ -164,3 +164,11 @@ def test_property_any_small_problem_matches_reference(sizes, mask, beam, extra, 
 
     errors = errors_against_reference(case, torch.float64, run, seed=seed)
     assert max(errors.values()) <= gradient_tolerance(torch.float64), errors
+
+
+def test_key_and_extra_gradients_are_separate_tensors():
+    case = random_case(2, 3, 4, 5, 6, extra_key_term=True, seed=9).cast(torch.float32, requires_grad=True)
+    context, _ = additive_attention_torch(*case.inputs(), **case.options())
+    context.sum().backward()
+    torch.testing.assert_close(case.key_proj.grad, case.extra_key_term.grad)
+    assert case.key_proj.grad.data_ptr() != case.extra_key_term.grad.data_ptr()
