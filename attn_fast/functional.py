@@ -86,8 +86,8 @@ def additive_attention(
     )
     size = check_attention_inputs(query_proj, key_proj, value, v, **options)
     device = query_proj.device
-    if device.type == "cpu":
-        warm_cpu_math()
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        warm_cpu_math()  # a compiled region cannot run it; the first eager call (or the tests) already did
     chosen = resolve_backend(backend, device)
     if chosen == "reference":
         return additive_attention_reference(query_proj, key_proj, value, v, **options)

@@ -327,32 +327,72 @@ def _backward(ops: _Operands, probs, grad_context, grad_weights, chunk_elements,
     return grad_query, grad_keys, grad_value, grad_v, grad_extra
 
 
-class _ChunkedAdditiveAttention(torch.autograd.Function):
-    """Autograd wiring: saves the inputs and P only; recomputes tanh blocks in the backward."""
+# The backend is registered as torch.library custom ops, so that torch.compile(fullgraph=True) keeps a model that
+# uses it in one graph (the ops are opaque to the compiler, with shapes from their fake implementations) and
+# autograd goes through `register_autograd`. The forward op returns P in the compute dtype as a second output: the
+# backward needs it, and the returned weights are P cast to the input dtype.
+@torch.library.custom_op("attn_fast::torch_forward", mutates_args=())
+def _forward_op(query_proj: torch.Tensor, key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor,
+                extra_key_term: torch.Tensor | None, key_lengths: torch.Tensor | None,
+                key_padding_mask: torch.Tensor | None, index: torch.Tensor | None, causal: bool, tanh_form: str,
+                chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> context [B_q, T, D] in the input dtype, P [B_q, T, S] in the compute dtype."""
+    ops = _Operands(query_proj, key_proj, value, v, extra_key_term, index, causal, tanh_form, chunk_elements)
+    visible = visible_keys(
+        ops.query_rows, ops.tgt_len, ops.src_len, key_lengths=key_lengths, key_padding_mask=key_padding_mask,
+        causal=causal, index=index, device=query_proj.device,
+    )
+    context, probs = _forward(ops, visible, chunk_elements)
+    return context.to(query_proj.dtype), probs
 
-    @staticmethod
-    def forward(ctx, query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask, index,
-                causal, tanh_form, chunk_elements):
-        ops = _Operands(query_proj, key_proj, value, v, extra_key_term, index, causal, tanh_form, chunk_elements)
-        visible = visible_keys(
-            ops.query_rows, ops.tgt_len, ops.src_len, key_lengths=key_lengths, key_padding_mask=key_padding_mask,
-            causal=causal, index=index, device=query_proj.device,
-        )
-        context, probs = _forward(ops, visible, chunk_elements)
-        ctx.save_for_backward(query_proj, key_proj, value, v, extra_key_term, index, probs)
-        ctx.options = (causal, ops.form.name, chunk_elements)  # the backward reuses the form, without re-checking
-        weights = probs.to(query_proj.dtype)
-        return context.to(query_proj.dtype), weights
 
-    @staticmethod
-    def backward(ctx, grad_context, grad_weights):
-        query_proj, key_proj, value, v, extra_key_term, index, probs = ctx.saved_tensors
-        causal, tanh_form, chunk_elements = ctx.options
-        grads = backward_from_probs(
-            query_proj, key_proj, value, v, extra_key_term, index, causal, probs, grad_context, grad_weights,
-            needs_input_grad=ctx.needs_input_grad[:5], tanh_form=tanh_form, chunk_elements=chunk_elements,
-        )
-        return (*grads, None, None, None, None, None, None)
+@_forward_op.register_fake
+def _(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask, index, causal, tanh_form,
+      chunk_elements):
+    query_rows, tgt_len, _ = query_proj.shape
+    context = query_proj.new_empty(query_rows, tgt_len, value.shape[2])
+    probs = query_proj.new_empty(query_rows, tgt_len, key_proj.shape[1], dtype=compute_dtype(query_proj.dtype))
+    return context, probs
+
+
+@torch.library.custom_op("attn_fast::torch_backward", mutates_args=())
+def _backward_op(grad_context: torch.Tensor | None, grad_probs: torch.Tensor | None, query_proj: torch.Tensor,
+                 key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor, extra_key_term: torch.Tensor | None,
+                 index: torch.Tensor | None, probs: torch.Tensor, causal: bool, tanh_form: str,
+                 chunk_elements: int) -> list[torch.Tensor]:
+    """-> gradients of query_proj, key_proj, value, v and extra_key_term (an empty tensor when there is none)."""
+    grads = backward_from_probs(
+        query_proj, key_proj, value, v, extra_key_term, index, causal, probs, grad_context, grad_probs,
+        needs_input_grad=(True, True, True, True, extra_key_term is not None), tanh_form=tanh_form,
+        chunk_elements=chunk_elements,
+    )
+    return [query_proj.new_empty(0) if grad is None else grad for grad in grads]
+
+
+@_backward_op.register_fake
+def _(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, index, probs, causal, tanh_form,
+      chunk_elements):
+    extra = query_proj.new_empty(0) if extra_key_term is None else torch.empty_like(extra_key_term)
+    return [torch.empty_like(query_proj), torch.empty_like(key_proj), torch.empty_like(value), torch.empty_like(v),
+            extra]
+
+
+def _setup_context(ctx, inputs, output):
+    query_proj, key_proj, value, v, extra_key_term, _, _, index, causal, tanh_form, chunk_elements = inputs
+    ctx.save_for_backward(query_proj, key_proj, value, v, extra_key_term, index, output[1])
+    ctx.options = (causal, tanh_form, chunk_elements)
+
+
+def _autograd_backward(ctx, grad_context, grad_probs):
+    query_proj, key_proj, value, v, extra_key_term, index, probs = ctx.saved_tensors
+    grads = _backward_op(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, index, probs,
+                         *ctx.options)
+    if extra_key_term is None:
+        grads = [*grads[:4], None]
+    return (*grads, None, None, None, None, None, None)
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def backward_from_probs(query_proj, key_proj, value, v, extra_key_term, index, causal, probs, grad_context,
@@ -395,8 +435,8 @@ def additive_attention_torch(
     """
     if chunk_elements < 1:
         raise ValueError(f"chunk_elements must be at least 1, got {chunk_elements}")
-    context, weights = _ChunkedAdditiveAttention.apply(
+    context, probs = _forward_op(
         query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask, index,
         causal, tanh_form, chunk_elements,
     )
-    return context, (weights if need_weights else None)
+    return context, (probs.to(query_proj.dtype) if need_weights else None)
