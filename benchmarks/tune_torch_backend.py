@@ -61,6 +61,20 @@ def checked(function, case, expected) -> None:
         raise AssertionError(f"relative error {error:.2e} before timing")
 
 
+def print_summary(rows: list[dict]) -> None:
+    """Per shape: the default torch backend against the eager reference, forward and forward + backward."""
+    default = f"torch/factorized/chunk={DEFAULT_CHUNK_ELEMENTS}"
+    print(f"\n{'shape':<12} {'(B, T, S, A, D)':<24} {'eager fwd':>10} {'torch fwd':>10} {'speed-up':>8} "
+          f"{'eager f+b':>10} {'torch f+b':>10} {'speed-up':>8}")
+    for shape in dict.fromkeys(row["shape"] for row in rows):
+        eager = next(row for row in rows if row["shape"] == shape and row["variant"] == "reference")
+        ours = next(row for row in rows if row["shape"] == shape and row["variant"] == default)
+        print(f"{shape:<12} {str(tuple(eager['sizes'])):<24} {eager['forward_s'] * 1e3:>8.1f}ms "
+              f"{ours['forward_s'] * 1e3:>8.1f}ms {eager['forward_s'] / ours['forward_s']:>7.1f}x "
+              f"{eager['forward_backward_s'] * 1e3:>8.1f}ms {ours['forward_backward_s'] * 1e3:>8.1f}ms "
+              f"{eager['forward_backward_s'] / ours['forward_backward_s']:>7.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, skip the largest eager runs")
@@ -96,6 +110,7 @@ def main() -> None:
         "method": "wall-clock median after one warm-up, float32, key_lengths mask, CPU",
         "rows": rows,
     }
+    print_summary(rows)
     path = pathlib.Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
