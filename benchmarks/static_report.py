@@ -1,0 +1,314 @@
+"""Static sm_90 report of the forward kernels: compile offline (no GPU needed) and read the SASS.
+
+    python -m benchmarks.static_report [--shapes nmt_train tts_step ...] [--dtypes fp32 fp16 bf16] [--output PATH]
+
+For each named benchmark shape (DESIGN.md, "Benchmarks") and dtype, the launcher's own plan (kernels.forward.
+plan_forward on meta tensors: the same kernels, constexprs and warps a real call would launch) is compiled for
+sm_90 with `triton.compile`, then disassembled with the nvdisasm/cuobjdump shipped inside the triton package.
+Reported per kernel configuration: registers, stack bytes (> 0 means spills), shared memory and, for the score
+kernel, the hot loop: the innermost loop around the block with the most per-element MUFU ops, counted along the
+fast path (the factorized form's fallback branch for out-of-range inputs is left out and reported separately).
+
+Issue-slot model for Hopper (DESIGN.md, "Performance you can check without a GPU"): an SM issues 128
+thread-instructions per clock and completes 16 MUFU ops per clock, so the loop can run at the MUFU limit only while
+it spends <= 8 instructions per MUFU op. Predicted fraction of the MUFU limit = min(1, 8 / instructions per MUFU
+op); tanh throughput relative to 16 tanh/clock/SM = that / MUFU ops per tanh. Real timings decide on a GPU.
+
+Compiling needs a process where TRITON_INTERPRET is not 1 (triton decides at @jit time); `main` re-runs itself
+in a clean subprocess when it is set.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+#: The benchmark shapes of DESIGN.md, (B, T, S, A, D), and a few more that reach the other configurations.
+SHAPES = {
+    "nmt_train": (32, 50, 50, 256, 512),
+    "tts_step": (32, 1, 200, 128, 512),
+    "caption": (32, 20, 196, 512, 2048),
+    "long": (8, 400, 400, 256, 256),
+    "nmt_fused": (32, 50, 50, 256, 128),  # nmt_train with D = 128: context fused into the score kernel
+    "decode_fused": (32, 1, 200, 128, 128),  # single step, D = 128: fused, keys split
+    "short_steps": (64, 4, 100, 256, 128),  # a few steps per call (T = 4 query rows per program)
+    "mid": (32, 12, 50, 256, 128),  # BLOCK_T = 16
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_OUTPUT = pathlib.Path(__file__).parent / "results" / "static_sm90.json"
+SCORE_KERNEL = "_attention_forward_kernel"
+TARGET_ARCH = 90
+#: Hopper: thread-instructions issued per clock per SM / MUFU ops completed per clock per SM.
+ISSUE_PER_MUFU = 128 / 16
+
+_TRITON_TYPES = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8", torch.int8: "i8",
+    torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1",
+}
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def compile_launch(launch, arch: int = TARGET_ARCH):
+    """Compile one `KernelLaunch` for sm_`arch` the way the JIT would specialize it: tensors become pointers
+    assumed 16-byte aligned, integers equal to 1 become constants, multiples of 16 get the divisibility hint."""
+    import triton
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.runtime.jit import native_specialize_impl
+
+    kernel = launch.kernel
+    signature, constants, attrs = {}, {}, {}
+    for position, name in enumerate(kernel.arg_names):
+        value = launch.arguments[name]
+        if kernel.params[position].is_constexpr:
+            signature[name] = "constexpr"
+            constants[name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[value.dtype]
+            attrs[(position,)] = [["tt.divisibility", 16]]
+        else:
+            kind, hint = native_specialize_impl(BaseBackend, value, False, True, True)
+            if kind == "constexpr":
+                signature[name] = "constexpr"
+                constants[name] = value
+            else:
+                signature[name] = kind
+                if hint == "D":
+                    attrs[(position,)] = [["tt.divisibility", 16]]
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": launch.num_warps,
+                                                                               "num_stages": launch.num_stages})
+
+
+@dataclasses.dataclass
+class Instruction:
+    address: int
+    opcode: str  # e.g. "FFMA", "MUFU.RCP", "BRA"
+    target: str | None  # branch target label
+
+
+def disassemble(cubin: bytes) -> tuple[dict, list[Instruction], dict[str, int]]:
+    """Resource usage {registers, stack_bytes, shared_bytes (static only)}, the instructions, and label -> address."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = pathlib.Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(path)],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), str(path)], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
+    resources = {"registers": int(found.group(1)), "stack_bytes": int(found.group(2)),
+                 "shared_bytes": int(found.group(3))}
+    instructions, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        found = re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*)", line)
+        if found:
+            address = int(found.group(1), 16)
+            for name in pending:
+                labels[name] = address
+            pending = []
+            target = re.search(r"`\((\.L_x_\d+)\)", found.group(3))
+            instructions.append(Instruction(address, found.group(2), target.group(1) if target else None))
+    return resources, instructions, labels
+
+
+def _blocks(instructions: list[Instruction], labels: dict[str, int]) -> list[list[Instruction]]:
+    """Straight-line blocks: split at every label and after every branch."""
+    starts = set(labels.values())
+    blocks, current = [], []
+    for instruction in instructions:
+        if instruction.address in starts and current:
+            blocks.append(current)
+            current = []
+        current.append(instruction)
+        if instruction.opcode.startswith("BRA"):
+            blocks.append(current)
+            current = []
+    if current:
+        blocks.append(current)
+    return blocks
+
+
+def _opcode_counts(instructions: list[Instruction]) -> collections.Counter:
+    return collections.Counter(i.opcode if i.opcode.startswith("MUFU") else i.opcode.split(".")[0]
+                               for i in instructions)
+
+
+def hot_loop(instructions: list[Instruction], labels: dict[str, int], elements_per_thread: int,
+             element_op: str) -> dict:
+    """Statistics of the score loop for one iteration over an A-chunk tile (`elements_per_thread` tanh per thread).
+
+    The hot block is the block with the most `element_op` per instruction; the hot loop is the innermost backward
+    branch around it. Blocks in the loop that hold one MUFU.EX2 per element next to the element op belong to the
+    factorized form's fallback (saturated inputs) and are counted separately."""
+    blocks = _blocks(instructions, labels)
+    candidates = [b for b in blocks if sum(i.opcode == element_op for i in b) >= elements_per_thread]
+    if not candidates:
+        raise ValueError(f"no block with {elements_per_thread} x {element_op}")
+    hot = min(candidates, key=lambda b: len(b) / sum(i.opcode == element_op for i in b))
+    hot_start = hot[0].address
+    loops = [(labels[i.target], i.address) for i in instructions
+             if i.opcode.startswith("BRA") and i.target in labels
+             and labels[i.target] <= hot_start <= i.address]
+    if not loops:
+        raise ValueError("the hot block is not inside a loop")
+    loop_start, loop_end = min(loops, key=lambda span: span[1] - span[0])
+    fast_path, fallback = [], []
+    for block in blocks:
+        if not (loop_start <= block[0].address <= loop_end):
+            continue
+        is_fallback = (element_op == "MUFU.RCP" and block is not hot
+                       and sum(i.opcode == "MUFU.EX2" for i in block) >= elements_per_thread)
+        (fallback if is_fallback else fast_path).extend(block)
+    counts = _opcode_counts(fast_path)
+    mufu = sum(n for op, n in counts.items() if op.startswith("MUFU"))
+    per_tanh = len(fast_path) / elements_per_thread
+    per_mufu = len(fast_path) / mufu
+    mufu_fraction = min(1.0, ISSUE_PER_MUFU / per_mufu)
+    return {
+        "elements_per_thread": elements_per_thread,
+        "instructions": len(fast_path),
+        "element_op": element_op,
+        "element_ops_per_element": counts[element_op] / elements_per_thread,
+        "mufu_per_element": mufu / elements_per_thread,
+        "instructions_per_tanh": round(per_tanh, 3),
+        "instructions_per_mufu": round(per_mufu, 3),
+        "predicted_mufu_limit_fraction": round(mufu_fraction, 3),
+        "predicted_tanh_rate_fraction": round(mufu_fraction * elements_per_thread / mufu, 3),
+        "shfl": counts["SHFL"],
+        "local_memory_instructions": counts["STL"] + counts["LDL"],  # spill traffic inside the loop
+        "opcodes": dict(counts.most_common(12)),
+        "fallback_instructions_per_tanh": round(len(fallback) / elements_per_thread, 3) if fallback else None,
+    }
+
+
+def _element_op(tanh_form: str) -> str:
+    return {"approx": "MUFU.TANH", "factorized": "MUFU.RCP", "exp": "MUFU.RCP", "libdevice": "MUFU.EX2"}[tanh_form]
+
+
+def _constexprs(launch) -> dict:
+    kernel = launch.kernel
+    return {name: launch.arguments[name] for name, param in zip(kernel.arg_names, kernel.params) if param.is_constexpr}
+
+
+def analyze_launch(launch) -> dict:
+    """Compile one launch and return its report entry."""
+    compiled = compile_launch(launch)
+    resources, instructions, labels = disassemble(compiled.asm["cubin"])
+    # cuobjdump counts static shared memory only; Triton allocates its buffers dynamically.
+    resources["shared_bytes"] = max(resources["shared_bytes"], compiled.metadata.shared)
+    constants = _constexprs(launch)
+    entry = {"kernel": launch.kernel.__name__, "num_warps": launch.num_warps, "num_stages": launch.num_stages,
+             "constexprs": constants, **resources,
+             "spills": resources["stack_bytes"] > 0}
+    if launch.kernel.__name__ == SCORE_KERNEL:
+        form = constants["TANH_FORM"]
+        threads = 32 * launch.num_warps
+        elements = constants["BLOCK_A"] * constants["BLOCK_T"] * constants["BLOCK_S"] // threads
+        entry["hot_loop"] = hot_loop(instructions, labels, elements, _element_op(form))
+    return entry
+
+
+def _launch_key(launch) -> str:
+    constants = _constexprs(launch)
+    return json.dumps([launch.kernel.__name__, launch.num_warps, launch.num_stages, constants], sort_keys=True)
+
+
+def build_report(shape_names, dtype_names, need_weights=(False, True)) -> dict:
+    """Compile every distinct launch of the named shapes and dtypes (contiguous inputs, no masks)."""
+    from attn_fast.kernels.forward import plan_forward
+
+    entries: dict[str, dict] = {}
+    for shape_name in shape_names:
+        batch, tgt_len, src_len, attn_dim, value_dim = SHAPES[shape_name]
+        for dtype_name in dtype_names:
+            def meta(*shape):
+                return torch.empty(*shape, device="meta", dtype=DTYPES[dtype_name])
+
+            for weights in need_weights:
+                plan = plan_forward(meta(batch, tgt_len, attn_dim), meta(batch, src_len, attn_dim),
+                                    meta(batch, src_len, value_dim), meta(attn_dim), need_weights=weights)
+                for launch in plan.launches:
+                    key = _launch_key(launch)
+                    if key not in entries:
+                        entries[key] = analyze_launch(launch)
+                        entries[key]["used_by"] = []
+                    use = f"{shape_name}/{dtype_name}{'/weights' if weights else ''}"
+                    if use not in entries[key]["used_by"]:
+                        entries[key]["used_by"].append(use)
+    import triton
+
+    return {
+        "target": f"sm_{TARGET_ARCH}",
+        "triton": triton.__version__,
+        "model": "predicted_mufu_limit_fraction = min(1, 8 / instructions_per_mufu); "
+                 "predicted_tanh_rate_fraction = that / mufu_per_element",
+        "shapes": {name: dict(zip("BTSAD", SHAPES[name])) for name in shape_names},
+        "kernels": list(entries.values()),
+    }
+
+
+_LABELS = {"BLOCK_T": "BT", "BLOCK_S": "BS", "BLOCK_A": "BA", "BLOCK_D": "BD", "TANH_FORM": "tanh",
+           "FUSE_CONTEXT": "fused", "WRITE_WEIGHTS": "weights", "SPLIT": "split"}
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    for entry in report["kernels"]:
+        constants = entry["constexprs"]
+        settings = " ".join(f"{label}={constants[name]}" for name, label in _LABELS.items() if name in constants)
+        lines.append(f"{entry['kernel']} warps={entry['num_warps']} {settings}  [{', '.join(entry['used_by'])}]")
+        lines.append(f"    registers {entry['registers']}, stack {entry['stack_bytes']} B"
+                     f"{' (SPILLS)' if entry['spills'] else ''}, shared {entry['shared_bytes']} B")
+        if "hot_loop" in entry:
+            h = entry["hot_loop"]
+            lines.append(
+                f"    hot loop: {h['instructions']} instructions for {h['elements_per_thread']} tanh per thread: "
+                f"{h['instructions_per_tanh']} per tanh, {h['mufu_per_element']:.3f} MUFU per tanh "
+                f"({h['element_ops_per_element']:g} {h['element_op']}), SHFL {h['shfl']}; "
+                f"<= {h['predicted_mufu_limit_fraction']:.0%} of the MUFU limit, "
+                f"<= {h['predicted_tanh_rate_fraction']:.0%} of 16 tanh/clk/SM")
+            if h["fallback_instructions_per_tanh"]:
+                lines.append(f"    fallback (saturated inputs): {h['fallback_instructions_per_tanh']} per tanh")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--output", type=pathlib.Path, default=DEFAULT_OUTPUT)
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # Kernels decorated under the interpreter cannot be compiled: start over in a clean process.
+        environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        command = [sys.executable, "-m", "benchmarks.static_report", *(argv if argv is not None else sys.argv[1:])]
+        repository = pathlib.Path(__file__).resolve().parents[1]
+        return subprocess.run(command, env=environment, cwd=repository).returncode
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the Triton 3.9 default, without its warning
+    report = build_report(args.shapes, args.dtypes)
+    print(format_report(report))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"written: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,577 @@
+"""Fused forward of additive attention: Triton kernels and their launcher.
+
+    E[b, i, j]       = sum_a v[a] * tanh(query_proj[b, i, a] + key_proj[m, j, a] (+ extra_key_term[b, j, a]))
+    P[b, i, :]       = softmax of E[b, i, :] over the keys visible to query i
+    context[b, i, :] = sum_j P[b, i, j] * value[m, j, :]          (m = index[b], or b without index)
+
+Kernels (see DESIGN.md, "Forward kernel"):
+- `_attention_forward_kernel`: program = (query row b, tile of BLOCK_T query rows, key split). It loops over key
+  tiles of BLOCK_S, computes the scores chunk by chunk over A in registers (the [B, T, S, A] tanh tensor never
+  exists), and then either
+    fuse_context: keeps an online softmax (running max m, sum l) and the context accumulator acc += P @ value, or
+    scores mode:  stores the raw scores E (-inf where hidden) and only the softmax statistics.
+  With one split it writes the final context and lse; with several it writes partial (m, l, acc) per split.
+- `_combine_splits_kernel`: merges the partial (m, l, acc) of the key splits (flash-decoding).
+- `_context_from_scores_kernel`: scores mode's second pass, without tanh: P = exp(E - lse), context = P @ value
+  tiled over D, and the weights P when asked for.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import DEFAULT_SM_COUNT, ForwardConfig, context_config, forward_config, next_power_of_2
+from .tanh import FACTORIZED_LIMIT, FACTORIZED_V_LIMIT, TANH_FORMS, chunk_scores, score_bias, score_weights
+
+
+def empty_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output and scratch buffer of the forward comes from here (uninitialized: the kernels write every
+    element). Tests replace this function with one that fills NaN, to prove that claim."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def is_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _probs_times_value(probs, value_tile, acc, INTERPRET: tl.constexpr):
+    """acc + probs @ value_tile on the tensor cores, fp32 accumulation.
+
+    fp32: tf32x3 keeps fp32 accuracy on the tensor cores ("ieee" would move the product onto the FMA pipe the
+    tanh loop needs, and plain tf32 costs ~1e-3). fp16/bf16: P is rounded to the value dtype as in FlashAttention.
+    Under the interpreter (Triton 3.9) tl.dot on bf16 operands returns garbage, so everything is fp32 there."""
+    if INTERPRET:
+        return tl.dot(probs, value_tile.to(tl.float32), acc, input_precision="ieee")
+    elif value_tile.dtype == tl.float32:
+        return tl.dot(probs, value_tile, acc, input_precision="tf32x3")
+    else:
+        return tl.dot(probs.to(value_tile.dtype), value_tile, acc)
+
+
+@triton.jit
+def _score_vector_kernel(
+    v, stride_va, score_vector, score_scalars, A, A_PADDED,
+    TANH_FORM: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_A: tl.constexpr,
+):
+    """One program: score_vector[a] = tanh.score_weights(v[a]) (fp32, contiguous, padded with the weight of v = 0
+    up to A_PADDED, so the hot loop loads whole chunks without a mask), score_scalars = (score bias, max |v|).
+    Done once per call so that the hot loop loads ready-made weights."""
+    v_total = tl.zeros([BLOCK_A], dtype=tl.float32)
+    v_absmax = tl.zeros([BLOCK_A], dtype=tl.float32)
+    for a_start in range(0, A_PADDED, BLOCK_A):
+        offs_a = a_start + tl.arange(0, BLOCK_A)
+        v_chunk = tl.load(v + offs_a.to(tl.int64) * stride_va, mask=offs_a < A, other=0.0).to(tl.float32)
+        tl.store(score_vector + offs_a, score_weights(v_chunk, TANH_FORM, INTERPRET), mask=offs_a < A_PADDED)
+        v_total += v_chunk
+        v_absmax = tl.maximum(v_absmax, tl.abs(v_chunk))
+    tl.store(score_scalars, score_bias(tl.sum(v_total, axis=0), TANH_FORM, INTERPRET))
+    tl.store(score_scalars + 1, tl.max(v_absmax, axis=0))
+
+
+@triton.jit
+def _attention_forward_kernel(
+    # inputs (placeholders where the HAS_* flag is off); score_vector [A] and score_scalars [2] come from
+    # _score_vector_kernel
+    query_proj, key_proj, value, score_vector, score_scalars, extra_key_term, key_lengths, key_padding_mask, index,
+    # outputs: context [B_q, T, D] and lse [B_q, T] (one split) or, with splits, fp32 partials
+    # context [splits, B_q, T, D] (unnormalized), row_max / row_sum [splits, B_q, T]; scores [B_q, T, S] fp32
+    context, lse, row_max, row_sum, scores,
+    stride_qb, stride_qt, stride_qa,
+    stride_kb, stride_ks, stride_ka,
+    stride_vb, stride_vs, stride_vd,
+    stride_xb, stride_xs, stride_xa,
+    stride_mb, stride_mt, stride_ms,  # stride_mt = 0 for a [B_m, S] mask
+    stride_lengths, stride_index,
+    query_rows, T, S, A, D,
+    keys_per_split,  # a multiple of BLOCK_S
+    HAS_EXTRA: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
+    HAS_INDEX: tl.constexpr, CAUSAL: tl.constexpr,
+    FUSE_CONTEXT: tl.constexpr, WRITE_SCORES: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_STAGES: tl.constexpr, TANH_FORM: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Program = (query row b, tile of BLOCK_T query rows) on axis 0, key split on axis 1. See the module docstring
+    for what it writes; shapes of the inputs as in `attention_forward`, any strides."""
+    num_t_tiles = tl.cdiv(T, BLOCK_T)
+    batch = tl.program_id(0) // num_t_tiles  # query row b
+    t_tile = tl.program_id(0) % num_t_tiles
+    split = tl.program_id(1)
+
+    # Batch offsets in int64: b * stride overflows int32 on large tensors. Row offsets below likewise.
+    batch64 = batch.to(tl.int64)
+    if HAS_INDEX:
+        memory = tl.load(index + batch64 * stride_index).to(tl.int64)  # memory row m (beam search)
+    else:
+        memory = batch64
+    query_base = query_proj + batch64 * stride_qb
+    key_base = key_proj + memory * stride_kb
+    value_base = value + memory * stride_vb
+    extra_base = extra_key_term + batch64 * stride_xb
+    if MASK_PER_QUERY:
+        mask_base = key_padding_mask + batch64 * stride_mb
+    else:
+        mask_base = key_padding_mask + memory * stride_mb
+
+    offs_t = t_tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_valid = offs_t < T
+    query_rows_offset = offs_t.to(tl.int64) * stride_qt  # [BT]
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    value_columns_offset = offs_d.to(tl.int64) * stride_vd  # [BD]
+
+    # The keys this program looks at: its split, cut at the key length and, with causal, at the tile's last row:
+    # tiles that are hidden entirely are never visited.
+    key_end = S
+    if HAS_LENGTHS:
+        key_end = tl.minimum(key_end, tl.load(key_lengths + memory * stride_lengths).to(tl.int32))
+    if CAUSAL:
+        key_end = tl.minimum(key_end, t_tile * BLOCK_T + BLOCK_T)
+    key_begin = split * keys_per_split
+    key_end = tl.minimum(key_end, key_begin + keys_per_split)
+
+    # The factorized tanh needs |q|, |k| and |v| within range (tanh.py): v and this query tile are checked once
+    # here, the keys per chunk in the loop.
+    if TANH_FORM == "factorized":
+        query_absmax = tl.zeros([BLOCK_A, BLOCK_T], dtype=tl.float32)
+        for a_start in range(0, A, BLOCK_A):
+            offs_a = a_start + tl.arange(0, BLOCK_A)
+            query_chunk = tl.load(
+                query_base + offs_a.to(tl.int64)[:, None] * stride_qa + query_rows_offset[None, :],
+                mask=(offs_a < A)[:, None] & t_valid[None, :], other=0.0,
+            ).to(tl.float32)
+            query_absmax = tl.maximum(query_absmax, tl.abs(query_chunk))
+        query_in_range = ((tl.max(tl.max(query_absmax, axis=1), axis=0) <= FACTORIZED_LIMIT)
+                          & (tl.load(score_scalars + 1) <= FACTORIZED_V_LIMIT))
+    bias = tl.load(score_scalars)  # added to every score once (tanh.score_bias)
+
+    row_max_run = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)  # m: running max of the visible scores
+    row_sum_run = tl.zeros([BLOCK_T], dtype=tl.float32)  # l: running sum of exp(score - m)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)  # running sum of exp(score - m) * value
+
+    for s_start in range(key_begin, key_end, BLOCK_S):
+        offs_s = s_start + tl.arange(0, BLOCK_S)
+        s_valid = offs_s < key_end
+        key_rows_offset = offs_s.to(tl.int64) * stride_ks  # [BS]
+
+        # scores[i, j] = sum over A-chunks of sum_a v[a] tanh(q[a, i] + k[a, j]); A-major tiles, reduced over axis
+        # 0, so the reduction stays in each thread's registers (no cross-lane shuffles).
+        tile_scores = tl.zeros([BLOCK_T, BLOCK_S], dtype=tl.float32) + bias
+        for a_start in tl.range(0, A, BLOCK_A, num_stages=NUM_STAGES):
+            offs_a = a_start + tl.arange(0, BLOCK_A)
+            a_valid = offs_a < A
+            offs_a64 = offs_a.to(tl.int64)
+            query_chunk = tl.load(
+                query_base + offs_a64[:, None] * stride_qa + query_rows_offset[None, :],
+                mask=a_valid[:, None] & t_valid[None, :], other=0.0,
+            ).to(tl.float32)  # [BA, BT]
+            key_chunk = tl.load(
+                key_base + offs_a64[:, None] * stride_ka + key_rows_offset[None, :],
+                mask=a_valid[:, None] & s_valid[None, :], other=0.0,
+            ).to(tl.float32)  # [BA, BS]
+            if HAS_EXTRA:
+                # Location/coverage term, added in registers: key_proj is shared by the beams, this is not.
+                key_chunk += tl.load(
+                    extra_base + offs_a64[:, None] * stride_xa + offs_s.to(tl.int64)[None, :] * stride_xs,
+                    mask=a_valid[:, None] & s_valid[None, :], other=0.0,
+                ).to(tl.float32)
+            weight_chunk = tl.load(score_vector + offs_a)  # [BA] fp32, padded to whole chunks
+            if TANH_FORM == "factorized":
+                # The factorized form needs |q|, |k| <= FACTORIZED_LIMIT; saturated inputs take the exp form.
+                key_in_range = tl.max(tl.max(tl.abs(key_chunk), axis=1), axis=0) <= FACTORIZED_LIMIT
+                if query_in_range & key_in_range:
+                    tile_scores += chunk_scores(query_chunk, key_chunk, weight_chunk, "factorized", INTERPRET)
+                else:
+                    tile_scores += chunk_scores(query_chunk, key_chunk, weight_chunk, "exp", INTERPRET)
+            else:
+                tile_scores += chunk_scores(query_chunk, key_chunk, weight_chunk, TANH_FORM, INTERPRET)
+
+        visible = t_valid[:, None] & s_valid[None, :]
+        if CAUSAL:
+            visible = visible & (offs_s[None, :] <= offs_t[:, None])
+        if HAS_MASK:
+            padding = tl.load(
+                mask_base + offs_t.to(tl.int64)[:, None] * stride_mt + offs_s.to(tl.int64)[None, :] * stride_ms,
+                mask=visible, other=1,
+            )
+            visible = visible & (padding == 0)
+        tile_scores = tl.where(visible, tile_scores, float("-inf"))
+
+        if WRITE_SCORES:
+            score_rows = (batch64 * T + offs_t) * S
+            tl.store(scores + score_rows[:, None] + offs_s[None, :], tile_scores,
+                     mask=t_valid[:, None] & s_valid[None, :])
+
+        # Online softmax. While a row has seen no visible key its max is -inf; subtracting 0 instead keeps
+        # exp(-inf - base) = 0 rather than NaN.
+        new_max = tl.maximum(row_max_run, tl.max(tile_scores, axis=1))
+        base = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp(row_max_run - base)
+        probs = tl.exp(tile_scores - base[:, None])
+        row_sum_run = row_sum_run * rescale + tl.sum(probs, axis=1)
+        row_max_run = new_max
+        if FUSE_CONTEXT:
+            value_tile = tl.load(
+                value_base + offs_s.to(tl.int64)[:, None] * stride_vs + value_columns_offset[None, :],
+                mask=s_valid[:, None] & d_valid[None, :], other=0.0,
+            )  # [BS, BD]; masked to 0: garbage * 0 could be NaN
+            acc = _probs_times_value(probs, value_tile, acc * rescale[:, None], INTERPRET)
+
+    out_rows = batch64 * T + offs_t  # [BT] row of [B_q, T]
+    if SPLIT:
+        part_rows = split.to(tl.int64) * query_rows * T + out_rows
+        tl.store(row_max + part_rows, row_max_run, mask=t_valid)
+        tl.store(row_sum + part_rows, row_sum_run, mask=t_valid)
+        if FUSE_CONTEXT:
+            tl.store(context + part_rows[:, None] * D + offs_d[None, :], acc,
+                     mask=t_valid[:, None] & d_valid[None, :])
+    else:
+        has_keys = row_sum_run > 0.0
+        # A row with no visible key: lse = +inf, context = 0 (acc is 0 there).
+        row_lse = row_max_run + tl.log(tl.where(has_keys, row_sum_run, 1.0))
+        tl.store(lse + out_rows, tl.where(has_keys, row_lse, float("inf")), mask=t_valid)
+        if FUSE_CONTEXT:
+            normalized = acc / tl.where(has_keys, row_sum_run, 1.0)[:, None]
+            tl.store(context + out_rows[:, None] * D + offs_d[None, :],
+                     normalized.to(context.dtype.element_ty), mask=t_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _combine_splits_kernel(
+    row_max, row_sum, partial_context,  # [splits, rows], [splits, rows], [splits, rows, D] fp32
+    context, lse,  # [rows, D] in the input dtype, [rows] fp32
+    rows, D, NUM_SPLITS,
+    FUSE_CONTEXT: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (query row, step): lse = log sum_s l_s e^{m_s}, context = sum_s e^{m_s} acc_s / that."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_split = tl.arange(0, BLOCK_SPLITS)
+    split_valid = offs_split < NUM_SPLITS
+    part_rows = offs_split.to(tl.int64) * rows + row
+    split_max = tl.load(row_max + part_rows, mask=split_valid, other=float("-inf"))
+    split_sum = tl.load(row_sum + part_rows, mask=split_valid, other=0.0)
+    total_max = tl.max(split_max, axis=0)
+    base = tl.where(total_max == float("-inf"), 0.0, total_max)
+    split_weight = tl.exp(split_max - base)  # 0 for splits that saw no visible key
+    total_sum = tl.sum(split_sum * split_weight, axis=0)
+    has_keys = total_sum > 0.0
+    tl.store(lse + row, tl.where(has_keys, base + tl.log(tl.where(has_keys, total_sum, 1.0)), float("inf")))
+    if FUSE_CONTEXT:
+        offs_d = tl.arange(0, BLOCK_D)
+        d_valid = offs_d < D
+        partial = tl.load(partial_context + part_rows[:, None] * D + offs_d[None, :],
+                          mask=split_valid[:, None] & d_valid[None, :], other=0.0)
+        combined = tl.sum(partial * split_weight[:, None], axis=0) / tl.where(has_keys, total_sum, 1.0)
+        tl.store(context + row * D + offs_d, combined.to(context.dtype.element_ty), mask=d_valid)
+
+
+@triton.jit
+def _context_from_scores_kernel(
+    scores, lse, value, key_lengths, index,  # scores [B_q, T, S] fp32 (-inf where hidden), lse [B_q, T] fp32
+    context, weights,  # [B_q, T, D], [B_q, T, S] in the input dtype
+    stride_vb, stride_vs, stride_vd, stride_lengths, stride_index,
+    T, S, D,
+    HAS_LENGTHS: tl.constexpr, HAS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, WRITE_WEIGHTS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Program = (query row b, tile of query rows, tile of D): weights = exp(scores - lse), context = weights @ value.
+
+    The score kernel stored every position of the key tiles it visited; keys beyond the key length or (causal)
+    after the query are hidden elementwise here, so the two kernels may tile T differently."""
+    num_t_tiles = tl.cdiv(T, BLOCK_T)
+    batch = tl.program_id(0) // num_t_tiles
+    t_tile = tl.program_id(0) % num_t_tiles
+    d_tile = tl.program_id(1)
+    batch64 = batch.to(tl.int64)
+    if HAS_INDEX:
+        memory = tl.load(index + batch64 * stride_index).to(tl.int64)
+    else:
+        memory = batch64
+    value_base = value + memory * stride_vb
+
+    offs_t = t_tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_valid = offs_t < T
+    rows = batch64 * T + offs_t
+    offs_d = d_tile * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    row_lse = tl.load(lse + rows, mask=t_valid, other=float("inf"))  # +inf: row without visible key -> P = 0
+    first_d_tile = d_tile == 0  # the one D-tile that writes the weights
+
+    key_end = S
+    if HAS_LENGTHS:
+        key_end = tl.minimum(key_end, tl.load(key_lengths + memory * stride_lengths).to(tl.int32))
+    if CAUSAL:
+        key_end = tl.minimum(key_end, t_tile * BLOCK_T + BLOCK_T)
+
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for s_start in range(0, key_end, BLOCK_S):
+        offs_s = s_start + tl.arange(0, BLOCK_S)
+        stored = t_valid[:, None] & (offs_s < key_end)[None, :]
+        if CAUSAL:
+            stored = stored & (offs_s[None, :] <= offs_t[:, None])
+        tile_scores = tl.load(scores + rows[:, None] * S + offs_s[None, :], mask=stored, other=float("-inf"))
+        probs = tl.exp(tile_scores - row_lse[:, None])
+        if WRITE_WEIGHTS:
+            if first_d_tile:
+                tl.store(weights + rows[:, None] * S + offs_s[None, :], probs.to(weights.dtype.element_ty),
+                         mask=t_valid[:, None] & (offs_s < S)[None, :])
+        value_tile = tl.load(
+            value_base + offs_s.to(tl.int64)[:, None] * stride_vs + offs_d.to(tl.int64)[None, :] * stride_vd,
+            mask=(offs_s < key_end)[:, None] & d_valid[None, :], other=0.0,
+        )
+        acc = _probs_times_value(probs, value_tile, acc, INTERPRET)
+    if WRITE_WEIGHTS:
+        if first_d_tile:
+            # Key tiles never visited (beyond the key length, or after the tile's last query row) hold weight 0.
+            for s_start in range(tl.cdiv(key_end, BLOCK_S) * BLOCK_S, S, BLOCK_S):
+                offs_s = s_start + tl.arange(0, BLOCK_S)
+                tl.store(weights + rows[:, None] * S + offs_s[None, :],
+                         tl.zeros([BLOCK_T, BLOCK_S], dtype=weights.dtype.element_ty),
+                         mask=t_valid[:, None] & (offs_s < S)[None, :])
+    tl.store(context + rows[:, None] * D + offs_d[None, :], acc.to(context.dtype.element_ty),
+             mask=t_valid[:, None] & d_valid[None, :])
+
+
+@dataclasses.dataclass
+class KernelLaunch:
+    """One kernel launch of the forward: `kernel[grid](**arguments, num_warps=..., num_stages=...)`. The static
+    sm_90 report (benchmarks/static_report.py) compiles exactly these."""
+
+    kernel: triton.JITFunction
+    grid: tuple[int, ...]
+    arguments: dict
+    num_warps: int
+    num_stages: int = 1  # software pipelining of loops Triton pipelines by itself (not the A-chunk loop)
+
+
+@dataclasses.dataclass
+class ForwardPlan:
+    """The outputs (allocated, not yet written) and the launches that write them."""
+
+    context: torch.Tensor  # [B_q, T, D], input dtype
+    lse: torch.Tensor  # [B_q, T] fp32
+    weights: torch.Tensor | None  # [B_q, T, S], input dtype
+    config: ForwardConfig
+    launches: list[KernelLaunch]
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _mask_strides(key_padding_mask: torch.Tensor | None) -> tuple[int, int, int]:
+    if key_padding_mask is None:
+        return 0, 0, 0
+    if key_padding_mask.dim() == 2:  # [B_m, S]: the same row for every query step
+        return key_padding_mask.stride(0), 0, key_padding_mask.stride(1)
+    return key_padding_mask.stride(0), key_padding_mask.stride(1), key_padding_mask.stride(2)
+
+
+def plan_forward(
+    query_proj: torch.Tensor,
+    key_proj: torch.Tensor,
+    value: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_lengths: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    index: torch.Tensor | None = None,
+    extra_key_term: torch.Tensor | None = None,
+    need_weights: bool = False,
+    weights_dtype: torch.dtype | None = None,
+    tanh_form: str | None = None,
+    num_splits: int | None = None,
+    interpret: bool = False,
+    config: ForwardConfig | None = None,
+) -> ForwardPlan:
+    """Allocate the outputs and scratch of `attention_forward` and list its kernel launches (works on meta
+    tensors too, which is how the static report gets real launch arguments without a GPU). `config` replaces the
+    heuristic entirely (benchmarks and the static report compare configurations with it)."""
+    if tanh_form is not None and tanh_form not in TANH_FORMS:
+        raise ValueError(f"tanh_form must be one of {TANH_FORMS}, got {tanh_form!r}")
+    query_rows, tgt_len, attn_dim = query_proj.shape
+    src_len = key_proj.shape[1]
+    value_dim = value.shape[2]
+    dtype, device = query_proj.dtype, query_proj.device
+
+    if device.type == "cuda":
+        sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        sm_count = DEFAULT_SM_COUNT
+    if config is None:
+        config = forward_config(
+            query_rows=query_rows, tgt_len=tgt_len, src_len=src_len, attn_dim=attn_dim, value_dim=value_dim,
+            dtype=dtype, need_weights=need_weights, sm_count=sm_count, tanh_form=tanh_form, num_splits=num_splits,
+        )
+    elif need_weights and config.fuse_context:
+        raise ValueError("need_weights requires a configuration with fuse_context=False")
+    context = empty_buffer((query_rows, tgt_len, value_dim), dtype, device)
+    lse = empty_buffer((query_rows, tgt_len), torch.float32, device)
+    weights = (empty_buffer((query_rows, tgt_len, src_len), weights_dtype or dtype, device)
+               if need_weights else None)
+    plan = ForwardPlan(context, lse, weights, config, [])
+    if query_rows == 0 or tgt_len == 0:
+        return plan
+
+    # Each split covers whole key tiles; splits that would be empty are dropped.
+    key_tiles = triton.cdiv(max(src_len, 1), config.block_s)
+    tiles_per_split = triton.cdiv(key_tiles, config.num_splits)
+    splits = triton.cdiv(key_tiles, tiles_per_split)
+    split = splits > 1
+    rows = query_rows * tgt_len
+    scores = None if config.fuse_context else empty_buffer((query_rows, tgt_len, src_len), torch.float32, device)
+    if split:
+        row_max = empty_buffer((splits, rows), torch.float32, device)
+        row_sum = empty_buffer((splits, rows), torch.float32, device)
+        partial_context = (
+            empty_buffer((splits, rows, value_dim), torch.float32, device) if config.fuse_context else None
+        )
+
+    def pointer(tensor: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+        # Absent tensors get a stand-in pointer: the kernels never touch it (their HAS_* flag is off).
+        return stand_in if tensor is None else tensor
+
+    # v turned into the per-a weights of the score loop (tanh.score_weights), padded to whole A-chunks.
+    attn_dim_padded = triton.cdiv(attn_dim, config.block_a) * config.block_a
+    score_vector = empty_buffer((attn_dim_padded,), torch.float32, device)
+    score_scalars = empty_buffer((2,), torch.float32, device)
+    plan.launches.append(KernelLaunch(
+        kernel=_score_vector_kernel,
+        grid=(1,),
+        arguments=dict(
+            v=v, stride_va=v.stride(0), score_vector=score_vector, score_scalars=score_scalars, A=attn_dim,
+            A_PADDED=attn_dim_padded, TANH_FORM=config.tanh_form, INTERPRET=interpret,
+            BLOCK_A=min(1024, next_power_of_2(attn_dim)),
+        ),
+        num_warps=4,
+    ))
+    plan.launches.append(KernelLaunch(
+        kernel=_attention_forward_kernel,
+        grid=(query_rows * triton.cdiv(tgt_len, config.block_t), splits),
+        arguments=dict(
+            query_proj=query_proj, key_proj=key_proj, value=value,
+            score_vector=score_vector, score_scalars=score_scalars,
+            extra_key_term=pointer(extra_key_term, query_proj),
+            key_lengths=pointer(key_lengths, query_proj),
+            key_padding_mask=pointer(None if key_padding_mask is None else key_padding_mask.view(torch.uint8),
+                                     query_proj),
+            index=pointer(index, query_proj),
+            context=partial_context if split and config.fuse_context else context,
+            lse=lse,
+            row_max=row_max if split else lse,
+            row_sum=row_sum if split else lse,
+            scores=pointer(scores, lse),
+            **dict(zip(("stride_qb", "stride_qt", "stride_qa"), query_proj.stride())),
+            **dict(zip(("stride_kb", "stride_ks", "stride_ka"), key_proj.stride())),
+            **dict(zip(("stride_vb", "stride_vs", "stride_vd"), value.stride())),
+            **dict(zip(("stride_xb", "stride_xs", "stride_xa"),
+                       (0, 0, 0) if extra_key_term is None else extra_key_term.stride())),
+            **dict(zip(("stride_mb", "stride_mt", "stride_ms"), _mask_strides(key_padding_mask))),
+            stride_lengths=0 if key_lengths is None else key_lengths.stride(0),
+            stride_index=0 if index is None else index.stride(0),
+            query_rows=query_rows, T=tgt_len, S=src_len, A=attn_dim, D=value_dim,
+            keys_per_split=tiles_per_split * config.block_s,
+            HAS_EXTRA=extra_key_term is not None,
+            HAS_LENGTHS=key_lengths is not None,
+            HAS_MASK=key_padding_mask is not None,
+            MASK_PER_QUERY=key_padding_mask is not None and key_padding_mask.dim() == 3,
+            HAS_INDEX=index is not None,
+            CAUSAL=causal,
+            FUSE_CONTEXT=config.fuse_context,
+            WRITE_SCORES=not config.fuse_context,
+            SPLIT=split,
+            BLOCK_T=config.block_t, BLOCK_S=config.block_s, BLOCK_A=config.block_a, BLOCK_D=config.block_d,
+            NUM_STAGES=config.num_stages, TANH_FORM=config.tanh_form, INTERPRET=interpret,
+        ),
+        num_warps=config.num_warps,
+    ))
+    if split:
+        plan.launches.append(KernelLaunch(
+            kernel=_combine_splits_kernel,
+            grid=(rows,),
+            arguments=dict(
+                row_max=row_max, row_sum=row_sum, partial_context=pointer(partial_context, row_max),
+                context=context, lse=lse, rows=rows, D=value_dim, NUM_SPLITS=splits,
+                FUSE_CONTEXT=config.fuse_context,
+                BLOCK_SPLITS=next_power_of_2(splits), BLOCK_D=config.block_d,
+            ),
+            num_warps=4 if config.block_d >= 256 else 1,
+        ))
+    if not config.fuse_context:
+        second = context_config(tgt_len=tgt_len, value_dim=value_dim)
+        plan.launches.append(KernelLaunch(
+            kernel=_context_from_scores_kernel,
+            grid=(query_rows * triton.cdiv(tgt_len, second.block_t), max(1, triton.cdiv(value_dim, second.block_d))),
+            arguments=dict(
+                scores=scores, lse=lse, value=value,
+                key_lengths=pointer(key_lengths, lse), index=pointer(index, lse),
+                context=context, weights=pointer(weights, context),
+                stride_vb=value.stride(0), stride_vs=value.stride(1), stride_vd=value.stride(2),
+                stride_lengths=0 if key_lengths is None else key_lengths.stride(0),
+                stride_index=0 if index is None else index.stride(0),
+                T=tgt_len, S=src_len, D=value_dim,
+                HAS_LENGTHS=key_lengths is not None, HAS_INDEX=index is not None, CAUSAL=causal,
+                WRITE_WEIGHTS=need_weights,
+                BLOCK_T=second.block_t, BLOCK_S=second.block_s, BLOCK_D=second.block_d, INTERPRET=interpret,
+            ),
+            num_warps=second.num_warps,
+            num_stages=second.num_stages,
+        ))
+    return plan
+
+
+def attention_forward(
+    query_proj: torch.Tensor,
+    key_proj: torch.Tensor,
+    value: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_lengths: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    index: torch.Tensor | None = None,
+    extra_key_term: torch.Tensor | None = None,
+    need_weights: bool = False,
+    weights_dtype: torch.dtype | None = None,
+    tanh_form: str | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Additive attention forward on validated inputs (see attn_fast.validation for the shapes and rules).
+
+    query_proj [B_q, T, A], key_proj [B_m, S, A], value [B_m, S, D], v [A], one float dtype, any strides;
+    key_lengths [B_m] integer; key_padding_mask bool [B_m, S] or [B_q, T, S] (True = ignore); index [B_q]
+    integer (query row b reads memory row index[b]); extra_key_term [B_q, S, A] added to the keys of query row b.
+
+    Returns (context [B_q, T, D] in the input dtype, lse [B_q, T] fp32, weights [B_q, T, S] in the input dtype or
+    None): lse is the natural log-sum-exp of the visible scores, +inf for a row without visible key (whose context
+    and weights are 0). Inputs are not modified; nothing of size B*T*S*A is allocated.
+
+    `weights_dtype` (e.g. torch.float32) returns the weights in another floating dtype than the input's: the
+    probabilities are computed in fp32, and a backward pass may want them unrounded.
+    `tanh_form` ("exp", "factorized", "approx", "libdevice") and `num_splits` (key splits, >= 1) override the
+    heuristic of kernels/configs.py; leave them None in normal use.
+    """
+    interpret = is_interpreter()
+    device = query_proj.device
+    if device.type != "cuda" and not interpret:
+        raise RuntimeError(
+            f"the Triton kernels need CUDA tensors (got {device.type}); on CPU they run only under TRITON_INTERPRET=1"
+        )
+    plan = plan_forward(
+        query_proj, key_proj, value, v, key_lengths=key_lengths, key_padding_mask=key_padding_mask, causal=causal,
+        index=index, extra_key_term=extra_key_term, need_weights=need_weights, weights_dtype=weights_dtype,
+        tanh_form=tanh_form,
+        num_splits=num_splits, interpret=interpret,
+    )
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for launch in plan.launches:
+            launch.kernel[launch.grid](**launch.arguments, num_warps=launch.num_warps, num_stages=launch.num_stages)
+    return plan.context, plan.lse, plan.weights

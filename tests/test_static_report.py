@@ -1,0 +1,72 @@
+"""The static sm_90 report (benchmarks/static_report.py): compiles the forward's default configurations offline
+(no GPU needed) and checks what the design relies on: no register spills, exactly one MUFU op per tanh element in
+the hot loop (plus, for the factorized fp32 tanh, the per-row exponentials), and few enough instructions per tanh
+for the loop to be bound by the special-function unit in Hopper's issue model."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """The report for the fused all-steps shape in fp32 and fp16, built in a process without TRITON_INTERPRET
+    (kernels decorated under the interpreter cannot be compiled)."""
+    output = tmp_path_factory.mktemp("static") / "report.json"
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "benchmarks.static_report", "--shapes", "nmt_fused", "--dtypes", "fp32", "fp16",
+               "--output", str(output)]
+    finished = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "hot loop" in finished.stdout
+    return json.loads(output.read_text())
+
+
+def score_kernels(report, dtype_name):
+    return [entry for entry in report["kernels"] if entry["kernel"] == "_attention_forward_kernel"
+            and any(use.startswith(f"nmt_fused/{dtype_name}") for use in entry["used_by"])]
+
+
+def test_every_kernel_compiles_without_spills(report):
+    assert report["target"] == "sm_90"
+    names = {entry["kernel"] for entry in report["kernels"]}
+    assert {"_score_vector_kernel", "_attention_forward_kernel", "_context_from_scores_kernel"} <= names
+    for entry in report["kernels"]:
+        assert entry["stack_bytes"] == 0, entry
+        assert entry["registers"] <= 255
+
+
+def test_fp32_default_is_factorized_with_one_reciprocal_per_tanh(report):
+    kernels = score_kernels(report, "fp32")
+    assert len(kernels) == 2  # fused context, and scores for need_weights
+    for entry in kernels:
+        constants, loop = entry["constexprs"], entry["hot_loop"]
+        assert constants["TANH_FORM"] == "factorized"
+        assert loop["element_op"] == "MUFU.RCP" and loop["element_ops_per_element"] == 1.0
+        # The only other MUFU ops: e^{2q} and e^{2k}, once per query row and key row of the tile.
+        rows_share = (constants["BLOCK_T"] + constants["BLOCK_S"]) / (constants["BLOCK_T"] * constants["BLOCK_S"])
+        assert loop["mufu_per_element"] == pytest.approx(1.0 + rows_share)
+        assert loop["instructions_per_tanh"] <= 8.0  # MUFU-bound in the issue model
+        assert loop["local_memory_instructions"] == 0
+        assert loop["shfl"] <= 0.25 * loop["elements_per_thread"]  # the A-reduction itself needs none
+        assert loop["fallback_instructions_per_tanh"] is not None  # saturated inputs have their own path
+
+
+def test_fp16_default_is_one_tanh_approx_per_element(report):
+    for entry in score_kernels(report, "fp16"):
+        loop = entry["hot_loop"]
+        assert entry["constexprs"]["TANH_FORM"] == "approx"
+        assert loop["element_op"] == "MUFU.TANH"
+        assert loop["element_ops_per_element"] == 1.0 and loop["mufu_per_element"] == 1.0
+        assert loop["shfl"] == 0  # A-major tiles: the reduction over A stays in registers
+        assert loop["instructions_per_tanh"] <= 8.0
+        assert loop["predicted_mufu_limit_fraction"] == 1.0
