@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import os
 import sys
+import warnings
 
 import torch
 
@@ -81,7 +82,10 @@ def run_verify(device: torch.device, backends: list[str], dtypes, seed: int = 0,
                 continue  # the kernels take fp32/fp16/bf16
             for case in CASES:
                 try:
-                    result = verify_one(backend, case, dtype, device, seed)
+                    with warnings.catch_warnings():
+                        # The Triton interpreter (numpy) warns on the intended +-inf of saturated tanh forms.
+                        warnings.filterwarnings("ignore", "(overflow|divide by zero) encountered", RuntimeWarning)
+                        result = verify_one(backend, case, dtype, device, seed)
                     passed = result.passed
                     row = (f"{result.forward_error:>10.2e} {forward_tolerance(dtype):>8.0e} "
                            f"{result.gradient_error:>10.2e} {gradient_tolerance(dtype):>8.0e}  "

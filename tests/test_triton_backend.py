@@ -1,0 +1,86 @@
+"""The Triton backend through the public API (under the interpreter on CPU): forward and gradients against the
+float64 reference, the layer on it, and a training step equal to the torch backend's."""
+import functools
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from attn_fast import AdditiveAttention, additive_attention
+from attn_fast.testing import MASK_KINDS, errors_against_reference, random_case
+from attn_fast.tolerances import forward_tolerance, gradient_tolerance
+
+# (B, T, S, A, D): single step, single key, odd sizes around the kernels' tiles (BLOCK_S 32, BLOCK_A 8).
+SHAPES = [(2, 1, 37, 12, 5), (3, 4, 1, 8, 8), (2, 17, 33, 10, 6), (1, 3, 70, 9, 20)]
+
+
+def grid(count, seed):
+    rng = random.Random(seed)
+    for number in range(count):
+        yield pytest.param(dict(
+            shape=rng.choice(SHAPES), mask=MASK_KINDS[number % len(MASK_KINDS)],
+            dtype=[torch.float32, torch.float16, torch.bfloat16][number % 3],
+            fully_masked_rows=rng.random() < 0.5, beam=rng.choice([0, 2]), extra=rng.random() < 0.3,
+            noncontiguous=rng.random() < 0.4, seed=number,
+        ), id=f"case{number}")
+
+
+@pytest.mark.parametrize("params", grid(18, seed=7))
+def test_forward_and_gradients_match_reference(params):
+    case = random_case(*params["shape"], mask=params["mask"], fully_masked_rows=params["fully_masked_rows"],
+                       beam=params["beam"], extra_key_term=params["extra"], noncontiguous=params["noncontiguous"],
+                       seed=params["seed"])
+    errors = errors_against_reference(case, params["dtype"], functools.partial(additive_attention, backend="triton"),
+                                      seed=params["seed"])
+    for name, error in errors.items():
+        tolerance = (forward_tolerance if name in ("context", "weights") else gradient_tolerance)(params["dtype"])
+        assert error <= tolerance, f"{name}: {error:.3g} > {tolerance:.1g} ({params})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saturated_inputs(dtype):
+    case = random_case(2, 5, 9, 10, 4, mask="lengths", saturate=3e3, seed=4)
+    errors = errors_against_reference(case, dtype, functools.partial(additive_attention, backend="triton"))
+    assert errors["context"] <= forward_tolerance(dtype) and errors["weights"] <= forward_tolerance(dtype), errors
+    assert max(v for k, v in errors.items() if k.startswith("grad_")) <= gradient_tolerance(dtype), errors
+
+
+def test_weights_only_when_asked():
+    case = random_case(2, 3, 5, 4, 6, seed=1)
+    context, weights = additive_attention(*case.inputs(), backend="triton")
+    assert weights is None and context.dtype == torch.float32
+    half = case.cast(torch.float16)
+    _, weights = additive_attention(*half.inputs(), backend="triton", need_weights=True)
+    assert weights.dtype == torch.float16 and weights.shape == (2, 3, 5)
+
+
+class TinySeq2SeqHead(nn.Module):
+    """Attention + readout, the part of a Seq2Seq decoder that the backends change."""
+
+    def __init__(self, backend):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = AdditiveAttention(6, 5, 12, backend=backend)
+        self.readout = nn.Linear(5 + 6, 4)
+
+    def forward(self, states, encoder_states, lengths):
+        context, weights = self.attn(states, encoder_states, key_lengths=lengths, need_weights=True)
+        logits = self.readout(torch.cat([context, states], dim=-1))
+        return logits.logsumexp(-1).mean() + 0.1 * weights.square().sum(-1).mean()
+
+
+def test_training_step_equals_torch_backend():
+    generator = torch.Generator().manual_seed(3)
+    states = torch.randn(3, 7, 6, generator=generator)
+    encoder_states = torch.randn(3, 9, 5, generator=generator)
+    lengths = torch.tensor([9, 4, 1])
+    parameters = {}
+    for backend in ("torch", "triton"):
+        model = TinySeq2SeqHead(backend)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        model(states, encoder_states, lengths).backward()
+        optimizer.step()
+        parameters[backend] = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for name, value in parameters["torch"].items():
+        torch.testing.assert_close(parameters["triton"][name], value, rtol=1e-5, atol=1e-6)
