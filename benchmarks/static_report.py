@@ -289,12 +289,44 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+#: H100 SXM: SMs and the boost clock, for the predicted times only (a loaded GPU may clock lower).
+H100_SMS, H100_CLOCK_HZ = 132, 1.98e9
+
+
+def prediction_table(report: dict) -> str:
+    """Per named shape and dtype (weights not asked for): the score kernel's issue-model figures and the time the
+    tanh work alone would take on an H100 at that fraction of the MUFU limit (16 tanh/clk/SM). A prediction to be
+    checked against device timings, not a measurement."""
+    lines = [f"{'shape/dtype':<22} {'regs':>4} {'spill':>5} {'instr/tanh':>10} {'MUFU/tanh':>9} {'of limit':>8} "
+             f"{'tanh (M)':>9} {'predicted us':>12}"]
+    limit = 16 * H100_SMS * H100_CLOCK_HZ
+    for entry in report["kernels"]:
+        if "hot_loop" not in entry:
+            continue
+        for use in entry["used_by"]:
+            if use.endswith("/weights"):
+                continue
+            sizes = report["shapes"][use.split("/")[0]]
+            tanh_count = sizes["B"] * sizes["T"] * sizes["S"] * sizes["A"]
+            loop = entry["hot_loop"]
+            seconds = tanh_count / (limit * loop["predicted_tanh_rate_fraction"])
+            lines.append(f"{use:<22} {entry['registers']:>4} {entry['stack_bytes']:>5} "
+                         f"{loop['instructions_per_tanh']:>10.2f} {loop['mufu_per_element']:>9.3f} "
+                         f"{loop['predicted_tanh_rate_fraction']:>8.0%} {tanh_count / 1e6:>9.1f} {seconds * 1e6:>12.1f}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--output", type=pathlib.Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--predict", action="store_true",
+                        help="print the prediction table from the saved JSON report (no compilation)")
     args = parser.parse_args(argv)
+    if args.predict:
+        print(prediction_table(json.loads(args.output.read_text())))
+        return 0
     if os.environ.get("TRITON_INTERPRET") == "1":
         # Kernels decorated under the interpreter cannot be compiled: start over in a clean process.
         environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
