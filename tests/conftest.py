@@ -22,3 +22,22 @@ warm_cpu_math()
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """`poison(module)`: every buffer `module.empty_buffer` hands out from now on starts as NaN, so an element the
+    code forgets to write shows up in the comparison. Returns the list of the buffers handed out."""
+    def apply(module):
+        allocated = []
+
+        def nan_buffer(shape, dtype, device):
+            buffer = torch.full(shape if isinstance(shape, tuple) else (shape,), float("nan"), dtype=dtype,
+                                device=device)
+            allocated.append(buffer)
+            return buffer
+
+        monkeypatch.setattr(module, "empty_buffer", nan_buffer)
+        return allocated
+
+    return apply

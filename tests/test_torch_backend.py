@@ -15,12 +15,9 @@ from attn_fast.torch_backend import (
 )
 
 @pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch):
+def poisoned_buffers(poison):
     """Every uninitialized buffer of the backend starts as NaN: an element the loops forget to write shows up."""
-    def nan_buffer(shape, dtype, device):
-        return torch.empty(shape, dtype=dtype, device=device).fill_(float("nan"))
-
-    monkeypatch.setattr(torch_backend, "empty_buffer", nan_buffer)
+    return poison(torch_backend)
 
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]

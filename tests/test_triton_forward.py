@@ -25,17 +25,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarn
 
 
 @pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch):
-    """Every buffer the launcher allocates starts as NaN (ints would start as -1): unwritten elements fail."""
-    allocated = []
-
-    def nan_buffer(shape, dtype, device):
-        buffer = torch.full(shape, float("nan"), dtype=dtype, device=device)
-        allocated.append(buffer)
-        return buffer
-
-    monkeypatch.setattr(forward, "empty_buffer", nan_buffer)
-    return allocated
+def poisoned_buffers(poison):
+    """Every buffer the launcher allocates starts as NaN: unwritten elements fail (see conftest's `poison`)."""
+    return poison(forward)
 
 
 # ----------------------------------------------------------------------------------------------------------------
