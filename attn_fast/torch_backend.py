@@ -253,11 +253,11 @@ def _masked_softmax_(scores: torch.Tensor, visible: torch.Tensor | None) -> torc
     return scores.div_(row_sum)
 
 
-def _row_blocks(ops: _Operands, width: int, chunk_elements: int):
+def _row_blocks(query_rows: int, src_len: int, width: int, chunk_elements: int):
     """Slices of query rows such that a [rows, S, width] gather of memory stays within `chunk_elements`."""
-    rows_per_block = max(1, chunk_elements // max(1, ops.src_len * width))
-    for start in range(0, ops.query_rows, rows_per_block):
-        yield slice(start, min(start + rows_per_block, ops.query_rows))
+    rows_per_block = max(1, chunk_elements // max(1, src_len * width))
+    for start in range(0, query_rows, rows_per_block):
+        yield slice(start, min(start + rows_per_block, query_rows))
 
 
 def _forward(ops: _Operands, visible, chunk_elements):
@@ -266,38 +266,52 @@ def _forward(ops: _Operands, visible, chunk_elements):
     if ops.index is None:
         return torch.bmm(probs, ops.value), probs
     context = empty_buffer((ops.query_rows, ops.tgt_len, ops.value_dim), ops.dtype, probs.device)
-    for rows in _row_blocks(ops, ops.value_dim, chunk_elements):
+    for rows in _row_blocks(ops.query_rows, ops.src_len, ops.value_dim, chunk_elements):
         torch.bmm(probs[rows], ops.gather(ops.value, rows), out=context[rows])
     return context, probs
+
+
+def grad_of_scores(probs, value, index, grad_context, grad_weights, *, need_value_grad,
+                   chunk_elements=DEFAULT_CHUNK_ELEMENTS):
+    """The tanh-free first half of the backward, shared by every backend that keeps P.
+
+    probs P [B_q, T, S] (fp32/fp64), value [B_m, S, D], index [B_q] or None, grad_context [B_q, T, D] or None,
+    grad_weights [B_q, T, S] or None. Returns (dE [B_q, T, S] in P's dtype, dValue [B_m, S, D] or None):
+        dValue = P^T dO;  dP = dO value^T + dWeights;  dE = P * (dP - rowsum(P * dP))
+    Masked keys and empty rows have P = 0, hence dE = 0. With `index`, memory rows are gathered per block of
+    query rows (at most `chunk_elements` elements of [rows, S, D]) and value gradients are scattered back.
+    """
+    dtype = probs.dtype
+    value = value.to(dtype)
+    grad_probs, grad_value = None, None
+    if grad_context is not None:
+        grad_context = grad_context.to(dtype)
+        if index is None:  # one batched product each, no gather
+            grad_probs = torch.bmm(grad_context, value.transpose(1, 2))
+            if need_value_grad:
+                grad_value = torch.bmm(probs.transpose(1, 2), grad_context)
+        else:
+            grad_probs = empty_buffer(probs.shape, dtype, probs.device)
+            grad_value = torch.zeros_like(value) if need_value_grad else None
+            for rows in _row_blocks(probs.shape[0], probs.shape[2], value.shape[2], chunk_elements):
+                values = value.index_select(0, index[rows])  # [r, S, D]
+                torch.bmm(grad_context[rows], values.transpose(1, 2), out=grad_probs[rows])
+                if grad_value is not None:
+                    grad_value.index_add_(0, index[rows], torch.bmm(probs[rows].transpose(1, 2), grad_context[rows]))
+    if grad_weights is not None:
+        grad_weights = grad_weights.to(dtype)
+        grad_probs = grad_weights.clone() if grad_probs is None else grad_probs.add_(grad_weights)
+    if grad_probs is None:
+        grad_probs = torch.zeros_like(probs)
+    row_dot = torch.linalg.vecdot(probs, grad_probs).unsqueeze(-1)
+    return grad_probs.sub_(row_dot).mul_(probs), grad_value
 
 
 def _backward(ops: _Operands, probs, grad_context, grad_weights, chunk_elements, need_value_grad):
     """Gradients (query_proj, key_proj, value, v, extra_key_term), in the compute dtype."""
     memory_rows = ops.keys.shape[0]
-    grad_probs, grad_value = None, None
-    if grad_context is not None:
-        grad_context = grad_context.to(ops.dtype)
-        if ops.index is None:  # one batched product each, no gather
-            grad_probs = torch.bmm(grad_context, ops.value.transpose(1, 2))
-            if need_value_grad:
-                grad_value = torch.bmm(probs.transpose(1, 2), grad_context)
-        else:  # memory rows gathered per block of query rows, value gradients scattered back
-            grad_probs = empty_buffer(probs.shape, probs.dtype, probs.device)
-            grad_value = torch.zeros_like(ops.value) if need_value_grad else None
-            for rows in _row_blocks(ops, ops.value_dim, chunk_elements):
-                values = ops.gather(ops.value, rows)  # [r, S, D]
-                torch.bmm(grad_context[rows], values.transpose(1, 2), out=grad_probs[rows])
-                if grad_value is not None:
-                    grad_value.index_add_(0, ops.index[rows], torch.bmm(probs[rows].transpose(1, 2), grad_context[rows]))
-    if grad_weights is not None:
-        grad_weights = grad_weights.to(ops.dtype)
-        grad_probs = grad_weights.clone() if grad_probs is None else grad_probs.add_(grad_weights)
-    if grad_probs is None:
-        grad_probs = torch.zeros_like(probs)
-
-    # dE = P * (dP - rowsum(P * dP)); masked keys and empty rows have P = 0, hence dE = 0.
-    row_dot = torch.linalg.vecdot(probs, grad_probs).unsqueeze(-1)
-    grad_scores = grad_probs.sub_(row_dot).mul_(probs)
+    grad_scores, grad_value = grad_of_scores(probs, ops.value, ops.index, grad_context, grad_weights,
+                                             need_value_grad=need_value_grad, chunk_elements=chunk_elements)
 
     grad_query = torch.zeros_like(ops.query)
     grad_row_keys = torch.zeros(ops.query_rows, ops.src_len, ops.attn_dim, dtype=ops.dtype, device=probs.device)
@@ -399,8 +413,6 @@ def backward_from_probs(query_proj, key_proj, value, v, extra_key_term, index, c
                         grad_weights, *, needs_input_grad, tanh_form="auto", chunk_elements=DEFAULT_CHUNK_ELEMENTS):
     """Gradients of (query_proj, key_proj, value, v, extra_key_term) from the attention probabilities P [B_q, T, S]
     of the forward, block by block (one recomputed tanh pass); None where `needs_input_grad` is False.
-
-    Any forward that can hand over P — this backend's or the Triton kernel's — can use it as its backward.
     grad_context [B_q, T, D] and grad_weights [B_q, T, S] may be None.
     """
     ops = _Operands(query_proj, key_proj, value, v, extra_key_term, index, causal, tanh_form, chunk_elements)

@@ -1,15 +1,17 @@
-"""Autograd wiring of the Triton backend.
+"""Autograd wiring of the Triton backend. Neither pass ever holds the [B, T, S, A] tanh tensor.
 
-Forward: the fused kernel (`attn_fast.kernels.forward.attention_forward`), which never holds the [B, T, S, A]
-tanh tensor. Backward: until the fused backward kernel exists (issue 4), the gradients come from the torch
-backend's block-wise backward, fed with the attention probabilities the kernel wrote — correct gradients, never
-dropped, at the torch backend's speed.
+Forward: the fused kernel (`kernels.forward.attention_forward`); it keeps P [B, T, S] in fp32 for the backward
+(P is A times smaller than the tanh tensor, and `need_weights` returns it anyway).
+Backward (DESIGN.md, "Backward"):
+  1. no tanh — batched matmuls: dValue = P^T dO, dP = dO value^T (+ dWeights), dE = P (dP - rowsum(P dP));
+  2. one fused tanh pass (`kernels.backward.attention_backward_tanh_pass`) for d_query_proj, d_key_proj per query
+     row and d_v; rows of d_key_proj are summed into memory rows through `index`, and they are d_extra_key_term.
 """
 from __future__ import annotations
 
 import torch
 
-from .torch_backend import backward_from_probs
+from .torch_backend import grad_of_scores
 
 
 class _TritonAdditiveAttention(torch.autograd.Function):
@@ -35,12 +37,31 @@ class _TritonAdditiveAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_context, grad_probs):
+        from .kernels.backward import attention_backward_tanh_pass, grad_scores_buffer
+
         query_proj, key_proj, value, v, extra_key_term, index, probs = ctx.saved_tensors
-        grads = backward_from_probs(
-            query_proj, key_proj, value, v, extra_key_term, index, ctx.causal, probs, grad_context, grad_probs,
-            needs_input_grad=ctx.needs_input_grad[:5],
-        )
-        return (*grads, None, None, None, None, None)
+        need_query, need_key, need_value, need_v, need_extra = ctx.needs_input_grad[:5]
+        grad_scores, grad_value = grad_of_scores(probs, value, index, grad_context, grad_probs,
+                                                 need_value_grad=need_value)
+        grad_query = grad_key = grad_v = grad_extra = None
+        if need_query or need_key or need_v or need_extra:
+            # dE in the kernel's preferred layout (rows padded to 16 floats: vectorized loads of dE).
+            aligned_grad_scores = grad_scores_buffer(*grad_scores.shape, grad_scores.device).copy_(grad_scores)
+            grad_query, grad_row_keys, grad_v = attention_backward_tanh_pass(
+                query_proj, key_proj, v, aligned_grad_scores, index=index, extra_key_term=extra_key_term,
+                causal=ctx.causal,
+            )
+            if need_extra:
+                grad_extra = grad_row_keys.to(extra_key_term.dtype, copy=True)  # never shared with grad_key
+            if index is None:
+                grad_key = grad_row_keys
+            else:
+                grad_key = grad_row_keys.new_zeros(key_proj.shape).index_add_(0, index, grad_row_keys)
+        grads = (grad_query, grad_key, grad_value, grad_v, grad_extra)
+        inputs = (query_proj, key_proj, value, v, extra_key_term)
+        results = tuple(None if grad is None or not needed else grad.to(tensor.dtype)
+                        for grad, tensor, needed in zip(grads, inputs, ctx.needs_input_grad[:5]))
+        return (*results, None, None, None, None, None)
 
 
 def additive_attention_triton(query_proj, key_proj, value, v, *, key_lengths=None, key_padding_mask=None,

@@ -1,4 +1,4 @@
-"""Static sm_90 report of the forward kernels: compile offline (no GPU needed) and read the SASS.
+"""Static sm_90 report of the forward and backward kernels: compile offline (no GPU needed) and read the SASS.
 
     python -m benchmarks.static_report [--shapes nmt_train tts_step ...] [--dtypes fp32 fp16 bf16] [--output PATH]
 
@@ -46,6 +46,9 @@ SHAPES = {
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_OUTPUT = pathlib.Path(__file__).parent / "results" / "static_sm90.json"
 SCORE_KERNEL = "_attention_forward_kernel"
+BACKWARD_KERNEL = "_attention_backward_kernel"
+#: Kernels with a tanh loop to analyze (their tile constexprs share the names BLOCK_A/T/S and TANH_FORM).
+TANH_KERNELS = (SCORE_KERNEL, BACKWARD_KERNEL)
 TARGET_ARCH = 90
 #: Hopper: thread-instructions issued per clock per SM / MUFU ops completed per clock per SM.
 ISSUE_PER_MUFU = 128 / 16
@@ -217,7 +220,7 @@ def analyze_launch(launch) -> dict:
     entry = {"kernel": launch.kernel.__name__, "num_warps": launch.num_warps, "num_stages": launch.num_stages,
              "constexprs": constants, **resources,
              "spills": resources["stack_bytes"] > 0}
-    if launch.kernel.__name__ == SCORE_KERNEL:
+    if launch.kernel.__name__ in TANH_KERNELS:
         form = constants["TANH_FORM"]
         threads = 32 * launch.num_warps
         elements = constants["BLOCK_A"] * constants["BLOCK_T"] * constants["BLOCK_S"] // threads
@@ -230,11 +233,23 @@ def _launch_key(launch) -> str:
     return json.dumps([launch.kernel.__name__, launch.num_warps, launch.num_stages, constants], sort_keys=True)
 
 
-def build_report(shape_names, dtype_names, need_weights=(False, True)) -> dict:
-    """Compile every distinct launch of the named shapes and dtypes (contiguous inputs, no masks)."""
+def build_report(shape_names, dtype_names, need_weights=(False, True), backward=True) -> dict:
+    """Compile every distinct launch of the named shapes and dtypes (contiguous inputs, no masks): the forward
+    with and without weights and, with `backward`, the fused backward tanh pass (all-steps shapes only: with T = 1
+    Triton folds the query loop away and there is no loop to analyze)."""
+    from attn_fast.kernels.backward import static_compile_targets
     from attn_fast.kernels.forward import plan_forward
 
     entries: dict[str, dict] = {}
+
+    def add(use, launch):
+        key = _launch_key(launch)
+        if key not in entries:
+            entries[key] = analyze_launch(launch)
+            entries[key]["used_by"] = []
+        if use not in entries[key]["used_by"]:
+            entries[key]["used_by"].append(use)
+
     for shape_name in shape_names:
         batch, tgt_len, src_len, attn_dim, value_dim = SHAPES[shape_name]
         for dtype_name in dtype_names:
@@ -245,13 +260,11 @@ def build_report(shape_names, dtype_names, need_weights=(False, True)) -> dict:
                 plan = plan_forward(meta(batch, tgt_len, attn_dim), meta(batch, src_len, attn_dim),
                                     meta(batch, src_len, value_dim), meta(attn_dim), need_weights=weights)
                 for launch in plan.launches:
-                    key = _launch_key(launch)
-                    if key not in entries:
-                        entries[key] = analyze_launch(launch)
-                        entries[key]["used_by"] = []
-                    use = f"{shape_name}/{dtype_name}{'/weights' if weights else ''}"
-                    if use not in entries[key]["used_by"]:
-                        entries[key]["used_by"].append(use)
+                    add(f"{shape_name}/{dtype_name}{'/weights' if weights else ''}", launch)
+    if backward:
+        shapes = {name: SHAPES[name] for name in shape_names if SHAPES[name][1] > 1}
+        for use, launch in static_compile_targets(shapes, {name: DTYPES[name] for name in dtype_names}):
+            add(use, launch)
     import triton
 
     return {
@@ -297,7 +310,7 @@ def prediction_table(report: dict) -> str:
     """Per named shape and dtype (weights not asked for): the score kernel's issue-model figures and the time the
     tanh work alone would take on an H100 at that fraction of the MUFU limit (16 tanh/clk/SM). A prediction to be
     checked against device timings, not a measurement."""
-    lines = [f"{'shape/dtype':<22} {'regs':>4} {'spill':>5} {'instr/tanh':>10} {'MUFU/tanh':>9} {'of limit':>8} "
+    lines = [f"{'shape/dtype':<26} {'regs':>4} {'spill':>5} {'instr/tanh':>10} {'MUFU/tanh':>9} {'of limit':>8} "
              f"{'tanh (M)':>9} {'predicted us':>12}"]
     limit = 16 * H100_SMS * H100_CLOCK_HZ
     for entry in report["kernels"]:
@@ -310,7 +323,7 @@ def prediction_table(report: dict) -> str:
             tanh_count = sizes["B"] * sizes["T"] * sizes["S"] * sizes["A"]
             loop = entry["hot_loop"]
             seconds = tanh_count / (limit * loop["predicted_tanh_rate_fraction"])
-            lines.append(f"{use:<22} {entry['registers']:>4} {entry['stack_bytes']:>5} "
+            lines.append(f"{use:<26} {entry['registers']:>4} {entry['stack_bytes']:>5} "
                          f"{loop['instructions_per_tanh']:>10.2f} {loop['mufu_per_element']:>9.3f} "
                          f"{loop['predicted_tanh_rate_fraction']:>8.0%} {tanh_count / 1e6:>9.1f} {seconds * 1e6:>12.1f}")
     return "\n".join(lines)
@@ -321,6 +334,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--output", type=pathlib.Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--no-backward", action="store_true", help="forward kernels only")
     parser.add_argument("--predict", action="store_true",
                         help="print the prediction table from the saved JSON report (no compilation)")
     args = parser.parse_args(argv)
@@ -334,7 +348,7 @@ def main(argv=None) -> int:
         repository = pathlib.Path(__file__).resolve().parents[1]
         return subprocess.run(command, env=environment, cwd=repository).returncode
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the Triton 3.9 default, without its warning
-    report = build_report(args.shapes, args.dtypes)
+    report = build_report(args.shapes, args.dtypes, backward=not args.no_backward)
     print(format_report(report))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=1) + "\n")

@@ -70,3 +70,17 @@ def test_fp16_default_is_one_tanh_approx_per_element(report):
         assert loop["shfl"] == 0  # A-major tiles: the reduction over A stays in registers
         assert loop["instructions_per_tanh"] <= 8.0
         assert loop["predicted_mufu_limit_fraction"] == 1.0
+
+
+def test_backward_recomputes_one_tanh_per_element_at_the_mufu_bound(report):
+    """The fused backward: one MUFU op per (i, j, a) element (1 - t^2 from t with an FMA, no second MUFU op),
+    reductions kept in registers (no SHFL), <= 8 instructions per tanh, no spills — for fp32 and fp16."""
+    entries = [entry for entry in report["kernels"] if entry["kernel"] == "_attention_backward_kernel"]
+    assert {use.split("/")[1] for entry in entries for use in entry["used_by"]} == {"fp32", "fp16"}
+    for entry in entries:
+        loop = entry["hot_loop"]
+        assert entry["stack_bytes"] == 0, entry
+        assert loop["element_ops_per_element"] == 1.0
+        assert loop["mufu_per_element"] <= 1.0 + 1.0 / 16  # plus e^{2q} once per query row in fp32
+        assert loop["shfl"] == 0 and loop["local_memory_instructions"] == 0
+        assert loop["instructions_per_tanh"] <= 8.0

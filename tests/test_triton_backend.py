@@ -84,3 +84,52 @@ def test_training_step_equals_torch_backend():
         parameters[backend] = {name: p.detach().clone() for name, p in model.named_parameters()}
     for name, value in parameters["torch"].items():
         torch.testing.assert_close(parameters["triton"][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic_mode_is_bit_identical():
+    case = random_case(2, 9, 21, 10, 6, mask="lengths", beam=2, extra_key_term=True, seed=5)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            leaves = case.cast(torch.float32, requires_grad=True)
+            context, weights = additive_attention(*leaves.inputs(), **leaves.options(), need_weights=True,
+                                                  backend="triton")
+            (context.square().sum() + weights[..., :3].sum()).backward()
+            runs.append([context, weights] + [t.grad for t in leaves.float_tensors().values()])
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_only_requested_gradients_are_computed():
+    case = random_case(2, 4, 6, 5, 3, seed=6)
+    query = case.query_proj.clone().requires_grad_()
+    context, _ = additive_attention(query, case.key_proj, case.value, case.v, backend="triton")
+    context.sum().backward()
+    leaves = case.cast(torch.float64, requires_grad=True)
+    expected, _ = additive_attention(*leaves.inputs(), backend="reference")
+    expected.sum().backward()
+    torch.testing.assert_close(query.grad, leaves.query_proj.grad.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_saved_for_backward_is_never_of_tanh_size(backend):
+    """The autograd graph keeps the inputs and P [B, T, S] only, never anything of size B*T*S*A."""
+    batch, tgt_len, src_len, attn_dim, value_dim = 2, 6, 7, 16, 3
+    case = random_case(batch, tgt_len, src_len, attn_dim, value_dim, mask="lengths", seed=8)
+    leaves = case.cast(torch.float32, requires_grad=True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        context, _ = additive_attention(*leaves.inputs(), **leaves.options(), backend=backend)
+    context.sum().backward()
+    assert saved, "nothing was saved: the hook did not see the backend's autograd node"
+    largest_input = max(t.numel() for t in leaves.float_tensors().values())
+    assert max(saved) <= max(batch * tgt_len * src_len, largest_input) < batch * tgt_len * src_len * attn_dim
