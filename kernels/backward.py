@@ -66,7 +66,6 @@ per thread; 144 registers, no spills.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
@@ -76,7 +75,7 @@ import triton.language as tl
 from . import forward as _forward
 from .backward_configs import BACKWARD_TANH_FORMS, BackwardConfig, backward_config
 from .configs import DEFAULT_SM_COUNT
-from .forward import KernelLaunch, is_interpreter
+from .forward import KernelLaunch, is_interpreter, run_launches
 from .tanh import FACTORIZED_LIMIT, exp2_fast, exp2x_accurate, reciprocal, tanh_pointwise, uses_reciprocal_form
 
 _TWO_LOG2E = tl.constexpr(2.8853900817779268)  # 2 log2(e)
@@ -447,7 +446,8 @@ def _check_inputs(query_proj, key_proj, v, grad_scores, index, extra_key_term):
 
 
 def attention_backward_tanh_pass(query_proj, key_proj, v, grad_scores, *, index=None, extra_key_term=None,
-                                 causal=False, deterministic=None, tanh_form=None, num_splits=None, config=None):
+                                 causal=False, deterministic=None, tanh_form=None, num_splits=None, config=None,
+                                 wrap=None):
     """The one tanh pass of the backward: gradients through t = tanh(query_proj + key_proj (+ extra_key_term)).
 
     query_proj [B_q, T, A], key_proj [B_m, S, A], v [A], extra_key_term [B_q, S, A] or None: one dtype among
@@ -457,7 +457,8 @@ def attention_backward_tanh_pass(query_proj, key_proj, v, grad_scores, *, index=
     deterministic: None follows `torch.are_deterministic_algorithms_enabled()`. True: each key tile adds into its
     own zeroed partial of grad_query_proj (one add per element: exact) and the partials are summed in a fixed
     order, so results are bit-identical on repeat; False: all key tiles add into one buffer with fp32 atomics.
-    tanh_form / num_splits / config override kernels/backward_configs.py (tests, benchmarks).
+    tanh_form / num_splits / config override kernels/backward_configs.py (tests, benchmarks). wrap: see
+    `kernels.forward.run_launches`.
 
     Returns (grad_query_proj [B_q, T, A], grad_row_keys [B_q, S, A], grad_v [A]), fp32 — see the module
     docstring for the formulas. grad_row_keys is per query row: the caller scatters it into the memory rows
@@ -475,9 +476,7 @@ def attention_backward_tanh_pass(query_proj, key_proj, v, grad_scores, *, index=
     plan = plan_backward(query_proj, key_proj, v, grad_scores, index=index, extra_key_term=extra_key_term,
                          causal=causal, deterministic=deterministic, interpret=interpret, tanh_form=tanh_form,
                          num_splits=num_splits, config=config)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        for launch in plan.launches:
-            launch.kernel[launch.grid](**launch.arguments, num_warps=launch.num_warps, num_stages=launch.num_stages)
+    run_launches(plan.launches, device, wrap)
     # Fixed-order sums (deterministic on every device) of the partials; a single partial is just unwrapped.
     def total(partials):
         return partials[0] if partials.shape[0] == 1 else partials.sum(0)

@@ -350,6 +350,15 @@ class KernelLaunch:
     num_stages: int = 1  # software pipelining of loops Triton pipelines by itself (not the A-chunk loop)
 
 
+def run_launches(launches: list[KernelLaunch], device: torch.device, wrap=None) -> None:
+    """Launch `launches` in order on `device`. `wrap` (torch.library.wrap_triton inside a `triton_op`) wraps each
+    kernel so that torch.compile can trace the launch instead of treating it as opaque."""
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for launch in launches:
+            kernel = launch.kernel if wrap is None else wrap(launch.kernel)
+            kernel[launch.grid](**launch.arguments, num_warps=launch.num_warps, num_stages=launch.num_stages)
+
+
 @dataclasses.dataclass
 class ForwardPlan:
     """The outputs (allocated, not yet written) and the launches that write them."""
@@ -543,6 +552,7 @@ def attention_forward(
     weights_dtype: torch.dtype | None = None,
     tanh_form: str | None = None,
     num_splits: int | None = None,
+    wrap=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Additive attention forward on validated inputs (see attn_fast.validation for the shapes and rules).
 
@@ -557,7 +567,7 @@ def attention_forward(
     `weights_dtype` (e.g. torch.float32) returns the weights in another floating dtype than the input's: the
     probabilities are computed in fp32, and a backward pass may want them unrounded.
     `tanh_form` ("exp", "factorized", "approx", "libdevice") and `num_splits` (key splits, >= 1) override the
-    heuristic of kernels/configs.py; leave them None in normal use.
+    heuristic of kernels/configs.py; leave them None in normal use. `wrap`: see `run_launches`.
     """
     interpret = is_interpreter()
     device = query_proj.device
@@ -571,7 +581,5 @@ def attention_forward(
         tanh_form=tanh_form,
         num_splits=num_splits, interpret=interpret,
     )
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        for launch in plan.launches:
-            launch.kernel[launch.grid](**launch.arguments, num_warps=launch.num_warps, num_stages=launch.num_stages)
+    run_launches(plan.launches, device, wrap)
     return plan.context, plan.lse, plan.weights
