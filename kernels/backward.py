@@ -75,7 +75,7 @@ import triton.language as tl
 from . import forward as _forward
 from .backward_configs import BACKWARD_TANH_FORMS, BackwardConfig, backward_config
 from .configs import DEFAULT_SM_COUNT
-from .forward import KernelLaunch, is_interpreter, run_launches
+from .forward import KernelLaunch, is_interpreter, memory_row, run_launches
 from .tanh import FACTORIZED_LIMIT, exp2_fast, exp2x_accurate, reciprocal, tanh_pointwise, uses_reciprocal_form
 
 _TWO_LOG2E = tl.constexpr(2.8853900817779268)  # 2 log2(e)
@@ -203,10 +203,7 @@ def _attention_backward_kernel(
 
     # Batch and row offsets in int64: b * stride overflows int32 on large tensors.
     batch64 = batch.to(tl.int64)
-    if HAS_INDEX:
-        memory = tl.load(index + batch64 * stride_index).to(tl.int64)  # memory row m (beam search)
-    else:
-        memory = batch64
+    memory = memory_row(batch64, index, stride_index, HAS_INDEX)
     query_base = query_proj + batch64 * stride_qb
     grad_scores_base = grad_scores + batch64 * stride_eb
 

@@ -76,6 +76,15 @@ def _score_vector_kernel(
 
 
 @triton.jit
+def memory_row(batch64, index, stride_index, HAS_INDEX: tl.constexpr):
+    """The memory row (int64) that query row `batch64` reads: index[b] with beam search, else b itself."""
+    if HAS_INDEX:
+        return tl.load(index + batch64 * stride_index).to(tl.int64)
+    else:
+        return batch64
+
+
+@triton.jit
 def _attention_forward_kernel(
     # inputs (placeholders where the HAS_* flag is off); score_vector [A] and score_scalars [2] come from
     # _score_vector_kernel
@@ -106,10 +115,7 @@ def _attention_forward_kernel(
 
     # Batch offsets in int64: b * stride overflows int32 on large tensors. Row offsets below likewise.
     batch64 = batch.to(tl.int64)
-    if HAS_INDEX:
-        memory = tl.load(index + batch64 * stride_index).to(tl.int64)  # memory row m (beam search)
-    else:
-        memory = batch64
+    memory = memory_row(batch64, index, stride_index, HAS_INDEX)
     query_base = query_proj + batch64 * stride_qb
     key_base = key_proj + memory * stride_kb
     value_base = value + memory * stride_vb
