@@ -5,6 +5,8 @@ module called `kernels` is created (an unrelated PyPI package already owns that 
 """
 from setuptools import setup
 
+SEQ2SEQ_REQUIRES = ["babel", "sacrebleu"]
+
 setup(
     name="attn-fast",
     version="0.1.0",
@@ -22,7 +24,9 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        # The Seq2Seq example model (attn_fast.seq2seq): locale data for the dates task, BLEU for TSV data.
+        "seq2seq": SEQ2SEQ_REQUIRES,
+        "test": ["pytest", "pytest-benchmark", "hypothesis", *SEQ2SEQ_REQUIRES],
     },
     entry_points={"console_scripts": ["attn-fast = attn_fast.cli:main"]},
 )
