@@ -5,7 +5,7 @@ module called `kernels` is created (an unrelated PyPI package already owns that 
 """
 from setuptools import setup
 
-SEQ2SEQ_REQUIRES = ["babel", "sacrebleu"]
+SEQ2SEQ_REQUIRES = ["babel>=2.10", "sacrebleu>=2.0"]
 
 setup(
     name="attn-fast",
@@ -15,7 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["attn_fast", "attn_fast.kernels"],
+    packages=["attn_fast", "attn_fast.kernels", "attn_fast.seq2seq"],
     package_dir={"attn_fast": "attn_fast", "attn_fast.kernels": "kernels"},
     install_requires=[
         # 2.6 is the first release with torch.library.triton_op; no upper pin.
