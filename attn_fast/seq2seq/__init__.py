@@ -1,4 +1,12 @@
 """Sequence-to-sequence model built on attn-fast's additive attention: an RNN encoder-decoder with Bahdanau
-attention and its data pipeline (`data`: the embedded date-normalization task, any tab-separated file of
-`source<TAB>target` pairs, character vocabularies, length-bucketed batches, BLEU and exact match).
+attention (`model`: bidirectional GRU encoder, the paper's step-by-step `BahdanauDecoder` and the all-steps
+`ParallelDecoder`), greedy and beam search sharing the encoder memory across beams (`decoding`), and its data
+pipeline (`data`: the embedded date-normalization task, any tab-separated file of `source<TAB>target` pairs,
+character vocabularies, length-bucketed batches, BLEU and exact match).
 """
+from .data import CharVocab, batches, build_vocabs, make_date_splits, read_tsv
+from .decoding import Decoded, beam_search, greedy
+from .model import BahdanauDecoder, Encoder, ParallelDecoder, Seq2Seq
+
+__all__ = ["BahdanauDecoder", "CharVocab", "Decoded", "Encoder", "ParallelDecoder", "Seq2Seq", "batches",
+           "beam_search", "build_vocabs", "greedy", "make_date_splits", "read_tsv"]
