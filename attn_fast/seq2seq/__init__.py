@@ -2,11 +2,14 @@
 attention (`model`: bidirectional GRU encoder, the paper's step-by-step `BahdanauDecoder` and the all-steps
 `ParallelDecoder`), greedy and beam search sharing the encoder memory across beams (`decoding`), and its data
 pipeline (`data`: the embedded date-normalization task, any tab-separated file of `source<TAB>target` pairs,
-character vocabularies, length-bucketed batches, BLEU and exact match).
+character vocabularies, length-bucketed batches, BLEU and exact match), and the trainer behind `attn-fast train`
+(`train`: AdamW, clipping, validation, atomic checkpoints, exact resume).
 """
 from .data import CharVocab, batches, build_vocabs, make_date_splits, read_tsv
 from .decoding import Decoded, beam_search, greedy
 from .model import BahdanauDecoder, Encoder, ParallelDecoder, Seq2Seq
+from .train import TrainConfig, TrainResult, load_checkpoint, train
 
 __all__ = ["BahdanauDecoder", "CharVocab", "Decoded", "Encoder", "ParallelDecoder", "Seq2Seq", "batches",
-           "beam_search", "build_vocabs", "greedy", "make_date_splits", "read_tsv"]
+           "beam_search", "build_vocabs", "greedy", "load_checkpoint", "make_date_splits", "read_tsv", "train",
+           "TrainConfig", "TrainResult"]
