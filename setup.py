@@ -5,7 +5,7 @@ module called `kernels` is created (an unrelated PyPI package already owns that 
 """
 from setuptools import setup
 
-SEQ2SEQ_REQUIRES = ["babel>=2.10", "sacrebleu>=2.0", "tqdm"]
+SEQ2SEQ_REQUIRES = ["babel>=2.10", "sacrebleu>=2.0", "tqdm", "matplotlib"]
 
 setup(
     name="attn-fast",
@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         # The Seq2Seq example model (attn_fast.seq2seq): locale data for the dates task, BLEU for TSV data,
-        # progress bars for training.
+        # progress bars for training, alignment heatmaps.
         "seq2seq": SEQ2SEQ_REQUIRES,
         "test": ["pytest", "pytest-benchmark", "hypothesis", *SEQ2SEQ_REQUIRES],
     },

@@ -41,6 +41,50 @@ def _train(args) -> int:
     return 0
 
 
+def _translate(args) -> int:
+    from .seq2seq.data import batches
+    from .seq2seq.plots import alignment_heatmap
+    from .seq2seq.train import load_checkpoint
+
+    model, src_vocab, tgt_vocab, _ = load_checkpoint(args.checkpoint, args.device)
+    pairs = [(source, "") for source in args.sources]
+    batch = next(batches(pairs, src_vocab, tgt_vocab, len(pairs), shuffle=False, sort_by_length=False))
+    src, lengths = batch.src.to(args.device), batch.src_lengths.to(args.device)
+    decoded = (model.beam_search(src, lengths, beam_size=args.beam) if args.beam > 1 else model.greedy(src, lengths))
+    for number, (source, tokens) in enumerate(zip(args.sources, decoded.to_lists(model.eos_id))):
+        output = tgt_vocab.decode(tokens)
+        print(f"{source}\t{output}")
+        if args.heatmap:
+            path = args.heatmap if len(args.sources) == 1 else _numbered(args.heatmap, number)
+            alignment_heatmap(source, output, decoded.attention[number], path, title=f"{source} → {output}")
+            print(f"alignment heatmap: {path}", file=sys.stderr)
+    return 0
+
+
+def _numbered(path: str, number: int) -> str:
+    stem, dot, extension = path.rpartition(".")
+    return f"{stem}-{number}.{extension}" if dot else f"{path}-{number}"
+
+
+def _evaluate(args) -> int:
+    from .seq2seq.data import bleu, make_date_splits, read_tsv
+    from .seq2seq.train import evaluate, load_checkpoint, translate
+
+    model, src_vocab, tgt_vocab, info = load_checkpoint(args.checkpoint, args.device)
+    if args.data_tsv:
+        pairs = read_tsv(args.data_tsv)
+    else:  # the date task's test split, from the seed the model was trained with
+        data_seed = info["train_config"]["data_seed"]
+        pairs = make_date_splits(seed=data_seed, sizes=(0, 0, args.test_size)).test
+    scores = evaluate(model, pairs, src_vocab, tgt_vocab, device=args.device)
+    line = f"{len(pairs)} pairs: exact match {scores['exact_match']:.4f}, char accuracy {scores['char_accuracy']:.4f}"
+    if args.data_tsv:
+        hypotheses = translate(model, [s for s, _ in pairs], src_vocab, tgt_vocab, device=args.device)
+        line += f", BLEU {bleu(hypotheses, [t for _, t in pairs]):.2f}"
+    print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attn-fast", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--valid-batch-size", type=int, default=256, help="pairs per greedy-decoding batch")
     run.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     train.set_defaults(handler=_train)
+
+    translate = commands.add_parser("translate", help="decode sources with a trained checkpoint")
+    translate.add_argument("sources", nargs="+", help="source strings, e.g. '25 июня 2009 г.'")
+    translate.add_argument("--checkpoint", required=True, help="best.pt or last.pt of attn-fast train")
+    translate.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
+    translate.add_argument("--heatmap", help="save the alignment heatmap here (numbered for several sources)")
+    translate.add_argument("--device", default="cpu")
+    translate.set_defaults(handler=_translate)
+
+    evaluate = commands.add_parser("evaluate", help="exact match and character accuracy (and BLEU for TSV data)")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--data-tsv", help="source<TAB>target pairs (default: the date task's test split)")
+    evaluate.add_argument("--test-size", type=int, default=1000, help="date task: test examples")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.set_defaults(handler=_evaluate)
     return parser
 
 

@@ -1,0 +1,36 @@
+"""`attn-fast translate` and `attn-fast evaluate` on a checkpoint of a tiny `attn-fast train` run."""
+import pytest
+
+from attn_fast.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("run")
+    argv = ["train", "--train-size", "300", "--valid-size", "20", "--embed-dim", "8", "--hidden-dim", "16",
+            "--attn-dim", "8", "--batch-size", "16", "--max-steps", "8", "--attention-backend", "torch",
+            "--device", "cpu", "--out-dir", str(out_dir), "--quiet"]
+    assert main(argv) == 0
+    return out_dir / "last.pt"
+
+
+@pytest.mark.parametrize("beam", ["1", "3"])
+def test_translate_prints_outputs_and_saves_heatmaps(checkpoint, tmp_path, capsys, beam):
+    heatmap = tmp_path / "alignment.png"
+    sources = ["25 июня 2009 г.", "June 25, 2009"]
+    assert main(["translate", "--checkpoint", str(checkpoint), "--beam", beam, "--heatmap", str(heatmap),
+                 *sources]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == sources
+    for number in range(2):
+        image = tmp_path / f"alignment-{number}.png"
+        assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 1000
+
+
+def test_evaluate_prints_scores(checkpoint, tmp_path, capsys):
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--test-size", "20"]) == 0
+    assert capsys.readouterr().out.startswith("20 pairs: exact match ")
+    (tmp_path / "test.tsv").write_text("12.03.2001\t2001-03-12\n2001-03-12\t2001-03-12\n", encoding="utf-8")
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-tsv", str(tmp_path / "test.tsv")]) == 0
+    output = capsys.readouterr().out
+    assert output.startswith("2 pairs: exact match ") and ", BLEU " in output
