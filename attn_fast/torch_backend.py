@@ -375,12 +375,10 @@ def _backward_op(grad_context: torch.Tensor | None, grad_probs: torch.Tensor | N
                  index: torch.Tensor | None, probs: torch.Tensor, causal: bool, tanh_form: str,
                  chunk_elements: int) -> list[torch.Tensor]:
     """-> gradients of query_proj, key_proj, value, v and extra_key_term (an empty tensor when there is none)."""
-    grads = backward_from_probs(
-        query_proj, key_proj, value, v, extra_key_term, index, causal, probs, grad_context, grad_probs,
-        needs_input_grad=(True, True, True, True, extra_key_term is not None), tanh_form=tanh_form,
-        chunk_elements=chunk_elements,
-    )
-    return [query_proj.new_empty(0) if grad is None else grad for grad in grads]
+    ops = _Operands(query_proj, key_proj, value, v, extra_key_term, index, causal, tanh_form, chunk_elements)
+    grads = _backward(ops, probs.to(ops.dtype), grad_context, grad_probs, chunk_elements, need_value_grad=True)
+    inputs = (query_proj, key_proj, value, v, extra_key_term)
+    return [query_proj.new_empty(0) if grad is None else grad.to(tensor.dtype) for grad, tensor in zip(grads, inputs)]
 
 
 @_backward_op.register_fake
@@ -407,21 +405,6 @@ def _autograd_backward(ctx, grad_context, grad_probs):
 
 
 _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
-
-
-def backward_from_probs(query_proj, key_proj, value, v, extra_key_term, index, causal, probs, grad_context,
-                        grad_weights, *, needs_input_grad, tanh_form="auto", chunk_elements=DEFAULT_CHUNK_ELEMENTS):
-    """Gradients of (query_proj, key_proj, value, v, extra_key_term) from the attention probabilities P [B_q, T, S]
-    of the forward, block by block (one recomputed tanh pass); None where `needs_input_grad` is False.
-    grad_context [B_q, T, D] and grad_weights [B_q, T, S] may be None.
-    """
-    ops = _Operands(query_proj, key_proj, value, v, extra_key_term, index, causal, tanh_form, chunk_elements)
-    grads = _backward(ops, probs.to(ops.dtype), grad_context, grad_weights, chunk_elements, needs_input_grad[2])
-    inputs = (query_proj, key_proj, value, v, extra_key_term)
-    return tuple(
-        None if grad is None or not needed else grad.to(tensor.dtype)
-        for grad, tensor, needed in zip(grads, inputs, needs_input_grad)
-    )
 
 
 def additive_attention_torch(
