@@ -22,9 +22,10 @@ best metric and torch's RNG state (dropout), so that it continues exactly as the
 CPU, N steps straight and N/2 + resume + N/2 give identical parameters. The architecture and the vocabularies come
 from the checkpoint; the data, the device, the attention backend and the stopping rules from the new config.
 
-Distributed training is not here yet; the pieces are cut so that it slots in: every rank can build the same epoch
-batch list (`epoch_batches`) and take its shard, `train_step` is where DDP's model wrapper goes, and only rank 0
-would validate and write checkpoints.
+Under `torchrun` (WORLD_SIZE > 1) the same function trains with DistributedDataParallel, gloo on CPU and nccl on
+GPU: each process takes its shard of every epoch's batches, rank 0 validates and writes the checkpoints (see
+`distributed.py`). A checkpoint keeps every rank's RNG state, so a resume with the same number of processes is
+exact too.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
+from . import distributed
 from .data import Batch, CharVocab, Pair, batches, build_vocabs, exact_match, make_date_splits, read_tsv
 from .model import Seq2Seq
 
@@ -156,20 +158,22 @@ def _build_model(model_config: dict) -> Seq2Seq:
 # One step, and validation
 # ----------------------------------------------------------------------------------------------------------------
 
-def train_step(model: Seq2Seq, optimizer: torch.optim.Optimizer, batch: Batch, grad_clip: float,
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, grad_clip: float,
                device: torch.device) -> tuple[float, int, int]:
-    """One optimizer step on `batch` (teacher forcing, mean cross-entropy over non-PAD target tokens).
-    Returns (loss, correctly predicted target tokens, target tokens)."""
+    """One optimizer step on `batch` (teacher forcing, mean cross-entropy over non-PAD target tokens). `model` is a
+    `Seq2Seq` or the DistributedDataParallel wrapping one: the loss goes through its forward call, where DDP hooks
+    the gradient averaging in. Returns (loss, correctly predicted target tokens, target tokens) of this batch."""
     src, src_lengths, tgt_in, tgt_out = (t.to(device) for t in batch)
+    pad_id = getattr(model, "module", model).pad_id
     model.train()
     logits, _ = model(src, src_lengths, tgt_in)
-    loss = F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=model.pad_id)
+    loss = F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=pad_id)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    real = tgt_out != model.pad_id
+    real = tgt_out != pad_id
     correct = ((logits.detach().argmax(-1) == tgt_out) & real).sum()
     return loss.item(), int(correct), int(real.sum())
 
@@ -232,7 +236,8 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
 
 
 def _make_checkpoint(model: Seq2Seq, optimizer: torch.optim.Optimizer, model_config: dict, src_vocab: CharVocab,
-                     tgt_vocab: CharVocab, position: _Position, valid: dict | None, config: TrainConfig) -> dict:
+                     tgt_vocab: CharVocab, position: _Position, valid: dict | None, config: TrainConfig,
+                     rank_rng_states: list[torch.Tensor]) -> dict:
     return {
         "format": CHECKPOINT_FORMAT,
         "model_config": model_config,
@@ -246,7 +251,9 @@ def _make_checkpoint(model: Seq2Seq, optimizer: torch.optim.Optimizer, model_con
         "best_valid_exact_match": position.best_valid_exact_match,
         "valid": valid,
         "train_config": dataclasses.asdict(config),
-        "rng": {"torch": torch.get_rng_state(),
+        "world_size": len(rank_rng_states),
+        # torch's CPU generator of every rank (dropout masks differ per rank), rank 0's first.
+        "rng": {"torch": rank_rng_states[0], "ranks": rank_rng_states,
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
 
@@ -293,11 +300,18 @@ def _stop_reason(config: TrainConfig, position: _Position, elapsed: float) -> st
 
 def train(config: TrainConfig) -> TrainResult:
     """Train a Seq2Seq model as `config` says (see the module docstring); returns a `TrainResult` and prints a
-    summary line."""
+    summary line. Under torchrun every process calls this; each returns its own (identical) model."""
+    context, device = distributed.setup(config.device)
+    try:
+        return _train(config, context, device)
+    finally:
+        distributed.teardown(context)
+
+
+def _train(config: TrainConfig, context: distributed.Distributed, device: torch.device) -> TrainResult:
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    device = torch.device(config.device)
     torch.manual_seed(config.seed)
     train_pairs, valid_pairs = load_pairs(config)
     if not train_pairs or not valid_pairs:
@@ -318,30 +332,36 @@ def train(config: TrainConfig) -> TrainResult:
         optimizer.load_state_dict(checkpoint["optimizer"])
         position = _Position(checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"],
                              checkpoint["best_valid_exact_match"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if checkpoint["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        _restore_rng(checkpoint, context, position)
+    elif context.enabled:  # same initial weights everywhere (DDP copies rank 0's anyway), different dropout masks
+        torch.manual_seed(config.seed * 1_000_003 + context.rank)
+    trained = distributed.wrap(model, context, device)
 
-    log = (lambda *args: None) if config.quiet else print
-    out_dir = Path(config.out_dir) if config.out_dir is not None else None
+    log = print if context.is_main and not config.quiet else (lambda *args: None)
+    out_dir = Path(config.out_dir) if config.out_dir is not None and context.is_main else None
     best_path = last_path = None
     if checkpoint is not None and out_dir is not None and (out_dir / "best.pt").exists():
         best_path = str(out_dir / "best.pt")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"train: {len(train_pairs)} training / {len(valid_pairs)} validation pairs, vocabularies "
         f"{len(src_vocab)} / {len(tgt_vocab)}, {n_params / 1e6:.2f}M parameters, decoder {model_config['decoder']}, "
-        f"device {device}" + (f", resuming at step {position.step}" if checkpoint is not None else ""))
+        f"device {device}" + (f", {context.world_size} processes" if context.enabled else "")
+        + (f", resuming at step {position.step}" if checkpoint is not None else ""))
+
+    def agreed_stop() -> str | None:  # every rank must leave the loop at the same step (time limits differ)
+        return distributed.from_main(_stop_reason(config, position, time.perf_counter() - start), context)
 
     history, valid = [], None
-    while (stop := _stop_reason(config, position, time.perf_counter() - start)) is None:
-        # The rest of the current epoch (all of it, unless resuming in its middle).
-        epoch_list = epoch_batches(train_pairs, src_vocab, tgt_vocab, config.batch_size, config.seed,
-                                   position.epoch)
+    while (stop := agreed_stop()) is None:
+        # The rest of the current epoch (all of it, unless resuming in its middle): this rank's shard.
+        epoch_list = distributed.shard(
+            epoch_batches(train_pairs, src_vocab, tgt_vocab, config.batch_size, config.seed, position.epoch),
+            context)
         loss_sum, correct, tokens, steps_here = 0.0, 0, 0, 0
         bar = tqdm(total=len(epoch_list), initial=position.batch_in_epoch, desc=f"epoch {position.epoch + 1}",
-                   disable=True if config.quiet else None, leave=False, file=sys.stderr)
+                   disable=True if config.quiet or not context.is_main else None, leave=False, file=sys.stderr)
         for batch in islice(epoch_list, position.batch_in_epoch, None):
-            loss, batch_correct, batch_tokens = train_step(model, optimizer, batch, config.grad_clip, device)
+            loss, batch_correct, batch_tokens = train_step(trained, optimizer, batch, config.grad_clip, device)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss} at step {position.step + 1}")
             position.step += 1
@@ -353,15 +373,20 @@ def train(config: TrainConfig) -> TrainResult:
             bar.update()
             bar.set_postfix(loss=f"{loss_sum / steps_here:.4f}", tok_acc=f"{correct / max(tokens, 1):.4f}",
                             refresh=False)
-            if _stop_reason(config, position, time.perf_counter() - start) is not None:
+            if distributed.any_rank(_stop_reason(config, position, time.perf_counter() - start) is not None,
+                                    context):
                 break
         bar.close()
         if position.batch_in_epoch >= len(epoch_list):
             position.epoch, position.batch_in_epoch = position.epoch + 1, 0
 
-        # Validate, then checkpoint: best.pt when the exact match improved, last.pt always.
-        valid = evaluate(model, valid_pairs, src_vocab, tgt_vocab, batch_size=config.valid_batch_size,
-                         device=device)
+        # Rank 0 validates, then checkpoints: best.pt when the exact match improved, last.pt always. The training
+        # figures of the log line are rank 0's batches.
+        rank_rng_states = distributed.gather_to_main(torch.get_rng_state(), context)
+        if context.is_main:
+            valid = evaluate(model, valid_pairs, src_vocab, tgt_vocab, batch_size=config.valid_batch_size,
+                             device=device)
+        valid = distributed.from_main(valid, context)
         improved = (position.best_valid_exact_match is None
                     or valid["exact_match"] > position.best_valid_exact_match)
         if improved:
@@ -371,23 +396,41 @@ def train(config: TrainConfig) -> TrainResult:
                         "train_token_accuracy": correct / max(tokens, 1),
                         "valid_exact_match": valid["exact_match"], "valid_char_accuracy": valid["char_accuracy"]})
         if out_dir is not None:
-            state = _make_checkpoint(model, optimizer, model_config, src_vocab, tgt_vocab, position, valid, config)
+            state = _make_checkpoint(model, optimizer, model_config, src_vocab, tgt_vocab, position, valid, config,
+                                     rank_rng_states)
             if improved:
                 best_path = str(out_dir / "best.pt")
                 save_checkpoint(state, best_path)
             last_path = str(out_dir / "last.pt")
             save_checkpoint(state, last_path)
-        epochs_done = position.epoch + position.batch_in_epoch / len(epoch_list)
+        epochs_done = position.epoch + position.batch_in_epoch / max(len(epoch_list), 1)
         log(f"step {position.step}, epoch {epochs_done:.2f}: train loss {history[-1]['train_loss']:.4f} "
             f"token acc {history[-1]['train_token_accuracy']:.4f} | valid exact match {valid['exact_match']:.4f} "
             f"char acc {valid['char_accuracy']:.4f}" + (" (best)" if improved else ""))
 
     wall_time = time.perf_counter() - start
     best = position.best_valid_exact_match
-    print(f"train: {position.step} steps, {position.epoch} epochs, {wall_time:.1f} s, best valid exact match "
-          + (f"{best:.4f}" if best is not None else "n/a") + f" (stopped: {stop})"
-          + (f", best checkpoint {best_path}" if best_path else ""))
+    if context.is_main:
+        print(f"train: {position.step} steps, {position.epoch} epochs, {wall_time:.1f} s, best valid exact match "
+              + (f"{best:.4f}" if best is not None else "n/a") + f" (stopped: {stop})"
+              + (f", best checkpoint {best_path}" if best_path else ""))
     return TrainResult(steps=position.step, epoch=position.epoch, wall_time=wall_time,
                        best_valid_exact_match=best, stop_reason=stop, valid=valid, best_checkpoint=best_path,
                        last_checkpoint=last_path, history=history, model=model.eval(), src_vocab=src_vocab,
                        tgt_vocab=tgt_vocab)
+
+
+def _restore_rng(checkpoint: dict, context: distributed.Distributed, position: _Position) -> None:
+    """Put back the dropout RNG of the run that wrote `checkpoint` (this rank's, when it ran with as many
+    processes). A resume in the middle of an epoch needs the same number of processes: the shards would differ."""
+    saved_world_size = checkpoint.get("world_size", 1)
+    if saved_world_size != context.world_size and position.batch_in_epoch != 0:
+        raise ValueError(f"the checkpoint stopped inside an epoch of a run with {saved_world_size} process(es); "
+                         f"resume it with the same number of processes (this run has {context.world_size})")
+    rank_states = checkpoint["rng"].get("ranks") or [checkpoint["rng"]["torch"]]
+    if len(rank_states) == context.world_size:
+        torch.set_rng_state(rank_states[context.rank])
+    else:  # a different process count from an epoch boundary: fresh, distinct dropout streams
+        torch.manual_seed(position.step * 1_000_003 + context.rank)
+    if checkpoint["rng"]["cuda"] is not None and torch.cuda.is_available() and not context.enabled:
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
