@@ -161,6 +161,19 @@ def _largest(tensor: torch.Tensor | None) -> float:
     return max(-float(smallest), float(largest))
 
 
+def _largest_operand(query_proj, key_proj, extra_key_term) -> float:
+    """Bound on |query_proj| and |key| where a key is key_proj + extra_key_term (sum of their largest magnitudes)."""
+    return max(_largest(query_proj), _largest(key_proj) + _largest(extra_key_term))
+
+
+def resolve_tanh_form(tanh_form: str, query_proj, key_proj, extra_key_term) -> str:
+    """"auto" resolved to "direct" or "factorized" for these inputs, once per call: the backward then reuses the
+    forward's choice instead of scanning the inputs again."""
+    form = choose_tanh_form(tanh_form, compute_dtype(query_proj.dtype),
+                            lambda: _largest_operand(query_proj, key_proj, extra_key_term))
+    return form.name
+
+
 class _Operands:
     """The inputs in the compute dtype, and the blocks of the tanh tensor in the order both passes visit them."""
 
@@ -177,11 +190,8 @@ class _Operands:
         self.query_rows, self.tgt_len, self.attn_dim = query_proj.shape
         self.src_len = key_proj.shape[1]
         self.value_dim = value.shape[2]
-        # A key is key_proj + extra_key_term: the sum of their largest magnitudes bounds it.
-        self.form = choose_tanh_form(
-            tanh_form, self.dtype,
-            lambda: max(_largest(self.query), _largest(self.keys) + _largest(self.extra)),
-        )
+        self.form = choose_tanh_form(tanh_form, self.dtype,
+                                     lambda: _largest_operand(self.query, self.keys, self.extra))
         self.blocks = plan_blocks(self.query_rows, self.tgt_len, self.src_len, self.attn_dim, chunk_elements)
 
     def gather(self, tensor: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -430,6 +440,8 @@ def additive_attention_torch(
     """
     if chunk_elements < 1:
         raise ValueError(f"chunk_elements must be at least 1, got {chunk_elements}")
+    if not torch.compiler.is_compiling():  # (a compiled graph cannot branch on data: there each op decides)
+        tanh_form = resolve_tanh_form(tanh_form, query_proj, key_proj, extra_key_term)
     context, probs = _forward_op(
         query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask, index,
         causal, tanh_form, chunk_elements,
