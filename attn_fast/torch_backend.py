@@ -157,7 +157,7 @@ def _largest(tensor: torch.Tensor | None) -> float:
     """max |tensor| in one pass, without an |tensor| temporary."""
     if tensor is None or tensor.numel() == 0:
         return 0.0
-    smallest, largest = torch.aminmax(tensor)
+    smallest, largest = torch.aminmax(tensor.detach())
     return max(-float(smallest), float(largest))
 
 
@@ -281,6 +281,14 @@ def _forward(ops: _Operands, visible, chunk_elements):
     return context, probs
 
 
+def _transposed_product(probs: torch.Tensor, grad_context: torch.Tensor) -> torch.Tensor:
+    """P^T dO: [B, S, T] x [B, T, D] -> [B, S, D]. A single decoder step (T = 1) makes it an outer product, which a
+    broadcast multiply does in one pass (bmm with an inner size of 1 is several times slower on CPU)."""
+    if probs.shape[1] == 1:
+        return probs.transpose(1, 2) * grad_context
+    return torch.bmm(probs.transpose(1, 2), grad_context)
+
+
 def grad_of_scores(probs, value, index, grad_context, grad_weights, *, need_value_grad,
                    chunk_elements=DEFAULT_CHUNK_ELEMENTS):
     """The tanh-free first half of the backward, shared by every backend that keeps P.
@@ -299,7 +307,7 @@ def grad_of_scores(probs, value, index, grad_context, grad_weights, *, need_valu
         if index is None:  # one batched product each, no gather
             grad_probs = torch.bmm(grad_context, value.transpose(1, 2))
             if need_value_grad:
-                grad_value = torch.bmm(probs.transpose(1, 2), grad_context)
+                grad_value = _transposed_product(probs, grad_context)
         else:
             grad_probs = empty_buffer(probs.shape, dtype, probs.device)
             grad_value = torch.zeros_like(value) if need_value_grad else None
@@ -307,7 +315,7 @@ def grad_of_scores(probs, value, index, grad_context, grad_weights, *, need_valu
                 values = value.index_select(0, index[rows])  # [r, S, D]
                 torch.bmm(grad_context[rows], values.transpose(1, 2), out=grad_probs[rows])
                 if grad_value is not None:
-                    grad_value.index_add_(0, index[rows], torch.bmm(probs[rows].transpose(1, 2), grad_context[rows]))
+                    grad_value.index_add_(0, index[rows], _transposed_product(probs[rows], grad_context[rows]))
     if grad_weights is not None:
         grad_weights = grad_weights.to(dtype)
         grad_probs = grad_weights.clone() if grad_probs is None else grad_probs.add_(grad_weights)
@@ -335,7 +343,9 @@ def _backward(ops: _Operands, probs, grad_context, grad_weights, chunk_elements,
         scale = ops.form.derivative_(block)  # block = (1 - t^2) / scale
         block.mul_((weights * scale)[..., None])  # dE (1 - t^2), without the factor v[a]
         grad_query[rows, steps] += block.sum(dim=2)
-        grad_row_keys[rows, keys] += block.sum(dim=1)
+        # One decoder step per block (decoding, T = 1): nothing to sum over, and a sum over a size-1 axis would
+        # still zero-fill and copy the block.
+        grad_row_keys[rows, keys] += block[:, 0] if block.shape[1] == 1 else block.sum(dim=1)
     grad_query.mul_(ops.v)
     grad_row_keys.mul_(ops.v)
 
