@@ -24,10 +24,13 @@ def triton_usable(device: torch.device) -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that will run: "auto" means Triton on CUDA when it is importable, else the torch backend."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend that will run: "auto" means Triton on CUDA when it is importable, else the torch backend; and
+    the torch backend for float64 inputs, which it computes in float64 (the Triton kernels compute in fp32)."""
     check_backend(backend)
     if backend == "auto":
+        if dtype == torch.float64:
+            return "torch"
         return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
     if backend == "triton" and not triton_usable(device):
         if device.type == "cpu":
@@ -88,7 +91,7 @@ def additive_attention(
     device = query_proj.device
     if device.type == "cpu" and not torch.compiler.is_compiling():
         warm_cpu_math()  # a compiled region cannot run it; the first eager call (or the tests) already did
-    chosen = resolve_backend(backend, device)
+    chosen = resolve_backend(backend, device, query_proj.dtype)
     if chosen == "reference":
         return additive_attention_reference(query_proj, key_proj, value, v, **options)
     empty = size.query_rows == 0 or size.tgt_len == 0 or size.src_len == 0

@@ -92,7 +92,20 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 def additive_attention_triton(query_proj, key_proj, value, v, *, key_lengths=None, key_padding_mask=None,
                               causal=False, need_weights=False, index=None, extra_key_term=None):
-    """Same arguments and results as `attn_fast.additive_attention` (validated inputs, non-empty problem)."""
+    """Same arguments and results as `attn_fast.additive_attention` (validated inputs, non-empty problem).
+
+    float64 inputs run the fp32 kernels: they are cast at this boundary (differentiably, so gradients come back in
+    float64) and the results are cast back, with fp32 accuracy. `backend="auto"` sends float64 to the torch backend.
+    """
+    if query_proj.dtype == torch.float64:
+        def single(tensor):
+            return None if tensor is None else tensor.float()
+
+        context, weights = additive_attention_triton(
+            single(query_proj), single(key_proj), single(value), single(v), key_lengths=key_lengths,
+            key_padding_mask=key_padding_mask, causal=causal, need_weights=need_weights, index=index,
+            extra_key_term=single(extra_key_term))
+        return context.double(), (None if weights is None else weights.double())
     differentiable = [query_proj, key_proj, value, v] + ([] if extra_key_term is None else [extra_key_term])
     keep_probs = need_weights or (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable))
     context, probs = _forward_op(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask,

@@ -26,6 +26,22 @@ def grid(count, seed):
         ), id=f"case{number}")
 
 
+def test_float64_runs_the_fp32_kernels_forward_and_backward():
+    """Explicit backend="triton" on float64: fp32 kernels, results and gradients in float64 at fp32 accuracy."""
+    case = random_case(2, 3, 9, 8, 5, mask="lengths", beam=2, extra_key_term=True, seed=4)
+    errors = errors_against_reference(case, torch.float64, functools.partial(additive_attention, backend="triton"),
+                                      seed=4)
+    for name, error in errors.items():
+        tolerance = (forward_tolerance if name in ("context", "weights") else gradient_tolerance)(torch.float32)
+        assert error <= tolerance, f"{name}: {error:.3g} > {tolerance:.1g}"
+
+
+def test_auto_sends_float64_to_the_torch_backend():
+    from attn_fast.functional import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cuda"), torch.float64) == "torch"
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+
 @pytest.mark.parametrize("params", grid(18, seed=7))
 def test_forward_and_gradients_match_reference(params):
     case = random_case(*params["shape"], mask=params["mask"], fully_masked_rows=params["fully_masked_rows"],
