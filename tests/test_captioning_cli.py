@@ -1,0 +1,90 @@
+"""`attn-fast train --task captions`, `attn-fast caption` and `attn-fast evaluate --task captions` on a tiny run;
+how the train options map to the captioning config."""
+import dataclasses
+import importlib
+
+import pytest
+
+from attn_fast.captioning.train import CaptionTrainConfig, load_checkpoint
+from attn_fast.cli import build_parser, main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("captions")
+    argv = ["train", "--task", "captions", "--train-size", "64", "--valid-size", "8", "--image-size", "48",
+            "--channels", "8", "--embed-dim", "8", "--hidden-dim", "16", "--attn-dim", "8", "--batch-size", "16",
+            "--max-steps", "3", "--attention-backend", "torch", "--device", "cpu", "--out-dir", str(out_dir),
+            "--quiet"]
+    assert main(argv) == 0
+    return out_dir / "last.pt"
+
+
+def test_train_writes_a_captioning_checkpoint(checkpoint):
+    model, vocab, info = load_checkpoint(checkpoint)
+    assert info["step"] == 3 and info["train_config"]["image_size"] == 48 and model.grid == 6
+    assert info["train_config"]["channels"] == 8 and model.encoder.channels == 8
+
+
+def test_caption_writes_samples_prints_captions_and_saves_overlays(checkpoint, tmp_path, capsys):
+    samples = tmp_path / "samples"
+    assert main(["caption", "--write-samples", str(samples), "--count", "2", "--checkpoint", str(checkpoint)]) == 0
+    listed = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    images = [str(samples / "test-000.png"), str(samples / "test-001.png")]
+    assert [path for path, _ in listed] == images
+    assert (samples / "captions.tsv").read_text(encoding="utf-8").splitlines() == ["\t".join(r) for r in listed]
+    for beam in ("1", "3"):
+        overlay = tmp_path / f"overlay-beam{beam}.png"
+        assert main(["caption", *images, "--checkpoint", str(checkpoint), "--beam", beam,
+                     "--overlay", str(overlay)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split("\t")[0] for line in lines] == images
+        for number in range(2):
+            figure = tmp_path / f"overlay-beam{beam}-{number}.png"
+            assert figure.read_bytes()[:8] == PNG_MAGIC and figure.stat().st_size > 1000
+
+
+def test_caption_rejects_images_of_another_size(checkpoint, tmp_path, capsys):
+    assert main(["caption", "--write-samples", str(tmp_path), "--count", "1", "--image-size", "64"]) == 0
+    capsys.readouterr()
+    assert main(["caption", str(tmp_path / "test-000.png"), "--checkpoint", str(checkpoint)]) == 2
+    assert "the model takes 48x48" in capsys.readouterr().err
+    assert main(["caption", str(tmp_path / "test-000.png")]) == 2  # no checkpoint
+
+
+def test_evaluate_prints_caption_scores(checkpoint, capsys):
+    assert main(["evaluate", "--task", "captions", "--checkpoint", str(checkpoint), "--test-size", "6"]) == 0
+    output = capsys.readouterr().out
+    assert output.startswith("6 scenes: exact match ") and ", BLEU " in output and "(chance " in output
+
+
+def captured_config(monkeypatch, argv):
+    seen = []
+    # (the module: `attn_fast.captioning.train` the attribute is the function the package re-exports)
+    monkeypatch.setattr(importlib.import_module("attn_fast.captioning.train"), "train", seen.append)
+    assert main(argv) == 0
+    return seen[0]
+
+
+def test_options_not_given_take_the_captioning_defaults(monkeypatch):
+    assert captured_config(monkeypatch, ["train", "--task", "captions"]) == CaptionTrainConfig()
+    config = captured_config(monkeypatch, ["train", "--task", "captions", "--lr", "0.01", "--out-dir", "x",
+                                           "--channels", "16", "--time-limit", "60"])
+    assert config == dataclasses.replace(CaptionTrainConfig(), lr=0.01, out_dir="x", channels=16, time_limit=60.0)
+
+
+def test_caption_only_option_defaults_are_the_config_defaults():
+    args = build_parser().parse_args(["train"])
+    for name in ("image_size", "channels", "initial_state", "attention_reg"):
+        assert getattr(args, name) == getattr(CaptionTrainConfig(), name), name
+
+
+def test_options_of_the_other_task_are_refused(capsys):
+    assert main(["train", "--task", "captions", "--decoder", "bahdanau"]) == 2
+    assert "--decoder" in capsys.readouterr().err
+    assert main(["train", "--channels", "16"]) == 2
+    assert "--channels" in capsys.readouterr().err
+    assert main(["evaluate", "--task", "captions", "--checkpoint", "x.pt", "--data-tsv", "t.tsv"]) == 2
+    assert main(["evaluate", "--checkpoint", "x.pt", "--beam", "2"]) == 2
