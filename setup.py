@@ -5,7 +5,9 @@ module called `kernels` is created (an unrelated PyPI package already owns that 
 """
 from setuptools import setup
 
-SEQ2SEQ_REQUIRES = ["babel>=2.10", "sacrebleu>=2.0", "tqdm", "matplotlib"]
+# The example models (attn_fast.seq2seq, attn_fast.captioning) and the benchmark (attn_fast.bench, which times the
+# Seq2Seq model too): locale data for the dates task, BLEU, progress bars, heatmaps / overlays / benchmark plots.
+EXAMPLES_REQUIRES = ["babel>=2.10", "sacrebleu>=2.0", "tqdm", "matplotlib"]
 
 setup(
     name="attn-fast",
@@ -15,7 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["attn_fast", "attn_fast.kernels", "attn_fast.seq2seq"],
+    packages=["attn_fast", "attn_fast.kernels", "attn_fast.seq2seq", "attn_fast.captioning", "attn_fast.bench"],
     package_dir={"attn_fast": "attn_fast", "attn_fast.kernels": "kernels"},
     install_requires=[
         # 2.6 is the first release with torch.library.triton_op; no upper pin.
@@ -24,10 +26,10 @@ setup(
         "numpy",
     ],
     extras_require={
-        # The Seq2Seq example model (attn_fast.seq2seq): locale data for the dates task, BLEU for TSV data,
-        # progress bars for training, alignment heatmaps.
-        "seq2seq": SEQ2SEQ_REQUIRES,
-        "test": ["pytest", "pytest-benchmark", "hypothesis", *SEQ2SEQ_REQUIRES],
+        "seq2seq": EXAMPLES_REQUIRES,
+        "captioning": EXAMPLES_REQUIRES,
+        "bench": EXAMPLES_REQUIRES,
+        "test": ["pytest", "pytest-benchmark", "hypothesis", *EXAMPLES_REQUIRES],
     },
     entry_points={"console_scripts": ["attn-fast = attn_fast.cli:main"]},
 )

@@ -1,7 +1,7 @@
 """The `attn-fast` command: `attn-fast verify` checks every backend on this machine against the float64
 reference and exits 1 on any failure; `attn-fast train` trains the Seq2Seq example model (the date task by
 default) or, with `--task captions`, the Show, Attend and Tell example, whose checkpoints `attn-fast caption`
-uses."""
+uses; `attn-fast bench` benchmarks every backend side by side (see attn_fast/bench)."""
 from __future__ import annotations
 
 import argparse
@@ -50,7 +50,8 @@ def _train(args) -> int:
 
 # Options of `attn-fast train` that only one task understands (destination: flag).
 _DATE_ONLY_OPTIONS = {"data_tsv": "--data-tsv", "valid_tsv": "--valid-tsv", "decoder": "--decoder"}
-_CAPTION_OPTIONS = {"image_size": "--image-size", "channels": "--channels", "attention_reg": "--attention-reg"}
+_CAPTION_OPTIONS = {"image_size": "--image-size", "channels": "--channels", "initial_state": "--initial-state",
+                    "attention_reg": "--attention-reg"}
 
 
 def _train_captions(args) -> int:
@@ -175,7 +176,8 @@ def _evaluate_captions(args) -> int:
     scores = evaluate(model, scenes, vocab, device=args.device, beam_size=args.beam)
     print(f"{len(scenes)} scenes: exact match {scores['exact_match']:.4f}, BLEU {scores['bleu']:.2f}, "
           f"grounding {scores['grounding']:.3f} (chance {scores['chance']:.3f}; {scores['matched']} shape words, "
-          f"{scores['unmatched']} naming no shape in the image)")
+          f"{scores['unmatched']} naming no shape in the image); colour words: grounding "
+          f"{scores['colour_grounding']:.3f} (chance {scores['colour_chance']:.3f})")
     return 0
 
 
@@ -262,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     captions = train.add_argument_group("captions (--task captions only)")
     captions.add_argument("--image-size", type=int, default=64, help="side of the generated images (multiple of 8)")
     captions.add_argument("--channels", type=int, default=64, help="annotation size (CNN width)")
+    captions.add_argument("--initial-state", choices=["zeros", "mean"], default="zeros",
+                          help="decoder's initial LSTM state: zeros, or from the mean annotation (the paper's)")
     captions.add_argument("--attention-reg", type=float, default=0.01,
                           help="λ of the doubly stochastic attention regularization (0: off)")
     train.set_defaults(handler=_train)
@@ -302,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("--data-seed", type=int, default=0, help="(the checkpoint's, when one is given)")
     samples.add_argument("--image-size", type=int, default=64, help="(the checkpoint's, when one is given)")
     caption.set_defaults(handler=_caption)
+
+    from .bench.cli import add_bench_parser  # (light: the benchmark's heavy modules load when it runs)
+
+    add_bench_parser(commands)
     return parser
 
 

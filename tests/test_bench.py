@@ -1,0 +1,145 @@
+"""`attn-fast bench` cannot rot: the runner end to end on the tiny shape, the correct-before-timed rule, the memory
+probe, the roofline prediction, the targets and the CLI options. No test asserts a timing."""
+import argparse
+import io
+import json
+
+import pytest
+import torch
+
+from attn_fast.bench import cases, memory, roofline, runner, targets
+from attn_fast.bench.cases import CaseSpec
+from attn_fast.bench.cli import add_bench_parser
+
+CPU = torch.device("cpu")
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attn-fast")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_runner_end_to_end_on_tiny_shape(tmp_path):
+    table = io.StringIO()
+    result = runner.run_bench(device="cpu", shapes=["tiny"], backends=["reference", "torch"], out_dir=tmp_path,
+                              model_config="tiny", progress=False, out=table)
+
+    printed = table.getvalue()
+    assert "tiny/fp32/forward_backward" in printed and "x eager" in printed and "Seq2Seq 'tiny'" in printed
+    saved = json.loads((tmp_path / result["files"]["json"].split("/")[-1]).read_text())
+    for field in ("host", "cpu", "device", "torch", "triton", "threads"):
+        assert field in saved["machine"]
+    assert saved["date"] and saved["wall_s"] > 0
+    assert [(c["mode"], c["backend"]) for c in saved["cases"]] == [
+        (mode, backend) for mode in cases.MODES for backend in ("reference", "torch")]
+    for case in saved["cases"]:
+        assert case["status"] == "ok", case
+        assert case["check"]["passed"] and case["timing"]["median_s"] > 0
+        assert len(case["timing"]["samples_s"]) == case["timing"]["repeats"] >= 3
+        assert case["timing"]["threads"] == torch.get_num_threads()
+    eager_forward, torch_forward = saved["cases"][0], saved["cases"][1]
+    assert eager_forward["speedup_vs_eager"] == 1.0
+    assert "memory" in torch_forward and "peak_extra_mib" in torch_forward["memory"], torch_forward
+    assert set(torch_forward["targets"]) == {"peak memory <= 1/50 of eager"}  # no compile case, not a target shape
+    assert [r["status"] for r in saved["model"]["results"]] == ["ok"] * 4
+    assert all(r["greedy_sentences_per_s"] > 0 and r["beam_sentences_per_s"] > 0 for r in saved["model"]["results"])
+    png = (tmp_path / result["files"]["png"].split("/")[-1]).read_bytes()
+    assert png.startswith(b"\x89PNG")
+
+
+def test_compile_case_reports_compile_time_apart():
+    record = runner.run_case(CaseSpec("tiny", "fp32", "forward", "compile"), CPU, target_s=0.05,
+                             measure_memory=False, seed=0, threads=None, mufu_limit=None, static_report=None)
+    assert record["status"] == "ok", record
+    assert record["compile_s"] == record["first_call_s"] > 0
+    assert record["timing"]["median_s"] < record["compile_s"]  # compilation is not inside the timed calls
+
+
+def test_incorrect_backend_is_reported_failed_and_not_timed(monkeypatch):
+    real_build = cases.build_attention
+
+    def build(backend, device):
+        if backend != "torch":
+            return real_build(backend, device)
+
+        def garbage(query_proj, key_proj, value, v, **options):
+            return torch.randn(*query_proj.shape[:2], value.shape[-1], dtype=value.dtype), None
+        return garbage
+
+    monkeypatch.setattr(cases, "build_attention", build)
+    result = runner.run_bench(device="cpu", shapes=["tiny"], modes=["forward"], backends=["reference", "torch"],
+                              model=False, memory=False, out_dir=None, progress=False, out=io.StringIO())
+    eager, broken = result["cases"]
+    assert eager["status"] == "ok"
+    assert broken["status"] == "failed" and "incorrect, not timed" in broken["error"]
+    assert "timing" not in broken and broken["speedup_vs_eager"] is None
+    assert result["summary"]["failed"] == 1
+
+
+def test_backend_that_raises_is_reported_failed(monkeypatch):
+    def build(backend, device):
+        raise RuntimeError("compiler exploded")
+
+    monkeypatch.setattr(cases, "build_attention", build)
+    record = runner.run_case(CaseSpec("tiny", "fp32", "forward", "compile"), CPU, target_s=0.05,
+                             measure_memory=False, seed=0, threads=None, mufu_limit=None, static_report=None)
+    assert record["status"] == "failed" and "compiler exploded" in record["error"] and "timing" not in record
+
+
+def test_memory_probe_sees_eager_materialize_and_torch_backend_not():
+    # nmt_train forward: the eager [B, T, S, A] tensor is 78 MiB in fp32.
+    eager = memory.measure(CaseSpec("nmt_train", "fp32", "forward", "reference"), CPU)
+    chunked = memory.measure(CaseSpec("nmt_train", "fp32", "forward", "torch"), CPU)
+    assert eager["tanh_tensor_mib"] == pytest.approx(78.125)
+    assert eager["peak_extra_mib"] >= eager["tanh_tensor_mib"], eager
+    assert 0 < chunked["peak_extra_mib"] < eager["peak_extra_mib"] / 4, (chunked, eager)
+
+
+def test_static_prediction_is_labelled_and_tiny_is_not_in_it():
+    report = roofline.load_static_report()
+    if report is None:
+        pytest.skip("benchmarks/results/static_sm90.json is not in this checkout")
+    predicted = roofline.predicted_fraction(report, "long", "fp32", "forward")
+    assert 0 < predicted["predicted_mufu_fraction"] <= 1 and "PREDICTION" in predicted["source"]
+    assert roofline.predicted_fraction(report, "tiny", "fp32", "forward") is None
+    assert roofline.predicted_fraction(report, "nmt_train", "fp32", "decode_step") is None
+
+
+def test_targets_are_evaluated_per_case():
+    def case(backend, median_s, peak_mib):
+        return {"group": "caption/fp32/forward", "shape": "caption", "mode": "forward", "backend": backend,
+                "sizes": {"T": 20}, "status": "ok", "timing": {"median_s": median_s},
+                "memory": {"peak_extra_mib": peak_mib}}
+
+    records = [case("reference", 1.0, 1000.0), case("compile", 0.5, 900.0), case("torch", 0.25, 30.0)]
+    targets.annotate(records, "cpu")
+    chunked = records[2]
+    assert chunked["speedup_vs_eager"] == 4.0
+    assert chunked["targets"]["forward >= 3x eager"]["met"] is True
+    assert chunked["targets"]["not slower than compile(ref)"]["met"] is True
+    assert chunked["targets"]["peak memory <= 1/50 of eager"]["met"] is False  # 30/1000 > 1/50
+    assert records[0]["targets"] == {}
+
+
+def test_cli_options_parse():
+    args = bench_parser().parse_args(["bench", "--full", "--device", "cpu", "--shape", "tiny", "--shape", "long",
+                                      "--dtype", "fp32", "--backend", "torch", "--mode", "decode_step",
+                                      "--no-model", "--no-memory", "--out-dir", "somewhere", "--threads", "1"])
+    assert args.full and args.device == "cpu" and args.shape == ["tiny", "long"] and args.dtype == ["fp32"]
+    assert args.backend == ["torch"] and args.mode == ["decode_step"] and args.no_model and args.no_memory
+    assert args.out_dir == "somewhere" and args.threads == 1 and callable(args.handler)
+    defaults = bench_parser().parse_args(["bench"])
+    assert not defaults.full and defaults.out_dir == "runs/bench" and defaults.shape is None
+
+
+def test_cli_handler_runs_and_returns_exit_codes(tmp_path, capsys):
+    parser = bench_parser()
+    args = parser.parse_args(["bench", "--device", "cpu", "--shape", "tiny", "--backend", "torch", "--mode",
+                              "forward", "--no-model", "--no-memory", "--quiet", "--out-dir", str(tmp_path)])
+    assert args.handler(args) == 0
+    assert "tiny/fp32/forward" in capsys.readouterr().out
+    assert sorted(path.suffix for path in tmp_path.iterdir()) == [".json", ".png"]
+    if not torch.cuda.is_available():
+        args = parser.parse_args(["bench", "--device", "cuda", "--no-model"])
+        assert args.handler(args) == 2
