@@ -116,7 +116,7 @@ class _FactorizedTanh:
 
     @staticmethod
     def prepare(projection: torch.Tensor) -> torch.Tensor:
-        return torch.exp(2.0 * projection)
+        return torch.mul(projection, 2.0).exp_()  # one allocation, not two
 
     @staticmethod
     def fill(block: torch.Tensor, query_exp: torch.Tensor, key_exp: torch.Tensor) -> None:
