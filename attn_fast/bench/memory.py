@@ -124,10 +124,22 @@ def measure_cuda(prepared: PreparedCase) -> dict:
     return {"peak_extra_mib": peak / MIB, "method": "torch.cuda.max_memory_allocated delta over one call"}
 
 
+def output_bytes(spec: CaseSpec) -> int:
+    """What the call must hand back, whatever the backend: context [B, T, D], and with the backward the input
+    gradients (query_proj [B, T, A], key_proj [B, S, A], value [B, S, D], v [A]). They are inside every backend's
+    peak; the rest of the peak is the backend's working memory."""
+    batch, tgt_len, src_len, attn_dim, value_dim = spec.problem.sizes
+    elements = batch * tgt_len * value_dim
+    if spec.mode == "forward_backward":
+        elements += batch * tgt_len * attn_dim + batch * src_len * (attn_dim + value_dim) + attn_dim
+    return elements * torch.empty((), dtype=spec.dtype).element_size()
+
+
 def measure(spec: CaseSpec, device: torch.device, *, prepared: PreparedCase | None = None,
             threads: int | None = None) -> dict:
     """Peak extra memory of one call, plus the size of the eager [B, T, S, A] tensor for comparison."""
-    result = {"tanh_tensor_mib": spec.problem.tanh_tensor_bytes(spec.dtype) / MIB}
+    result = {"tanh_tensor_mib": spec.problem.tanh_tensor_bytes(spec.dtype) / MIB,
+              "outputs_mib": output_bytes(spec) / MIB}
     if device.type == "cuda":
         result.update(measure_cuda(prepared if prepared is not None else PreparedCase(spec, device)))
     elif not cpu_rss_available():

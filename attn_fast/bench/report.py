@@ -41,10 +41,11 @@ def roofline_table(rows: list[dict]) -> str:
 
 
 def op_table(result: dict) -> str:
-    """One row per case: median time, speed-up against eager, compile time, peak extra memory and the memory saved
-    against eager, the worst correctness error and the targets."""
+    """One row per case: median time, speed-up against eager, compile time, peak extra memory (of which "out MiB" are
+    the call's outputs: context and, with the backward, the input gradients), the size of eager's [B, T, S, A]
+    tensor, the memory saved against eager, the worst correctness error and the targets."""
     header = (f"{'shape/dtype/mode':<30} {'backend':<12} {'status':<6} {'median ms':>10} {'x eager':>8} "
-              f"{'compile s':>9} {'peak MiB':>9} {'4-D MiB':>8} {'mem saved':>9} {'max err':>8}  targets")
+              f"{'compile s':>9} {'peak MiB':>9} {'out MiB':>8} {'4-D MiB':>8} {'mem saved':>9} {'max err':>8}  targets")
     lines = [header, "-" * len(header)]
     for case in result["cases"]:
         timing = case.get("timing") or {}
@@ -56,6 +57,7 @@ def op_table(result: dict) -> str:
                f"{_number(case.get('speedup_vs_eager'), '7.2f') + ('x' if case.get('speedup_vs_eager') else ''):>8} "
                f"{_number(case.get('compile_s'), '9.1f', ''):>9} "
                f"{_number(memory.get('peak_extra_mib'), '9.1f'):>9} "
+               f"{_number(memory.get('outputs_mib'), '8.1f', ''):>8} "
                f"{_number(memory.get('tanh_tensor_mib'), '8.1f', ''):>8} "
                f"{_number(case.get('memory_saved_vs_eager'), '8.1f') + ('x' if case.get('memory_saved_vs_eager') else ''):>9} "
                f"{_number(max(errors.values()) if errors else None, '8.1e'):>8}  "

@@ -1,8 +1,10 @@
 """The targets of issue 6, evaluated per case and recorded in the JSON (reported, never asserted by tests).
 
-CPU, torch backend:  forward >= 3x eager and forward+backward >= 2x eager at nmt_train, caption and long;
-                     peak extra memory <= 1/50 of eager's; not slower than torch.compile(reference) after its
-                     compile.
+CPU, torch backend:  at nmt_train, caption and long (the all-steps shapes the issue names), forward and
+                     forward+backward: forward >= 3x eager, forward+backward >= 2x eager, peak extra memory
+                     <= 1/50 of eager's, not slower than torch.compile(reference) after its compile. Single steps
+                     (tts_step, decode_step) have no CPU target: their [B, 1, S, A] tensor is the size of key_proj,
+                     so there is no A-fold memory to save, and they are reported against eager only.
 GPU, Triton backend: forward >= 10x eager and >= 3x torch.compile(reference) and forward+backward >= 5x eager
                      at the all-steps shapes (T > 1); >= 70% of the MUFU limit at long; a decode step (the
                      decode_step mode, and the forward of a T = 1 shape) >= 3x eager; peak memory <= 1/50 of
@@ -43,10 +45,11 @@ def case_targets(case: dict, group: dict[str, dict], device_type: str) -> dict:
     speedup = ratio(_median(eager), _median(case))
     memory_share = ratio(_peak(case), _peak(eager))
     targets = {}
-    if device_type == "cpu" and case["backend"] == "torch":
-        if shape in ALL_STEPS_TARGET_SHAPES and mode == "forward":
+    if (device_type == "cpu" and case["backend"] == "torch" and shape in ALL_STEPS_TARGET_SHAPES
+            and mode in ("forward", "forward_backward")):
+        if mode == "forward":
             targets["forward >= 3x eager"] = _target(">= 3", speedup, lambda x: x >= 3)
-        if shape in ALL_STEPS_TARGET_SHAPES and mode == "forward_backward":
+        else:
             targets["forward+backward >= 2x eager"] = _target(">= 2", speedup, lambda x: x >= 2)
         if compiled is not None:
             targets["not slower than compile(ref)"] = _target(
