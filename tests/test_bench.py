@@ -3,6 +3,7 @@ probe, the roofline prediction, the targets and the CLI options. No test asserts
 import argparse
 import io
 import json
+from contextlib import redirect_stdout
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from attn_fast.bench import cases, memory, roofline, runner, targets
 from attn_fast.bench.cases import CaseSpec
 from attn_fast.bench.cli import add_bench_parser
+from attn_fast.cli import main
 
 CPU = torch.device("cpu")
 
@@ -46,6 +48,12 @@ def test_runner_end_to_end_on_tiny_shape(tmp_path):
     assert all(r["greedy_sentences_per_s"] > 0 and r["beam_sentences_per_s"] > 0 for r in saved["model"]["results"])
     png = (tmp_path / result["files"]["png"].split("/")[-1]).read_bytes()
     assert png.startswith(b"\x89PNG")
+
+    # `attn-fast bench --show RUN.json` prints the same tables again from the saved file.
+    shown = io.StringIO()
+    with redirect_stdout(shown):
+        assert main(["bench", "--show", str(tmp_path / result["files"]["json"].split("/")[-1])]) == 0
+    assert shown.getvalue().strip() == printed.strip().split("\nwritten:")[0].strip()
 
 
 def test_compile_case_reports_compile_time_apart():

@@ -3,6 +3,7 @@
     attn-fast bench                       quick subset (about a minute on a quiet 2-core CPU)
     attn-fast bench --full                every named shape (and fp16/bf16 on GPU), memory for every case, NMT-size model
     attn-fast bench --shape tiny --no-model --no-memory      a smoke run
+    attn-fast bench --show benchmarks/results/cpu-full-*.json  the tables of a saved run
 
 Exit code: 0 when every case ran correctly, 1 when some case failed (incorrect results or an error; the table says
 which), 2 on a bad request (e.g. --device cuda without CUDA). Missed performance targets do not change it: they
@@ -21,6 +22,14 @@ from .shapes import DTYPES, MODEL_CONFIGS, SHAPES
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
+    if args.show:  # print the tables of a saved run again (the README and NOTES quote them this way)
+        import json
+
+        from .report import format_report
+
+        with open(args.show, encoding="utf-8") as saved:
+            print(format_report(json.load(saved)))
+        return 0
     from .runner import run_bench
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,5 +71,6 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own setting)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.add_argument("--show", metavar="RUN.json", help="print the tables of a saved run and exit (runs nothing)")
     bench.set_defaults(handler=_bench)
     return bench
