@@ -13,7 +13,7 @@ def readme_commands():
 
 def test_readme_opens_with_the_main_and_the_test_command():
     main_command, test_command = readme_commands()
-    assert main_command.endswith("attn-fast verify")
+    assert main_command.endswith("attn-fast verify && attn-fast bench")
     assert "pytest" in test_command
 
 
