@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from ..seq2seq.train import save_checkpoint
+from ..seq2seq.train import RunPosition, save_checkpoint, stop_reason
 from .data import CaptionBatch, Scene, WordVocab, batches, make_scene_splits, render_images
 from .metrics import bleu, exact_match, grounding_score
 from .model import Captioner
@@ -187,25 +187,6 @@ def load_checkpoint(path, device: torch.device | str = "cpu", *,
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
 
-@dataclass
-class _Position:
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    best_valid_exact_match: float | None = None
-
-
-def _stop_reason(config: CaptionTrainConfig, position: _Position, elapsed: float) -> str | None:
-    if config.max_steps is not None:
-        if position.step >= config.max_steps:
-            return "max_steps"
-    elif position.epoch >= config.epochs:
-        return "epochs"
-    if config.time_limit is not None and elapsed >= config.time_limit:
-        return "time_limit"
-    return None
-
-
 def train(config: CaptionTrainConfig) -> CaptionTrainResult:
     """Train a `Captioner` as `config` says (see the module docstring); prints a summary line."""
     from tqdm.auto import tqdm
@@ -226,11 +207,11 @@ def train(config: CaptionTrainConfig) -> CaptionTrainResult:
         model_config = dict(checkpoint["model_config"], attention_backend=config.attention_backend)
     model = Captioner(**model_config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    position = _Position()
+    position = RunPosition()
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        position = _Position(checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"],
+        position = RunPosition(checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"],
                              checkpoint["best_valid_exact_match"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if checkpoint["rng"]["cuda"] is not None and torch.cuda.is_available():
@@ -247,7 +228,7 @@ def train(config: CaptionTrainConfig) -> CaptionTrainResult:
         + (f", resuming at step {position.step}" if checkpoint is not None else ""))
 
     history, valid = [], None
-    while (stop := _stop_reason(config, position, time.perf_counter() - start)) is None:
+    while (stop := stop_reason(config, position, time.perf_counter() - start)) is None:
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + position.epoch)
         epoch_length = math.ceil(len(splits.train) / config.batch_size)
         epoch_batches = batches(splits.train, vocab, config.batch_size, generator=generator)
@@ -266,7 +247,7 @@ def train(config: CaptionTrainConfig) -> CaptionTrainResult:
             bar.update()
             bar.set_postfix(loss=f"{loss_sum / steps_here:.4f}", tok_acc=f"{correct / max(tokens, 1):.4f}",
                             refresh=False)
-            if _stop_reason(config, position, time.perf_counter() - start) is not None:
+            if stop_reason(config, position, time.perf_counter() - start) is not None:
                 break
         bar.close()
         if position.batch_in_epoch >= epoch_length:

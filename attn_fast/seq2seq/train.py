@@ -110,8 +110,9 @@ class TrainResult:
 
 
 @dataclass
-class _Position:
-    """Where the run is: steps done in all, current epoch, batches of that epoch done, best metric so far."""
+class RunPosition:
+    """Where a run is: steps done in all, current epoch, batches of that epoch done, best metric so far (shared
+    with the captioning trainer)."""
 
     step: int = 0
     epoch: int = 0
@@ -236,7 +237,7 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
 
 
 def _make_checkpoint(model: Seq2Seq, optimizer: torch.optim.Optimizer, model_config: dict, src_vocab: CharVocab,
-                     tgt_vocab: CharVocab, position: _Position, valid: dict | None, config: TrainConfig,
+                     tgt_vocab: CharVocab, position: RunPosition, valid: dict | None, config: TrainConfig,
                      rank_rng_states: list[torch.Tensor]) -> dict:
     return {
         "format": CHECKPOINT_FORMAT,
@@ -287,7 +288,9 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
 
-def _stop_reason(config: TrainConfig, position: _Position, elapsed: float) -> str | None:
+def stop_reason(config, position: RunPosition, elapsed: float) -> str | None:
+    """Why a run must stop now ("max_steps", "epochs", "time_limit"), or None. `config` has max_steps, epochs and
+    time_limit (a TrainConfig, or the captioning trainer's config)."""
     if config.max_steps is not None:
         if position.step >= config.max_steps:
             return "max_steps"
@@ -326,11 +329,11 @@ def _train(config: TrainConfig, context: distributed.Distributed, device: torch.
         model_config = dict(checkpoint["model_config"], attention_backend=config.attention_backend)
     model = _build_model(model_config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    position = _Position()
+    position = RunPosition()
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        position = _Position(checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"],
+        position = RunPosition(checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"],
                              checkpoint["best_valid_exact_match"])
         _restore_rng(checkpoint, context, position)
     elif context.enabled:  # same initial weights everywhere (DDP copies rank 0's anyway), different dropout masks
@@ -349,7 +352,7 @@ def _train(config: TrainConfig, context: distributed.Distributed, device: torch.
         + (f", resuming at step {position.step}" if checkpoint is not None else ""))
 
     def agreed_stop() -> str | None:  # every rank must leave the loop at the same step (time limits differ)
-        return distributed.from_main(_stop_reason(config, position, time.perf_counter() - start), context)
+        return distributed.from_main(stop_reason(config, position, time.perf_counter() - start), context)
 
     history, valid = [], None
     while (stop := agreed_stop()) is None:
@@ -373,7 +376,7 @@ def _train(config: TrainConfig, context: distributed.Distributed, device: torch.
             bar.update()
             bar.set_postfix(loss=f"{loss_sum / steps_here:.4f}", tok_acc=f"{correct / max(tokens, 1):.4f}",
                             refresh=False)
-            if distributed.any_rank(_stop_reason(config, position, time.perf_counter() - start) is not None,
+            if distributed.any_rank(stop_reason(config, position, time.perf_counter() - start) is not None,
                                     context):
                 break
         bar.close()
@@ -420,7 +423,7 @@ def _train(config: TrainConfig, context: distributed.Distributed, device: torch.
                        tgt_vocab=tgt_vocab)
 
 
-def _restore_rng(checkpoint: dict, context: distributed.Distributed, position: _Position) -> None:
+def _restore_rng(checkpoint: dict, context: distributed.Distributed, position: RunPosition) -> None:
     """Put back the dropout RNG of the run that wrote `checkpoint` (this rank's, when it ran with as many
     processes). A resume in the middle of an epoch needs the same number of processes: the shards would differ."""
     saved_world_size = checkpoint.get("world_size", 1)
