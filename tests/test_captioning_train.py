@@ -59,9 +59,10 @@ def test_grounding_score_by_hand():
 
 @pytest.fixture(scope="module")
 def caption_run(tmp_path_factory):
-    """A ~30 s run of a small model on 48x48 scenes."""
+    """A ~45 s run of a small model on 48x48 scenes. (250 steps were too few: validation exact match was still
+    0.1-0.27 from run to run of the numerics, at the edge of the bound below; at 600 steps it is ~0.5.)"""
     out_dir = tmp_path_factory.mktemp("captions")
-    config = CaptionTrainConfig(train_size=4000, valid_size=200, batch_size=32, lr=5e-3, max_steps=250,
+    config = CaptionTrainConfig(train_size=4000, valid_size=200, batch_size=32, lr=5e-3, max_steps=600,
                                 out_dir=str(out_dir), **TINY)
     return config, train(config)
 
@@ -75,12 +76,12 @@ def test_short_run_beats_chance(caption_run):
     blind_exact, blind_bleu = exact_match([commonest] * len(references), references), bleu(
         [commonest] * len(references), references)
     assert blind_exact < 0.1 and blind_bleu < 30
-    assert result.steps == 250 and result.stop_reason == "max_steps"
+    assert result.steps == 600 and result.stop_reason == "max_steps"
     valid = result.valid
     assert valid["exact_match"] > blind_exact + 0.2, valid
     assert valid["bleu"] > blind_bleu + 20, (valid, blind_bleu)
-    # Grounding only starts to rise this early (the default run reaches several times chance): above chance here.
-    assert valid["matched"] > 100 and valid["grounding"] > 1.1 * valid["chance"], valid
+    # Grounding is still rising this early (the default run reaches four times chance): clearly above chance here.
+    assert valid["matched"] > 100 and valid["grounding"] > 1.3 * valid["chance"], valid
     assert result.best_valid_exact_match >= max(h["valid_exact_match"] for h in result.history)
 
 
