@@ -55,3 +55,17 @@ def test_two_process_gloo_run_keeps_identical_weights(tmp_path):
     for name, weight in checkpoint["model"].items():
         assert torch.equal(weight, ranks[0]["state"][name]), name
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_mid_epoch_resume_needs_the_same_process_count(tmp_path):
+    from attn_fast.seq2seq.train import TrainConfig, save_checkpoint, train
+
+    common = dict(train_size=600, valid_size=20, batch_size=16, embed_dim=8, hidden_dim=16, attn_dim=8,
+                  attention_backend="torch", device="cpu", quiet=True)
+    first = train(TrainConfig(max_steps=3, out_dir=str(tmp_path / "run"), **common))
+    checkpoint = torch.load(first.last_checkpoint, weights_only=True)
+    assert checkpoint["world_size"] == 1 and checkpoint["batch_in_epoch"] == 3  # stopped inside epoch 0
+    checkpoint["world_size"] = 2  # as if written by a 2-process run: its batch_in_epoch counts that run's shards
+    save_checkpoint(checkpoint, tmp_path / "two.pt")
+    with pytest.raises(ValueError, match="same number of processes"):
+        train(TrainConfig(max_steps=6, out_dir=str(tmp_path / "resumed"), resume=str(tmp_path / "two.pt"), **common))
