@@ -4,7 +4,8 @@ Each model's teacher-forced logits are checked against float64 with the referenc
 import pytest
 import torch
 
-from attn_fast.bench.model_bench import DECODERS, EOS, MODEL_CONFIGS, build_model, check_model, synthetic_batch
+from attn_fast.bench.model_bench import (DECODERS, MODEL_CONFIGS, build_model, check_model, decode_workloads,
+                                         synthetic_batch, train_step_workload)
 
 
 def _backends():
@@ -27,28 +28,13 @@ def config(request):
 @pytest.mark.parametrize("task", ["train_step", "greedy", "beam"])
 def test_model(benchmark, config, bench_device, task, decoder, backend):
     batch = synthetic_batch(config, bench_device)
-    src, src_lengths, tgt_in, tgt_out = batch
     model = build_model(config, decoder, backend, bench_device)
     check = check_model(model, config, decoder, batch)
     assert check["passed"], f"incorrect, not benchmarked: {check}"
     if task == "train_step":
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-        def work():
-            optimizer.zero_grad(set_to_none=True)
-            model.loss(src, src_lengths, tgt_in, tgt_out).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+        work = train_step_workload(model, batch)
     else:
-        with torch.no_grad():
-            model.decoder.output.bias[EOS] = -1e4  # every sentence decodes exactly tgt_len tokens
-        if task == "greedy":
-            def work():
-                model.greedy(src, src_lengths, max_len=config.tgt_len)
-        else:
-            def work():
-                model.beam_search(src, src_lengths, beam_size=config.beam_size, max_len=config.tgt_len)
+        work = decode_workloads(model, config, batch)[task]
 
     def run():
         work()

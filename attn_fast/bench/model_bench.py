@@ -22,6 +22,7 @@ since GRU and readout layers follow the attention); a model that fails is report
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -93,11 +94,37 @@ def _timer(device: torch.device, target_s: float):
     return timed
 
 
+def train_step_workload(model: Seq2Seq, batch) -> Callable[[], None]:
+    """One training step on `batch` (zero_grad, teacher-forced loss, backward, clipping, AdamW step); puts the
+    model in training mode."""
+    src, src_lengths, tgt_in, tgt_out = batch
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        model.loss(src, src_lengths, tgt_in, tgt_out).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    return train_step
+
+
+def decode_workloads(model: Seq2Seq, config: ModelConfig, batch) -> dict[str, Callable[[], None]]:
+    """{"greedy", "beam"}: decoding `batch` to exactly `config.tgt_len` tokens per sentence (the EOS logit of this
+    model is pushed to -1e4, so the work is the same for every backend and run); puts the model in eval mode."""
+    src, src_lengths = batch[0], batch[1]
+    model.eval()
+    with torch.no_grad():
+        model.decoder.output.bias[EOS] = -1e4
+    return {"greedy": lambda: model.greedy(src, src_lengths, max_len=config.tgt_len),
+            "beam": lambda: model.beam_search(src, src_lengths, beam_size=config.beam_size,
+                                              max_len=config.tgt_len)}
+
+
 def bench_one(config: ModelConfig, decoder: str, backend: str, device: torch.device, *, target_s: float) -> dict:
     """Train step, greedy and beam for one (backend, decoder). Returns a result dict (status "ok" or "failed")."""
     result = {"decoder": decoder, "backend": backend, "status": "failed"}
     batch = synthetic_batch(config, device)
-    src, src_lengths, tgt_in, tgt_out = batch
     try:
         model = build_model(config, decoder, backend, device)
         result["check"] = check_model(model, config, decoder, batch)
@@ -108,24 +135,10 @@ def bench_one(config: ModelConfig, decoder: str, backend: str, device: torch.dev
         result["error"] = f"logits error {result['check']['logits_error']:.2e} > {result['check']['tolerance']:.0e}"
         return result
     timed = _timer(device, target_s)
-
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-    def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        model.loss(src, src_lengths, tgt_in, tgt_out).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-
-    result["train_step"] = timed(train_step)
-
-    decoding_model = build_model(config, decoder, backend, device).eval()
-    with torch.no_grad():
-        decoding_model.decoder.output.bias[EOS] = -1e4  # decode exactly tgt_len tokens per sentence
-    result["greedy"] = timed(lambda: decoding_model.greedy(src, src_lengths, max_len=config.tgt_len))
-    result["beam"] = timed(lambda: decoding_model.beam_search(src, src_lengths, beam_size=config.beam_size,
-                                                              max_len=config.tgt_len))
+    result["train_step"] = timed(train_step_workload(model, batch))
+    decoding = decode_workloads(build_model(config, decoder, backend, device), config, batch)
+    result["greedy"] = timed(decoding["greedy"])
+    result["beam"] = timed(decoding["beam"])
     result["greedy_sentences_per_s"] = config.batch / result["greedy"]["median_s"]
     result["beam_sentences_per_s"] = config.batch / result["beam"]["median_s"]
     result["train_tokens_per_s"] = int(config.batch * config.tgt_len / result["train_step"]["median_s"])
