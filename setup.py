@@ -5,8 +5,8 @@ module called `kernels` is created (an unrelated PyPI package already owns that 
 """
 from setuptools import setup
 
-# The example models (attn_fast.seq2seq, attn_fast.captioning) and the benchmark (attn_fast.bench, which times the
-# Seq2Seq model too): locale data for the dates task, BLEU, progress bars, heatmaps / overlays / benchmark plots.
+# The example models (attn_fast.examples) and the benchmark (attn_fast.tools.bench, which times the Seq2Seq model
+# too): locale data for the dates task, BLEU, progress bars, heatmaps / overlays / benchmark plots.
 EXAMPLES_REQUIRES = ["babel>=2.10", "sacrebleu>=2.0", "tqdm", "matplotlib"]
 
 setup(
@@ -17,7 +17,10 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["attn_fast", "attn_fast.kernels", "attn_fast.seq2seq", "attn_fast.captioning", "attn_fast.bench"],
+    packages=[
+        "attn_fast", "attn_fast.kernels", "attn_fast.backends", "attn_fast.nn", "attn_fast.examples",
+        "attn_fast.examples.seq2seq", "attn_fast.examples.captioning", "attn_fast.tools", "attn_fast.tools.bench",
+    ],
     package_dir={"attn_fast": "attn_fast", "attn_fast.kernels": "kernels"},
     install_requires=[
         # 2.6 is the first release with torch.library.triton_op; no upper pin.
@@ -31,5 +34,5 @@ setup(
         "bench": EXAMPLES_REQUIRES,
         "test": ["pytest", "pytest-benchmark", "hypothesis", *EXAMPLES_REQUIRES],
     },
-    entry_points={"console_scripts": ["attn-fast = attn_fast.cli:main"]},
+    entry_points={"console_scripts": ["attn-fast = attn_fast.tools.cli:main"]},
 )

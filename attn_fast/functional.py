@@ -5,10 +5,10 @@ import os
 
 import torch
 
-from .cpu_warmup import warm_cpu_math
-from .reference import additive_attention_reference
-from .torch_backend import additive_attention_torch
-from .validation import check_attention_inputs, check_backend
+from attn_fast.cpu_warmup import warm_cpu_math
+from attn_fast.backends.reference import additive_attention_reference
+from attn_fast.backends.torch_backend import additive_attention_torch
+from attn_fast.validation import check_attention_inputs, check_backend
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -18,7 +18,7 @@ def triton_usable(device: torch.device) -> bool:
     if device.type not in ("cpu", "cuda"):
         return False
     try:
-        from .kernels import forward  # noqa: F401  (imports triton)
+        from attn_fast.kernels import forward  # noqa: F401  (imports triton)
     except ImportError:
         return False
     return True
@@ -97,6 +97,6 @@ def additive_attention(
     empty = size.query_rows == 0 or size.tgt_len == 0 or size.src_len == 0
     if chosen == "torch" or empty:  # an empty problem has a trivial answer; no kernel launch for it
         return additive_attention_torch(query_proj, key_proj, value, v, **options)
-    from .triton_backend import additive_attention_triton
+    from attn_fast.backends.triton_backend import additive_attention_triton
 
     return additive_attention_triton(query_proj, key_proj, value, v, **options)

@@ -1,10 +1,10 @@
 """pytest-benchmark suite of the Seq2Seq model: training step, greedy decoding and beam search, per attention
-backend and decoder (`attn_fast.bench.model_bench`; the "date"-size model by default, "nmt" with --bench-full).
+backend and decoder (`attn_fast.tools.bench.model_bench`; the "date"-size model by default, "nmt" with --bench-full).
 Each model's teacher-forced logits are checked against float64 with the reference backend before it is timed."""
 import pytest
 import torch
 
-from attn_fast.bench.model_bench import (DECODERS, MODEL_CONFIGS, build_model, check_model, decode_workloads,
+from attn_fast.tools.bench.model_bench import (DECODERS, MODEL_CONFIGS, build_model, check_model, decode_workloads,
                                          synthetic_batch, train_step_workload)
 
 

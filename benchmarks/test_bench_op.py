@@ -1,4 +1,4 @@
-"""pytest-benchmark suite of the attention op: every shape x dtype x mode x backend of `attn_fast.bench.cases`
+"""pytest-benchmark suite of the attention op: every shape x dtype x mode x backend of `attn_fast.tools.bench.cases`
 (the quick set of `attn-fast bench` by default, `--bench-full` for all), grouped per problem so that the backends
 of one problem sit in one table. Each case is checked against the float64 reference before it is benchmarked (the
 first call, which is also torch.compile's compilation, is outside the timing); an incorrect case fails its test
@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from attn_fast.bench.cases import MODES, PreparedCase, backends_for, case_specs, check_case
-from attn_fast.bench.runner import FULL_DTYPES, FULL_SHAPES, QUICK_DTYPES, QUICK_SHAPES
+from attn_fast.tools.bench.cases import MODES, PreparedCase, backends_for, case_specs, check_case
+from attn_fast.tools.bench.runner import FULL_DTYPES, FULL_SHAPES, QUICK_DTYPES, QUICK_SHAPES
 
 #: Seconds of samples per case (rounds adapt to the case's own duration: 3 to 50 rounds).
 TARGET_S = 1.0

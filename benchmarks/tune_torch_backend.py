@@ -19,10 +19,10 @@ import time
 import torch
 
 from attn_fast.cpu_warmup import warm_cpu_math
-from attn_fast.reference import additive_attention_reference
-from attn_fast.testing import random_case
+from attn_fast.backends.reference import additive_attention_reference
+from attn_fast.tools.testing import random_case
 from attn_fast.tolerances import forward_tolerance, relative_error
-from attn_fast.torch_backend import DEFAULT_CHUNK_ELEMENTS, additive_attention_torch
+from attn_fast.backends.torch_backend import DEFAULT_CHUNK_ELEMENTS, additive_attention_torch
 
 # (B, T, S, A, D). The first is the measurement point; the others are DESIGN.md's named shapes.
 SHAPES = {

@@ -15,7 +15,7 @@ import re
 import torch
 
 from attn_fast import additive_attention
-from attn_fast.testing import random_case
+from attn_fast.tools.testing import random_case
 
 
 def status_mib(field: str) -> float:

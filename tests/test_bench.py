@@ -8,10 +8,10 @@ from contextlib import redirect_stdout
 import pytest
 import torch
 
-from attn_fast.bench import cases, memory, roofline, runner, targets
-from attn_fast.bench.cases import CaseSpec
-from attn_fast.bench.cli import add_bench_parser
-from attn_fast.cli import main
+from attn_fast.tools.bench import cases, memory, roofline, runner, targets
+from attn_fast.tools.bench.cases import CaseSpec
+from attn_fast.tools.bench.cli import add_bench_parser
+from attn_fast.tools.cli import main
 
 CPU = torch.device("cpu")
 

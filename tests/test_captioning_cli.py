@@ -5,8 +5,8 @@ import importlib
 
 import pytest
 
-from attn_fast.captioning.train import CaptionTrainConfig, load_checkpoint
-from attn_fast.cli import build_parser, main
+from attn_fast.examples.captioning.train import CaptionTrainConfig, load_checkpoint
+from attn_fast.tools.cli import build_parser, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -62,8 +62,8 @@ def test_evaluate_prints_caption_scores(checkpoint, capsys):
 
 def captured_config(monkeypatch, argv):
     seen = []
-    # (the module: `attn_fast.captioning.train` the attribute is the function the package re-exports)
-    monkeypatch.setattr(importlib.import_module("attn_fast.captioning.train"), "train", seen.append)
+    # (the module: `attn_fast.examples.captioning.train` the attribute is the function the package re-exports)
+    monkeypatch.setattr(importlib.import_module("attn_fast.examples.captioning.train"), "train", seen.append)
     assert main(argv) == 0
     return seen[0]
 

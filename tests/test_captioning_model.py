@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attn_fast
-from attn_fast.captioning.model import Captioner, doubly_stochastic_penalty
+from attn_fast.examples.captioning.model import Captioner, doubly_stochastic_penalty
 
 PAD, BOS, EOS, VOCAB = 0, 1, 2, 9
 BACKENDS = ["torch", "triton"]

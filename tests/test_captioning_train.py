@@ -6,9 +6,9 @@ from collections import Counter
 import pytest
 import torch
 
-from attn_fast.captioning.data import Scene, Shape, make_scene_splits, render_images
-from attn_fast.captioning.metrics import bleu, box_coverage, exact_match, grounding_score, mass_in_box
-from attn_fast.captioning.train import CaptionTrainConfig, caption_images, evaluate, load_checkpoint, train
+from attn_fast.examples.captioning.data import Scene, Shape, make_scene_splits, render_images
+from attn_fast.examples.captioning.metrics import bleu, box_coverage, exact_match, grounding_score, mass_in_box
+from attn_fast.examples.captioning.train import CaptionTrainConfig, caption_images, evaluate, load_checkpoint, train
 
 TINY = dict(image_size=48, embed_dim=16, hidden_dim=48, attn_dim=24, channels=32, attention_backend="torch",
             device="cpu", quiet=True)

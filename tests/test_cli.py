@@ -4,15 +4,15 @@ import subprocess
 
 import pytest
 
-import attn_fast.verify
-from attn_fast.cli import main
+import attn_fast.tools.verify
+from attn_fast.tools.cli import main
 
 
 def test_verify_passes_and_prints_a_row_per_case(capsys):
     assert main(["verify", "--backend", "torch", "--backend", "reference", "--dtype", "float32"]) == 0
     output = capsys.readouterr().out
     rows = [line for line in output.splitlines() if line.startswith(("torch ", "reference "))]
-    assert len(rows) == 2 * len(attn_fast.verify.CASES)
+    assert len(rows) == 2 * len(attn_fast.tools.verify.CASES)
     assert all(row.endswith("ok") for row in rows)
     assert "all passed" in output
 
@@ -22,14 +22,14 @@ def test_verify_runs_the_triton_kernels_under_the_interpreter(capsys):
     assert main(["verify", "--backend", "triton", "--dtype", "float32", "--dtype", "bfloat16"]) == 0
     output = capsys.readouterr().out
     rows = [line for line in output.splitlines() if line.startswith("triton ")]
-    assert len(rows) == 2 * len(attn_fast.verify.CASES) and all(row.endswith("ok") for row in rows)
+    assert len(rows) == 2 * len(attn_fast.tools.verify.CASES) and all(row.endswith("ok") for row in rows)
 
 
 def test_verify_exits_1_on_failure(capsys, monkeypatch):
-    monkeypatch.setattr(attn_fast.verify, "forward_tolerance", lambda dtype: -1.0)
+    monkeypatch.setattr(attn_fast.tools.verify, "forward_tolerance", lambda dtype: -1.0)
     assert main(["verify", "--backend", "torch", "--dtype", "float64"]) == 1
     output = capsys.readouterr().out
-    assert f"{len(attn_fast.verify.CASES)} failed" in output and "FAIL" in output
+    assert f"{len(attn_fast.tools.verify.CASES)} failed" in output and "FAIL" in output
 
 
 def test_console_script_is_installed():

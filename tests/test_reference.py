@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from attn_fast.reference import additive_attention_reference
-from attn_fast.testing import random_case
+from attn_fast.backends.reference import additive_attention_reference
+from attn_fast.tools.testing import random_case
 
 
 def attention_by_hand(case, b, i):

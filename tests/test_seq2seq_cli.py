@@ -1,7 +1,7 @@
 """`attn-fast translate` and `attn-fast evaluate` on a checkpoint of a tiny `attn-fast train` run."""
 import pytest
 
-from attn_fast.cli import main
+from attn_fast.tools.cli import main
 
 
 @pytest.fixture(scope="module")

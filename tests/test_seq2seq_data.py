@@ -1,4 +1,4 @@
-"""attn_fast.seq2seq.data: the date task, vocabularies, batches, TSV reading, BLEU."""
+"""attn_fast.examples.seq2seq.data: the date task, vocabularies, batches, TSV reading, BLEU."""
 import datetime
 import json
 import random
@@ -7,11 +7,11 @@ from collections import Counter, defaultdict
 import pytest
 import torch
 
-from attn_fast.seq2seq.data import (
+from attn_fast.examples.seq2seq.data import (
     LANGUAGES, CharVocab, DateSplits, batches, bleu, build_vocabs, date_patterns, date_split, exact_match,
     make_date_examples, make_date_splits, read_tsv, render_date, sample_date_examples,
 )
-from attn_fast.seq2seq import data as data_module
+from attn_fast.examples.seq2seq import data as data_module
 
 
 @pytest.fixture(scope="module")

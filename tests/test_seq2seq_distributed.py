@@ -8,12 +8,12 @@ import textwrap
 import pytest
 import torch
 
-from attn_fast.seq2seq.distributed import Distributed, shard
+from attn_fast.examples.distributed import Distributed, shard
 
 RANK_SCRIPT = textwrap.dedent("""
     import os, sys
     import torch
-    from attn_fast.seq2seq.train import TrainConfig, train
+    from attn_fast.examples.seq2seq.train import TrainConfig, train
 
     out = sys.argv[1]
     config = TrainConfig(train_size=600, valid_size=40, batch_size=16, max_steps=8, embed_dim=16, hidden_dim=32,
@@ -58,7 +58,7 @@ def test_two_process_gloo_run_keeps_identical_weights(tmp_path):
 
 
 def test_mid_epoch_resume_needs_the_same_process_count(tmp_path):
-    from attn_fast.seq2seq.train import TrainConfig, save_checkpoint, train
+    from attn_fast.examples.seq2seq.train import TrainConfig, save_checkpoint, train
 
     common = dict(train_size=600, valid_size=20, batch_size=16, embed_dim=8, hidden_dim=16, attn_dim=8,
                   attention_backend="torch", device="cpu", quiet=True)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import attn_fast
-from attn_fast.seq2seq.decoding import length_normalized
-from attn_fast.seq2seq.model import Seq2Seq
+from attn_fast.examples.decoding import length_normalized
+from attn_fast.examples.seq2seq.model import Seq2Seq
 
 PAD, BOS, EOS = 0, 1, 2
 DECODERS = ["bahdanau", "parallel"]

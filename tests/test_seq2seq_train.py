@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 import torch
 
-from attn_fast.cli import build_parser, main
-from attn_fast.seq2seq import build_vocabs, make_date_splits, read_tsv
-from attn_fast.seq2seq.train import (TrainConfig, character_accuracy, load_checkpoint, save_checkpoint, train,
+from attn_fast.tools.cli import build_parser, main
+from attn_fast.examples.seq2seq import build_vocabs, make_date_splits, read_tsv
+from attn_fast.examples.seq2seq.train import (TrainConfig, character_accuracy, load_checkpoint, save_checkpoint, train,
                                      translate)
 
 TINY = dict(embed_dim=16, hidden_dim=32, attn_dim=16, attention_backend="torch", device="cpu", quiet=True)

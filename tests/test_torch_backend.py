@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 import torch
 
 from attn_fast import additive_attention, torch_backend
-from attn_fast.testing import MASK_KINDS, errors_against_reference, random_case
+from attn_fast.tools.testing import MASK_KINDS, errors_against_reference, random_case
 from attn_fast.tolerances import forward_tolerance, gradient_tolerance
-from attn_fast.torch_backend import (
+from attn_fast.backends.torch_backend import (
     _DirectTanh, _FactorizedTanh, _Operands, additive_attention_torch, plan_blocks,
 )
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from attn_fast import AdditiveAttention, additive_attention
-from attn_fast.testing import MASK_KINDS, errors_against_reference, random_case
+from attn_fast.tools.testing import MASK_KINDS, errors_against_reference, random_case
 from attn_fast.tolerances import forward_tolerance, gradient_tolerance
 
 # (B, T, S, A, D): single step, single key, odd sizes around the kernels' tiles (BLOCK_S 32, BLOCK_A 8).
@@ -158,7 +158,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_opcheck_triton_ops_on_cuda():
     from torch.library import opcheck
 
-    from attn_fast.triton_backend import _forward_op
+    from attn_fast.backends.triton_backend import _forward_op
 
     case = random_case(3, 9, 40, 16, 8, mask="mixed", beam=2, extra_key_term=True, device="cuda", seed=2)
     leaves = case.cast(torch.float32, requires_grad=True)

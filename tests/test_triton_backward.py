@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attn_fast.testing import random_case
+from attn_fast.tools.testing import random_case
 from attn_fast.tolerances import gradient_tolerance, relative_error
 
 forward = pytest.importorskip("attn_fast.kernels.forward")

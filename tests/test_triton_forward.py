@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attn_fast.reference import additive_attention_reference
-from attn_fast.testing import MASK_KINDS, random_case
+from attn_fast.backends.reference import additive_attention_reference
+from attn_fast.tools.testing import MASK_KINDS, random_case
 from attn_fast.tolerances import forward_tolerance, relative_error
 
 forward = pytest.importorskip("attn_fast.kernels.forward")

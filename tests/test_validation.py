@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from attn_fast import additive_attention
-from attn_fast.testing import random_case
+from attn_fast.tools.testing import random_case
 
 
 @pytest.fixture

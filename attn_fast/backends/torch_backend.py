@@ -1,0 +1,461 @@
+"""Memory-bounded additive attention in plain PyTorch: what CPU users get, and CUDA users without Triton.
+
+The [B, T, S, A] tanh tensor is never held in full, in the forward or in the backward. Both walk the same blocks
+of (query rows, decoder steps, keys), each at most `chunk_elements` elements of that tensor, through ONE scratch
+buffer allocated per call (in-place ops and `out=`): a loop that allocates fresh chunk-sized temporaries makes
+glibc keep every freed chunk, and RSS grows by gigabytes (measured, benchmarks/NOTES.md).
+
+Forward (two passes over [B, T, S], which is A times smaller than the tanh tensor):
+    scores E [B, T, S] block by block  ->  masked softmax P  ->  context = P @ value
+Backward (one more pass over the tanh blocks, see DESIGN.md "Backward"):
+    dValue = P^T dO;  dP = dO value^T (+ dWeights);  dE = P * (dP - rowsum(P * dP))
+    t = tanh(qp + kp) recomputed per block:  d_v = sum_ij dE t,
+    d_query_proj = v * sum_j dE (1 - t^2),  d_key_proj = v * sum_i dE (1 - t^2)
+Only P [B, T, S] (in the compute dtype) is saved for the backward.
+
+tanh(q + k) is computed in one of two forms (`_DirectTanh`, `_FactorizedTanh`); the factorized one replaces the
+tanh of every element by one reciprocal and is 3-5x faster on CPU at equal accuracy, as long as e^{2q} and e^{2k}
+stay finite, which is checked per call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attn_fast.masking import visible_keys
+
+#: Elements of the tanh tensor held at once (4 MiB in fp32). Measured on 2 cores: blocks of about 1M elements
+#: stay in cache across the 3-4 passes each block takes; 4M-element blocks were 2x slower per element.
+DEFAULT_CHUNK_ELEMENTS = 1 << 20
+
+#: Largest |query_proj|, |key_proj + extra_key_term| for which e^{2x} cannot overflow (e^80 < 3.4e38 in fp32,
+#: e^600 < 1.8e308 in fp64). Beyond it the direct tanh is used. A product e^{2q} e^{2k} that overflows to inf
+#: or underflows to 0 still gives tanh = +-1 exactly, as it should at |q + k| > 44.
+FACTORIZED_LIMIT = {torch.float32: 40.0, torch.float64: 300.0}
+
+TANH_FORMS = ("auto", "direct", "factorized")
+
+
+def empty_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every uninitialized buffer of this backend comes from here; the loops write each element they later read.
+    Tests replace it with one that fills NaN, to prove that claim."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16/bf16 inputs are computed in fp32 (accumulation in fp32, as on the GPU); fp64 stays fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class BlockSizes:
+    """Block of the tanh tensor processed at once: `rows` query rows x `steps` decoder steps x `keys` keys."""
+
+    rows: int
+    steps: int
+    keys: int
+
+    @property
+    def elements_per_attn_dim(self) -> int:
+        return self.rows * self.steps * self.keys
+
+
+def plan_blocks(query_rows: int, tgt_len: int, src_len: int, attn_dim: int, chunk_elements: int) -> BlockSizes:
+    """Largest block of at most `chunk_elements` elements: whole key rows first, then decoder steps, then rows."""
+    # An empty problem visits no block; sizes of at least 1 keep the loops' steps positive.
+    query_rows, tgt_len, src_len = max(query_rows, 1), max(tgt_len, 1), max(src_len, 1)
+    if src_len * attn_dim >= chunk_elements:
+        return BlockSizes(1, 1, max(1, min(src_len, chunk_elements // attn_dim)))
+    steps = max(1, min(tgt_len, chunk_elements // (src_len * attn_dim)))
+    if steps < tgt_len:
+        return BlockSizes(1, steps, src_len)
+    rows = max(1, min(query_rows, chunk_elements // (tgt_len * src_len * attn_dim)))
+    return BlockSizes(rows, tgt_len, src_len)
+
+
+class _DirectTanh:
+    """Block = t = tanh(q + k): one add and one tanh per element."""
+
+    name = "direct"
+
+    @staticmethod
+    def prepare(projection: torch.Tensor) -> torch.Tensor:
+        return projection
+
+    @staticmethod
+    def fill(block: torch.Tensor, query: torch.Tensor, keys: torch.Tensor) -> None:
+        torch.add(query, keys, out=block)
+        block.tanh_()
+
+    @staticmethod
+    def scores(block_rows: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        """out[n] = sum_a v[a] t[n, a]."""
+        torch.mv(block_rows, v, out=out)
+
+    @staticmethod
+    def weighted_tanh_sum(block_rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_n weights[n] t[n, :] -> [A]."""
+        return torch.mv(block_rows.t(), weights)
+
+    @staticmethod
+    def derivative_(block: torch.Tensor) -> float:
+        """Turn the block into c * (1 - t^2) in place and return c (here t^2 - 1, c = -1: two passes, not three)."""
+        block.square_().sub_(1.0)
+        return -1.0
+
+
+class _FactorizedTanh:
+    """Block = r = 1 / (1 + e^{2q} e^{2k}), so that tanh(q + k) = 1 - 2r.
+
+    e^{2q} and e^{2k} are computed once per query row / key row (`prepare`), so each element costs a multiply, an
+    add and a reciprocal instead of a tanh.
+    """
+
+    name = "factorized"
+
+    @staticmethod
+    def prepare(projection: torch.Tensor) -> torch.Tensor:
+        return torch.mul(projection, 2.0).exp_()  # one allocation, not two
+
+    @staticmethod
+    def fill(block: torch.Tensor, query_exp: torch.Tensor, key_exp: torch.Tensor) -> None:
+        # 1 + e^{2q} e^{2k} in one pass (addcmul), then the reciprocal in place: two passes over the block instead
+        # of three (mul, add, reciprocal); measured 1.5x faster on a 1M-element block.
+        torch.addcmul(block.new_ones(()), query_exp, key_exp, out=block)
+        block.reciprocal_()
+
+    @staticmethod
+    def scores(block_rows: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        """sum_a v[a] (1 - 2 r[n, a]) = sum(v) - 2 (r @ v)[n]."""
+        torch.mv(block_rows, v, out=out)
+        out.mul_(-2.0).add_(v.sum())
+
+    @staticmethod
+    def weighted_tanh_sum(block_rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_n w[n] (1 - 2 r[n, :]) = sum(w) - 2 (w @ r)."""
+        return torch.mv(block_rows.t(), weights).mul_(-2.0).add_(weights.sum())
+
+    @staticmethod
+    def derivative_(block: torch.Tensor) -> float:
+        """1 - t^2 = 1 - (1 - 2r)^2 = 4 (r - r^2): one pass, and the 4 is returned as the scale."""
+        block.addcmul_(block, block, value=-1.0)
+        return 4.0
+
+
+def choose_tanh_form(form: str, dtype: torch.dtype, largest_magnitude):
+    """The factorized form when e^{2x} stays finite for every input (or when forced), else the direct one.
+    `largest_magnitude()` bounds |query_proj| and |key_proj (+ extra_key_term)|; it is only called for "auto"."""
+    if form not in TANH_FORMS:
+        raise ValueError(f"tanh form must be one of {TANH_FORMS}, got {form!r}")
+    if form == "direct":
+        return _DirectTanh
+    if form == "factorized":
+        return _FactorizedTanh
+    return _FactorizedTanh if largest_magnitude() <= FACTORIZED_LIMIT[dtype] else _DirectTanh
+
+
+def _largest(tensor: torch.Tensor | None) -> float:
+    """max |tensor| in one pass, without an |tensor| temporary."""
+    if tensor is None or tensor.numel() == 0:
+        return 0.0
+    smallest, largest = torch.aminmax(tensor.detach())
+    return max(-float(smallest), float(largest))
+
+
+def _largest_operand(query_proj, key_proj, extra_key_term) -> float:
+    """Bound on |query_proj| and |key| where a key is key_proj + extra_key_term (sum of their largest magnitudes)."""
+    return max(_largest(query_proj), _largest(key_proj) + _largest(extra_key_term))
+
+
+def resolve_tanh_form(tanh_form: str, query_proj, key_proj, extra_key_term) -> str:
+    """"auto" resolved to "direct" or "factorized" for these inputs, once per call: the backward then reuses the
+    forward's choice instead of scanning the inputs again."""
+    form = choose_tanh_form(tanh_form, compute_dtype(query_proj.dtype),
+                            lambda: _largest_operand(query_proj, key_proj, extra_key_term))
+    return form.name
+
+
+class _Operands:
+    """The inputs in the compute dtype, and the blocks of the tanh tensor in the order both passes visit them."""
+
+    def __init__(self, query_proj, key_proj, value, v, extra_key_term, index, causal, tanh_form, chunk_elements):
+        self.dtype = compute_dtype(query_proj.dtype)
+        # Casts copy only fp16/bf16 inputs, which are [B, T, A]-, [B, S, A]- and [B, S, D]-sized, not 4-D.
+        self.query = query_proj.to(self.dtype)
+        self.keys = key_proj.to(self.dtype)
+        self.value = value.to(self.dtype)
+        self.v = v.to(self.dtype)
+        self.extra = None if extra_key_term is None else extra_key_term.to(self.dtype)
+        self.index = index
+        self.causal = causal
+        self.query_rows, self.tgt_len, self.attn_dim = query_proj.shape
+        self.src_len = key_proj.shape[1]
+        self.value_dim = value.shape[2]
+        self.form = choose_tanh_form(tanh_form, self.dtype,
+                                     lambda: _largest_operand(self.query, self.keys, self.extra))
+        self.blocks = plan_blocks(self.query_rows, self.tgt_len, self.src_len, self.attn_dim, chunk_elements)
+
+    def gather(self, tensor: torch.Tensor, rows: slice) -> torch.Tensor:
+        """`tensor` (memory-indexed) for query rows `rows`: a view without `index`, a bounded copy with it."""
+        return tensor[rows] if self.index is None else tensor.index_select(0, self.index[rows])
+
+    def row_keys(self, rows: slice) -> torch.Tensor:
+        """Key projections [rows, S, A] as seen by query rows `rows` (memory row + extra key term)."""
+        keys = self.gather(self.keys, rows)
+        if self.extra is not None:
+            keys = keys + self.extra[rows]
+        return keys
+
+    def scratch(self) -> torch.Tensor:
+        """The one buffer the tanh blocks are computed in, for a whole forward or backward call."""
+        return empty_buffer(self.blocks.elements_per_attn_dim * self.attn_dim, self.dtype, self.query.device)
+
+    def walk(self):
+        """Yield (rows, steps, keys, prepared query [r, t, A], prepared keys [r, s, A]) block by block.
+
+        With `causal`, blocks whose keys all lie after the block's last decoder step are skipped: every score
+        there is masked out, and in the backward its dE is zero.
+        """
+        prepared_query = self.form.prepare(self.query)
+        blocks = self.blocks
+        for row_start in range(0, self.query_rows, blocks.rows):
+            rows = slice(row_start, min(row_start + blocks.rows, self.query_rows))
+            prepared_keys = self.form.prepare(self.row_keys(rows))
+            for step_start in range(0, self.tgt_len, blocks.steps):
+                steps = slice(step_start, min(step_start + blocks.steps, self.tgt_len))
+                for key_start in range(0, self.src_len, blocks.keys):
+                    if self.causal and key_start > steps.stop - 1:
+                        break
+                    keys = slice(key_start, min(key_start + blocks.keys, self.src_len))
+                    yield rows, steps, keys, prepared_query[rows, steps], prepared_keys[:, keys]
+
+
+def _block_view(scratch: torch.Tensor, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The scratch buffer's prefix as a [r, t, s, A] block for these query and key slices."""
+    rows, steps, attn_dim = query.shape
+    return scratch[: rows * steps * keys.shape[1] * attn_dim].view(rows, steps, keys.shape[1], attn_dim)
+
+
+def _scores(ops: _Operands) -> torch.Tensor:
+    """E [B, T, S] in the compute dtype, block by block; blocks skipped by `causal` stay 0 (they are masked)."""
+    scores = torch.zeros(ops.query_rows, ops.tgt_len, ops.src_len, dtype=ops.dtype, device=ops.query.device)
+    scratch = ops.scratch()
+    score_buffer = empty_buffer(ops.blocks.elements_per_attn_dim, ops.dtype, ops.query.device)
+    for rows, steps, keys, query, key_block in ops.walk():
+        block = _block_view(scratch, query, key_block)
+        ops.form.fill(block, query[:, :, None, :], key_block[:, None, :, :])
+        block_scores = score_buffer[: block.shape[0] * block.shape[1] * block.shape[2]]
+        ops.form.scores(block.view(-1, ops.attn_dim), ops.v, out=block_scores)
+        scores[rows, steps, keys] = block_scores.view(block.shape[:3])
+    return scores
+
+
+def _masked_softmax_(scores: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last axis in place, over visible keys only; rows with no visible key become all 0."""
+    if scores.shape[-1] == 0:
+        return scores
+    if visible is not None:
+        scores.masked_fill_(~visible, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max.masked_fill_(~torch.isfinite(row_max), 0.0)  # empty row: exp(-inf - 0) = 0
+    scores.sub_(row_max).exp_()
+    row_sum = scores.sum(dim=-1, keepdim=True)
+    row_sum.masked_fill_(row_sum == 0, 1.0)
+    return scores.div_(row_sum)
+
+
+def _row_blocks(query_rows: int, src_len: int, width: int, chunk_elements: int):
+    """Slices of query rows such that a [rows, S, width] gather of memory stays within `chunk_elements`."""
+    rows_per_block = max(1, chunk_elements // max(1, src_len * width))
+    for start in range(0, query_rows, rows_per_block):
+        yield slice(start, min(start + rows_per_block, query_rows))
+
+
+def _forward(ops: _Operands, visible, chunk_elements):
+    """-> (context [B, T, D], probabilities P [B, T, S]), both in the compute dtype."""
+    probs = _masked_softmax_(_scores(ops), visible)
+    if ops.index is None:
+        return torch.bmm(probs, ops.value), probs
+    context = empty_buffer((ops.query_rows, ops.tgt_len, ops.value_dim), ops.dtype, probs.device)
+    for rows in _row_blocks(ops.query_rows, ops.src_len, ops.value_dim, chunk_elements):
+        torch.bmm(probs[rows], ops.gather(ops.value, rows), out=context[rows])
+    return context, probs
+
+
+def _transposed_product(probs: torch.Tensor, grad_context: torch.Tensor) -> torch.Tensor:
+    """P^T dO: [B, S, T] x [B, T, D] -> [B, S, D]. A single decoder step (T = 1) makes it an outer product, which a
+    broadcast multiply does in one pass (bmm with an inner size of 1 is several times slower on CPU)."""
+    if probs.shape[1] == 1:
+        return probs.transpose(1, 2) * grad_context
+    return torch.bmm(probs.transpose(1, 2), grad_context)
+
+
+def grad_of_scores(probs, value, index, grad_context, grad_weights, *, need_value_grad,
+                   chunk_elements=DEFAULT_CHUNK_ELEMENTS):
+    """The tanh-free first half of the backward, shared by every backend that keeps P.
+
+    probs P [B_q, T, S] (fp32/fp64), value [B_m, S, D], index [B_q] or None, grad_context [B_q, T, D] or None,
+    grad_weights [B_q, T, S] or None. Returns (dE [B_q, T, S] in P's dtype, dValue [B_m, S, D] or None):
+        dValue = P^T dO;  dP = dO value^T + dWeights;  dE = P * (dP - rowsum(P * dP))
+    Masked keys and empty rows have P = 0, hence dE = 0. With `index`, memory rows are gathered per block of
+    query rows (at most `chunk_elements` elements of [rows, S, D]) and value gradients are scattered back.
+    """
+    dtype = probs.dtype
+    value = value.to(dtype)
+    grad_probs, grad_value = None, None
+    if grad_context is not None:
+        grad_context = grad_context.to(dtype)
+        if index is None:  # one batched product each, no gather
+            grad_probs = torch.bmm(grad_context, value.transpose(1, 2))
+            if need_value_grad:
+                grad_value = _transposed_product(probs, grad_context)
+        else:
+            grad_probs = empty_buffer(probs.shape, dtype, probs.device)
+            grad_value = torch.zeros_like(value) if need_value_grad else None
+            for rows in _row_blocks(probs.shape[0], probs.shape[2], value.shape[2], chunk_elements):
+                values = value.index_select(0, index[rows])  # [r, S, D]
+                torch.bmm(grad_context[rows], values.transpose(1, 2), out=grad_probs[rows])
+                if grad_value is not None:
+                    grad_value.index_add_(0, index[rows], _transposed_product(probs[rows], grad_context[rows]))
+    if grad_weights is not None:
+        grad_weights = grad_weights.to(dtype)
+        grad_probs = grad_weights.clone() if grad_probs is None else grad_probs.add_(grad_weights)
+    if grad_probs is None:
+        grad_probs = torch.zeros_like(probs)
+    row_dot = torch.linalg.vecdot(probs, grad_probs).unsqueeze(-1)
+    return grad_probs.sub_(row_dot).mul_(probs), grad_value
+
+
+def _backward(ops: _Operands, probs, grad_context, grad_weights, chunk_elements, need_value_grad):
+    """Gradients (query_proj, key_proj, value, v, extra_key_term), in the compute dtype."""
+    memory_rows = ops.keys.shape[0]
+    grad_scores, grad_value = grad_of_scores(probs, ops.value, ops.index, grad_context, grad_weights,
+                                             need_value_grad=need_value_grad, chunk_elements=chunk_elements)
+
+    grad_query = torch.zeros_like(ops.query)
+    grad_row_keys = torch.zeros(ops.query_rows, ops.src_len, ops.attn_dim, dtype=ops.dtype, device=probs.device)
+    grad_v = torch.zeros_like(ops.v)
+    scratch = ops.scratch()
+    for rows, steps, keys, query, key_block in ops.walk():
+        block = _block_view(scratch, query, key_block)
+        ops.form.fill(block, query[:, :, None, :], key_block[:, None, :, :])
+        weights = grad_scores[rows, steps, keys]
+        grad_v += ops.form.weighted_tanh_sum(block.view(-1, ops.attn_dim), weights.reshape(-1))
+        scale = ops.form.derivative_(block)  # block = (1 - t^2) / scale
+        block.mul_((weights * scale)[..., None])  # dE (1 - t^2), without the factor v[a]
+        grad_query[rows, steps] += block.sum(dim=2)
+        # One decoder step per block (decoding, T = 1): nothing to sum over, and a sum over a size-1 axis would
+        # still zero-fill and copy the block.
+        grad_row_keys[rows, keys] += block[:, 0] if block.shape[1] == 1 else block.sum(dim=1)
+    grad_query.mul_(ops.v)
+    grad_row_keys.mul_(ops.v)
+
+    grad_extra = None
+    if ops.index is None:
+        grad_keys = grad_row_keys
+        if ops.extra is not None:  # the same values, but two leaves must never share one .grad tensor
+            grad_extra = grad_row_keys.clone()
+    else:
+        grad_extra = grad_row_keys if ops.extra is not None else None
+        grad_keys = torch.zeros(memory_rows, ops.src_len, ops.attn_dim, dtype=ops.dtype, device=probs.device)
+        grad_keys.index_add_(0, ops.index, grad_row_keys)
+    return grad_query, grad_keys, grad_value, grad_v, grad_extra
+
+
+# The backend is registered as torch.library custom ops, so that torch.compile(fullgraph=True) keeps a model that
+# uses it in one graph (the ops are opaque to the compiler, with shapes from their fake implementations) and
+# autograd goes through `register_autograd`. The forward op returns P in the compute dtype as a second output: the
+# backward needs it, and the returned weights are P cast to the input dtype.
+@torch.library.custom_op("attn_fast::torch_forward", mutates_args=())
+def _forward_op(query_proj: torch.Tensor, key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor,
+                extra_key_term: torch.Tensor | None, key_lengths: torch.Tensor | None,
+                key_padding_mask: torch.Tensor | None, index: torch.Tensor | None, causal: bool, tanh_form: str,
+                chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> context [B_q, T, D] in the input dtype, P [B_q, T, S] in the compute dtype."""
+    ops = _Operands(query_proj, key_proj, value, v, extra_key_term, index, causal, tanh_form, chunk_elements)
+    visible = visible_keys(
+        ops.query_rows, ops.tgt_len, ops.src_len, key_lengths=key_lengths, key_padding_mask=key_padding_mask,
+        causal=causal, index=index, device=query_proj.device,
+    )
+    context, probs = _forward(ops, visible, chunk_elements)
+    return context.to(query_proj.dtype), probs
+
+
+@_forward_op.register_fake
+def _(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask, index, causal, tanh_form,
+      chunk_elements):
+    query_rows, tgt_len, _ = query_proj.shape
+    context = query_proj.new_empty(query_rows, tgt_len, value.shape[2])
+    probs = query_proj.new_empty(query_rows, tgt_len, key_proj.shape[1], dtype=compute_dtype(query_proj.dtype))
+    return context, probs
+
+
+@torch.library.custom_op("attn_fast::torch_backward", mutates_args=())
+def _backward_op(grad_context: torch.Tensor | None, grad_probs: torch.Tensor | None, query_proj: torch.Tensor,
+                 key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor, extra_key_term: torch.Tensor | None,
+                 index: torch.Tensor | None, probs: torch.Tensor, causal: bool, tanh_form: str,
+                 chunk_elements: int) -> list[torch.Tensor]:
+    """-> gradients of query_proj, key_proj, value, v and extra_key_term (an empty tensor when there is none)."""
+    ops = _Operands(query_proj, key_proj, value, v, extra_key_term, index, causal, tanh_form, chunk_elements)
+    grads = _backward(ops, probs.to(ops.dtype), grad_context, grad_probs, chunk_elements, need_value_grad=True)
+    inputs = (query_proj, key_proj, value, v, extra_key_term)
+    return [query_proj.new_empty(0) if grad is None else grad.to(tensor.dtype) for grad, tensor in zip(grads, inputs)]
+
+
+@_backward_op.register_fake
+def _(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, index, probs, causal, tanh_form,
+      chunk_elements):
+    extra = query_proj.new_empty(0) if extra_key_term is None else torch.empty_like(extra_key_term)
+    return [torch.empty_like(query_proj), torch.empty_like(key_proj), torch.empty_like(value), torch.empty_like(v),
+            extra]
+
+
+def _setup_context(ctx, inputs, output):
+    query_proj, key_proj, value, v, extra_key_term, _, _, index, causal, tanh_form, chunk_elements = inputs
+    ctx.save_for_backward(query_proj, key_proj, value, v, extra_key_term, index, output[1])
+    ctx.options = (causal, tanh_form, chunk_elements)
+
+
+def _autograd_backward(ctx, grad_context, grad_probs):
+    query_proj, key_proj, value, v, extra_key_term, index, probs = ctx.saved_tensors
+    grads = _backward_op(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, index, probs,
+                         *ctx.options)
+    if extra_key_term is None:
+        grads = [*grads[:4], None]
+    return (*grads, None, None, None, None, None, None)
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def additive_attention_torch(
+    query_proj: torch.Tensor,
+    key_proj: torch.Tensor,
+    value: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_lengths: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    need_weights: bool = False,
+    index: torch.Tensor | None = None,
+    extra_key_term: torch.Tensor | None = None,
+    tanh_form: str = "auto",
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Additive attention holding at most `chunk_elements` elements of the tanh tensor at a time.
+
+    Same arguments and results as `attn_fast.additive_attention` (inputs assumed validated); `tanh_form`
+    ("auto", "direct", "factorized") and `chunk_elements` are tuning knobs for tests and benchmarks.
+    Returns context [B_q, T, D] and, if `need_weights`, weights [B_q, T, S], in the input dtype.
+    """
+    if chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be at least 1, got {chunk_elements}")
+    if not torch.compiler.is_compiling():  # (a compiled graph cannot branch on data: there each op decides)
+        tanh_form = resolve_tanh_form(tanh_form, query_proj, key_proj, extra_key_term)
+    context, probs = _forward_op(
+        query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask, index,
+        causal, tanh_form, chunk_elements,
+    )
+    return context, (probs.to(query_proj.dtype) if need_weights else None)

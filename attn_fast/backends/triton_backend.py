@@ -1,0 +1,113 @@
+"""The Triton backend as torch.library ops. Neither pass ever holds the [B, T, S, A] tanh tensor.
+
+Forward (`attn_fast::triton_forward`): the fused kernel (`kernels.forward`); it keeps P [B, T, S] in fp32 for the
+backward (P is A times smaller than the tanh tensor, and `need_weights` returns it anyway).
+Backward (DESIGN.md, "Backward"):
+  1. no tanh — batched matmuls (`torch_backend.grad_of_scores`): dValue = P^T dO, dP = dO value^T (+ dWeights),
+     dE = P (dP - rowsum(P dP));
+  2. one fused tanh pass (`attn_fast::triton_tanh_pass`, `kernels.backward`) for d_query_proj, d_key_proj per
+     query row and d_v; rows of d_key_proj are summed into memory rows through `index`, and they are
+     d_extra_key_term.
+Both ops are `torch.library.triton_op`s whose kernels launch through `wrap_triton`, and autograd goes through
+`register_autograd`: torch.compile can trace the launches (no graph break), and nothing in either pass syncs with
+the host or allocates data-dependent shapes, so a compiled CUDA step can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op, wrap_triton
+
+from attn_fast.kernels.backward import attention_backward_tanh_pass, grad_scores_buffer
+from attn_fast.kernels.forward import attention_forward
+from attn_fast.backends.torch_backend import grad_of_scores
+
+
+@triton_op("attn_fast::triton_forward", mutates_args=())
+def _forward_op(query_proj: torch.Tensor, key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor,
+                extra_key_term: torch.Tensor | None, key_lengths: torch.Tensor | None,
+                key_padding_mask: torch.Tensor | None, index: torch.Tensor | None, causal: bool,
+                keep_probs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> context [B_q, T, D] in the input dtype, and P [B_q, T, S] fp32 (an empty tensor unless `keep_probs`)."""
+    context, _, probs = attention_forward(
+        query_proj, key_proj, value, v, key_lengths=key_lengths, key_padding_mask=key_padding_mask, causal=causal,
+        index=index, extra_key_term=extra_key_term, need_weights=keep_probs, weights_dtype=torch.float32,
+        wrap=wrap_triton,
+    )
+    if probs is None:
+        probs = context.new_empty(0, dtype=torch.float32)
+    return context, probs
+
+
+@triton_op("attn_fast::triton_tanh_pass", mutates_args=())
+def _tanh_pass_op(query_proj: torch.Tensor, key_proj: torch.Tensor, v: torch.Tensor, grad_scores: torch.Tensor,
+                  index: torch.Tensor | None, extra_key_term: torch.Tensor | None, causal: bool,
+                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> grad_query_proj [B_q, T, A], grad_row_keys [B_q, S, A], grad_v [A], all fp32."""
+    grad_query, grad_row_keys, grad_v = attention_backward_tanh_pass(
+        query_proj, key_proj, v, grad_scores, index=index, extra_key_term=extra_key_term, causal=causal,
+        deterministic=deterministic, wrap=wrap_triton,
+    )
+    return _own_storage(grad_query), _own_storage(grad_row_keys), grad_v
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """A custom op's outputs must not be views: the launcher hands back partials[0] when there is one partial."""
+    return tensor if tensor._base is None else tensor.clone()
+
+
+def _setup_context(ctx, inputs, output):
+    query_proj, key_proj, value, v, extra_key_term, _, _, index, causal, _ = inputs
+    ctx.save_for_backward(query_proj, key_proj, value, v, extra_key_term, index, output[1])
+    ctx.causal = causal
+
+
+def _backward(ctx, grad_context, grad_probs):
+    query_proj, key_proj, value, v, extra_key_term, index, probs = ctx.saved_tensors
+    need_query, need_key, need_value, need_v, need_extra = ctx.needs_input_grad[:5]
+    grad_scores, grad_value = grad_of_scores(probs, value, index, grad_context, grad_probs,
+                                             need_value_grad=need_value)
+    grad_query = grad_key = grad_v = grad_extra = None
+    if need_query or need_key or need_v or need_extra:
+        # dE in the kernel's preferred layout (rows padded to 16 floats: vectorized loads of dE).
+        aligned_grad_scores = grad_scores_buffer(*grad_scores.shape, grad_scores.device).copy_(grad_scores)
+        grad_query, grad_row_keys, grad_v = _tanh_pass_op(
+            query_proj, key_proj, v, aligned_grad_scores, index, extra_key_term, ctx.causal,
+            torch.are_deterministic_algorithms_enabled(),
+        )
+        if need_extra:
+            grad_extra = grad_row_keys.to(extra_key_term.dtype, copy=True)  # never shared with grad_key
+        if index is None:
+            grad_key = grad_row_keys
+        else:
+            grad_key = grad_row_keys.new_zeros(key_proj.shape).index_add_(0, index, grad_row_keys)
+    grads = (grad_query, grad_key, grad_value, grad_v, grad_extra)
+    inputs = (query_proj, key_proj, value, v, extra_key_term)
+    results = tuple(None if grad is None or not needed else grad.to(tensor.dtype)
+                    for grad, tensor, needed in zip(grads, inputs, ctx.needs_input_grad[:5]))
+    return (*results, None, None, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def additive_attention_triton(query_proj, key_proj, value, v, *, key_lengths=None, key_padding_mask=None,
+                              causal=False, need_weights=False, index=None, extra_key_term=None):
+    """Same arguments and results as `attn_fast.additive_attention` (validated inputs, non-empty problem).
+
+    float64 inputs run the fp32 kernels: they are cast at this boundary (differentiably, so gradients come back in
+    float64) and the results are cast back, with fp32 accuracy. `backend="auto"` sends float64 to the torch backend.
+    """
+    if query_proj.dtype == torch.float64:
+        def single(tensor):
+            return None if tensor is None else tensor.float()
+
+        context, weights = additive_attention_triton(
+            single(query_proj), single(key_proj), single(value), single(v), key_lengths=key_lengths,
+            key_padding_mask=key_padding_mask, causal=causal, need_weights=need_weights, index=index,
+            extra_key_term=single(extra_key_term))
+        return context.double(), (None if weights is None else weights.double())
+    differentiable = [query_proj, key_proj, value, v] + ([] if extra_key_term is None else [extra_key_term])
+    keep_probs = need_weights or (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable))
+    context, probs = _forward_op(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask,
+                                 index, causal, keep_probs)
+    return context, (probs.to(query_proj.dtype) if need_weights else None)

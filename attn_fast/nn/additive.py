@@ -1,0 +1,165 @@
+"""`AdditiveAttention`: the drop-in layer (projections + fused attention), and `AttentionMemory` for step-by-step
+decoding, where the key projection is computed once per source batch and reused at every step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attn_fast.functional import additive_attention
+from attn_fast.validation import check_backend
+
+
+@dataclass
+class AttentionMemory:
+    """Encoder side of the attention, prepared once per source batch by `AdditiveAttention.precompute`.
+
+    key_proj [B, S, A], value [B, S, D], key_lengths [B] or None, key_padding_mask [B, S] or None.
+    """
+
+    key_proj: torch.Tensor
+    value: torch.Tensor
+    key_lengths: torch.Tensor | None = None
+    key_padding_mask: torch.Tensor | None = None
+
+
+class AdditiveAttention(nn.Module):
+    """Bahdanau attention: score(q_i, k_j) = v . tanh(W_q q_i + b + W_k k_j), softmax over keys, weighted values.
+
+    Args:
+        query_dim: Dq, size of the decoder states (queries).
+        key_dim: Dk, size of the encoder states (keys).
+        attn_dim: A, size of the hidden layer of the score MLP.
+        bias: learn b (kept in `query_layer.bias`; a bias of W_k would be redundant inside the tanh).
+        normalize: weight-normalized score vector v = g * v / ||v|| (as TF-Addons' BahdanauAttention).
+        dropout: dropout on the attention weights during training (computed from the returned weights, so it
+            costs an extra [B, T, S] x [B, S, D] product; the fused path is used when it is 0 or in eval mode).
+        backend: "auto", "triton", "torch" or "reference" (see `attn_fast.additive_attention`).
+
+    Parameters: `query_layer` (Linear Dq -> A, with bias), `key_layer` (Linear Dk -> A, no bias), `v` [A] and,
+    with `normalize`, the scalar gain `g`.
+    """
+
+    def __init__(self, query_dim: int, key_dim: int, attn_dim: int, *, bias: bool = True, normalize: bool = False,
+                 dropout: float = 0.0, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        for name, size in (("query_dim", query_dim), ("key_dim", key_dim), ("attn_dim", attn_dim)):
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} must be a positive int, got {size!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        self.query_dim, self.key_dim, self.attn_dim = query_dim, key_dim, attn_dim
+        self.normalize = normalize
+        self.dropout = dropout
+        self.backend = check_backend(backend)
+        self.query_layer = nn.Linear(query_dim, attn_dim, bias=bias, **factory)
+        self.key_layer = nn.Linear(key_dim, attn_dim, bias=False, **factory)
+        self.v = nn.Parameter(torch.empty(attn_dim, **factory))
+        self.g = nn.Parameter(torch.empty((), **factory)) if normalize else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.query_layer.reset_parameters()
+        self.key_layer.reset_parameters()
+        bound = 1.0 / math.sqrt(self.attn_dim)  # as nn.Linear(A, 1) would initialize v
+        nn.init.uniform_(self.v, -bound, bound)
+        if self.g is not None:
+            nn.init.constant_(self.g, math.sqrt(1.0 / self.attn_dim))  # TF-Addons' initial gain
+        if self.query_layer.bias is not None:
+            nn.init.zeros_(self.query_layer.bias)
+
+    def extra_repr(self) -> str:
+        return (f"query_dim={self.query_dim}, key_dim={self.key_dim}, attn_dim={self.attn_dim}, "
+                f"normalize={self.normalize}, dropout={self.dropout}, backend={self.backend!r}")
+
+    def score_vector(self) -> torch.Tensor:
+        """The v used in the scores: the parameter itself, or g * v / ||v|| with `normalize`."""
+        if self.g is None:
+            return self.v
+        return self.g * self.v / torch.linalg.vector_norm(self.v)
+
+    @torch.no_grad()
+    def load_eager_weights(self, *, query_weight: torch.Tensor, key_weight: torch.Tensor, v: torch.Tensor,
+                           query_bias: torch.Tensor | None = None, key_bias: torch.Tensor | None = None) -> None:
+        """Copy the weights of an eager Bahdanau module: W_q [A, Dq], W_k [A, Dk], v [A] (or [1, A]).
+
+        Both biases sit inside the tanh next to each other, so they are summed into `query_layer.bias`.
+        """
+        v = v.reshape(-1)
+        expected = {"query_weight": (query_weight, (self.attn_dim, self.query_dim)),
+                    "key_weight": (key_weight, (self.attn_dim, self.key_dim)), "v": (v, (self.attn_dim,))}
+        for name, (tensor, shape) in expected.items():
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} must have shape {list(shape)}, got {tuple(tensor.shape)}")
+        biases = [b for b in (query_bias, key_bias) if b is not None]
+        if biases and self.query_layer.bias is None:
+            raise ValueError("the eager module has a bias but this layer was built with bias=False")
+        self.query_layer.weight.copy_(query_weight)
+        self.key_layer.weight.copy_(key_weight)
+        self.v.copy_(v)
+        if self.g is not None:
+            self.g.copy_(torch.linalg.vector_norm(v))  # so that g * v / ||v|| == v
+        if self.query_layer.bias is not None:
+            self.query_layer.bias.copy_(sum(b.reshape(-1) for b in biases) if biases else 0.0)
+
+    def precompute(self, key: torch.Tensor, value: torch.Tensor | None = None, key_lengths=None,
+                   key_padding_mask=None) -> AttentionMemory:
+        """Project the keys once per source batch. key [B, S, Dk], value [B, S, D] (default: key)."""
+        if not isinstance(key, torch.Tensor) or key.dim() != 3 or key.shape[-1] != self.key_dim:
+            shape = tuple(key.shape) if isinstance(key, torch.Tensor) else type(key).__name__
+            raise ValueError(f"key must be [B, S, key_dim={self.key_dim}], got {shape}")
+        return AttentionMemory(self.key_layer(key), key if value is None else value, key_lengths, key_padding_mask)
+
+    def _attend(self, query: torch.Tensor, memory: AttentionMemory, *, causal=False, extra_key_term=None,
+                index=None, need_weights=False):
+        """query [B_q, T, Dq] -> context [B_q, T, D], weights [B_q, T, S] or None."""
+        apply_dropout = self.training and self.dropout > 0.0
+        context, weights = additive_attention(
+            self.query_layer(query), memory.key_proj, memory.value, self.score_vector(),
+            key_lengths=memory.key_lengths, key_padding_mask=memory.key_padding_mask, causal=causal,
+            need_weights=need_weights or apply_dropout, index=index, extra_key_term=extra_key_term,
+            backend=self.backend,
+        )
+        if apply_dropout:
+            values = memory.value if index is None else memory.value.index_select(0, index)
+            context = torch.bmm(nn.functional.dropout(weights, self.dropout, training=True), values)
+        return context, (weights if need_weights else None)
+
+    def _check_query(self, query) -> None:
+        if not isinstance(query, torch.Tensor) or query.dim() not in (2, 3) or query.shape[-1] != self.query_dim:
+            shape = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
+            raise ValueError(f"query must be [B, T, query_dim={self.query_dim}] or [B, query_dim], got {shape}")
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None = None, *,
+                key_lengths=None, key_padding_mask=None, causal: bool = False, need_weights: bool = False):
+        """query [B, T, Dq] (all decoder steps) or [B, Dq] (one step); key [B, S, Dk]; value [B, S, D] or None
+        (= key). Returns context [B, T, D] (or [B, D]) and weights [B, T, S] (or [B, S]) or None."""
+        self._check_query(query)
+        memory = self.precompute(key, value, key_lengths, key_padding_mask)
+        single_step = query.dim() == 2
+        context, weights = self._attend(query.unsqueeze(1) if single_step else query, memory, causal=causal,
+                                        need_weights=need_weights)
+        if single_step:
+            return context.squeeze(1), (None if weights is None else weights.squeeze(1))
+        return context, weights
+
+    def step(self, query: torch.Tensor, memory: AttentionMemory, *, extra_key_term: torch.Tensor | None = None,
+             index: torch.Tensor | None = None, need_weights: bool = False):
+        """One decoder step against a precomputed memory.
+
+        query [B', Dq]; extra_key_term [B', S, A] added to the key projection (location / coverage features);
+        index [B'] maps each query row to its memory row (beam search: B' = B * beam, no memory copies).
+        Returns context [B', D] and weights [B', S] or None.
+        """
+        if not isinstance(memory, AttentionMemory):
+            raise TypeError(f"memory must be an AttentionMemory (from precompute), got {type(memory).__name__}")
+        if not isinstance(query, torch.Tensor) or query.dim() != 2 or query.shape[-1] != self.query_dim:
+            shape = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
+            raise ValueError(f"query must be [B, query_dim={self.query_dim}] for a step, got {shape}")
+        context, weights = self._attend(query.unsqueeze(1), memory, extra_key_term=extra_key_term, index=index,
+                                        need_weights=need_weights)
+        return context.squeeze(1), (None if weights is None else weights.squeeze(1))

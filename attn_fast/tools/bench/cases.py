@@ -1,0 +1,213 @@
+"""A benchmark case = shape x dtype x mode x backend: the callable that is timed, and its correctness check.
+
+Modes:
+    forward           all T query rows in one call, no autograd (inference; `need_weights=False`)
+    forward_backward  the same call with autograd, then `context.backward(grad_context)` with a fixed random
+                      output gradient; the input gradients are cleared before every call
+    decode_step       one decoder step: T = 1 query row against the shape's memory (key_proj [B, S, A] and
+                      value [B, S, D] computed once), as `AdditiveAttention.step` calls the op; no autograd.
+                      For a shape that already has T = 1 (tts_step) this is the same problem as its forward.
+
+Backends:
+    reference  the eager reference (`attn_fast.backends.reference.additive_attention_reference`): materializes
+               [B, T, S, A], what Keras / OpenNMT / the PyTorch tutorial do. Every speed-up is relative to it.
+    compile    `torch.compile(additive_attention_reference)`: compiled by the first call (timed apart, as
+               `compile_s`), never inside the timing.
+    torch      the memory-bounded chunked torch backend (`additive_attention(..., backend="torch")`).
+    triton     the fused Triton kernels (`backend="triton"`), CUDA only: on CPU they run only under the
+               numpy interpreter, which is a test tool, not a backend worth a timing.
+
+Correct before timed: the first call of a case is compared with the float64 reference on the same (rounded)
+inputs, with the tolerances of `attn_fast.tolerances`; a case that fails (wrong numbers or an exception, e.g. a
+compiler error) is reported as failed, with the reason, and is not timed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import torch
+
+from attn_fast.functional import additive_attention
+from attn_fast.backends.reference import additive_attention_reference
+from attn_fast.tolerances import forward_tolerance, gradient_tolerance, relative_error
+from attn_fast.tools.bench.shapes import DTYPES, Shape, get_shape, make_inputs
+
+MODES = ("forward", "forward_backward", "decode_step")
+BACKENDS = ("reference", "compile", "torch", "triton")
+BACKEND_LABELS = {"reference": "eager", "compile": "compile(ref)", "torch": "torch", "triton": "triton"}
+#: The float64 oracle of the correctness check materializes [rows, T, S, A] in float64 (three such tensors with
+#: gradients); above this many bytes per tensor it runs on a prefix of the batch rows (the op is independent per
+#: batch row, so the first rows' outputs and input gradients are checked exactly; dv, a sum over rows, is then
+#: left out).
+ORACLE_TENSOR_BYTES = 256 * 2**20
+
+
+def backends_for(device: torch.device) -> tuple[str, ...]:
+    """Backends worth timing on `device`: Triton only on CUDA (see the module docstring)."""
+    if device.type == "cuda":
+        from attn_fast.functional import triton_usable
+
+        return BACKENDS if triton_usable(device) else BACKENDS[:3]
+    return BACKENDS[:3]
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseSpec:
+    """What to run; plain values only, so that a memory subprocess can rebuild it from JSON."""
+
+    shape_name: str
+    dtype_name: str  # "fp32", "fp16", "bf16", "fp64"
+    mode: str  # one of MODES
+    backend: str  # one of BACKENDS
+
+    @property
+    def shape(self) -> Shape:
+        return get_shape(self.shape_name)
+
+    @property
+    def problem(self) -> Shape:
+        """The problem actually run: the shape, or its single step for `decode_step`."""
+        return self.shape.decode_step() if self.mode == "decode_step" else self.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    @property
+    def key(self) -> str:
+        return f"{self.shape_name}/{self.dtype_name}/{self.mode}/{self.backend}"
+
+    @property
+    def group(self) -> str:
+        """The cases compared with each other (same problem, every backend)."""
+        return f"{self.shape_name}/{self.dtype_name}/{self.mode}"
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_attention(backend: str, device: torch.device):
+    """The attention function of `backend`, called as fn(query_proj, key_proj, value, v, key_lengths=...) ->
+    (context, weights). For "compile", a fresh `torch.compile` of the reference (dynamo's caches are reset first, so
+    that an earlier case's graphs, guards or automatic-dynamic decisions do not leak into this one)."""
+    if backend == "reference":
+        return additive_attention_reference
+    if backend == "compile":
+        torch._dynamo.reset()
+        return torch.compile(additive_attention_reference)
+    if backend in ("torch", "triton"):
+        if backend == "triton" and device.type != "cuda":
+            raise ValueError("the Triton backend is timed on CUDA only (on CPU it runs in the numpy interpreter)")
+        return functools.partial(additive_attention, backend=backend)
+    raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+
+
+class PreparedCase:
+    """The inputs and the callable of one case on one device.
+
+    `run()` is exactly what is timed: one forward (no autograd) or one forward + backward. After it,
+    `last_context` [B, T, D] holds the output (and, for forward_backward, the inputs' `.grad` the gradients).
+    """
+
+    def __init__(self, spec: CaseSpec, device: torch.device | str, *, seed: int = 0, attention=None):
+        """`attention`: an already built function of the case's backend (another input set of the same case
+        shares it, so that a compiled graph is compiled once)."""
+        self.spec = spec
+        self.device = torch.device(device)
+        self.with_grad = spec.mode == "forward_backward"
+        self.inputs = make_inputs(spec.problem, spec.dtype, self.device, requires_grad=self.with_grad, seed=seed)
+        # May raise (e.g. Triton on CPU): the case then fails with that reason.
+        self.attention = attention if attention is not None else build_attention(spec.backend, self.device)
+        self.grad_context = None
+        if self.with_grad:
+            generator = torch.Generator(device="cpu").manual_seed(seed + 1)
+            batch, tgt_len, _, _, value_dim = spec.problem.sizes
+            self.grad_context = torch.randn(batch, tgt_len, value_dim, generator=generator).to(self.device, spec.dtype)
+        self.last_context: torch.Tensor | None = None
+
+    def leaves(self) -> list[torch.Tensor]:
+        return [tensor for tensor in self.inputs.inputs() if tensor.requires_grad]
+
+    def run(self) -> None:
+        inputs = self.inputs
+        if self.with_grad:
+            for tensor in self.leaves():
+                tensor.grad = None  # a fresh gradient each call, as an optimizer's zero_grad(set_to_none) leaves
+            context, _ = self.attention(*inputs.inputs(), key_lengths=inputs.key_lengths)
+            context.backward(self.grad_context)
+        else:
+            with torch.no_grad():
+                context, _ = self.attention(*inputs.inputs(), key_lengths=inputs.key_lengths)
+        self.last_context = context
+
+
+@dataclasses.dataclass
+class CheckResult:
+    """The first call's errors against the float64 reference; `first_call_s` includes compilation."""
+
+    passed: bool
+    errors: dict[str, float]
+    tolerances: dict[str, float]
+    checked_rows: int
+    first_call_s: float
+
+
+def oracle_rows(spec: CaseSpec) -> int:
+    """How many batch rows the float64 oracle covers (all of them unless its 4-D tensor would be too large)."""
+    problem = spec.problem
+    per_row = problem.tanh_elements // problem.batch * 8
+    return max(1, min(problem.batch, ORACLE_TENSOR_BYTES // per_row))
+
+
+def check_case(prepared: PreparedCase) -> CheckResult:
+    """Run the case once (the compile call, for "compile") and compare with the float64 reference.
+
+    Forward: relative error of the context. Forward + backward: also of d query_proj, d key_proj, d value and
+    (when every row is checked) d v, from the same output gradient. Errors are ||out - ref|| / ||ref||."""
+    spec = prepared.spec
+    if prepared.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    prepared.run()
+    if prepared.device.type == "cuda":
+        torch.cuda.synchronize()
+    first_call_s = time.perf_counter() - start
+
+    rows = oracle_rows(spec)
+    inputs = prepared.inputs
+    names = ("query_proj", "key_proj", "value", "v")
+    oracle = {}
+    for name, tensor in zip(names, inputs.inputs()):
+        exact = (tensor if name == "v" else tensor[:rows]).detach().to(torch.float64)
+        oracle[name] = exact.requires_grad_(prepared.with_grad)
+    with torch.set_grad_enabled(prepared.with_grad):
+        expected, _ = additive_attention_reference(*(oracle[name] for name in names),
+                                                   key_lengths=inputs.key_lengths[:rows])
+    errors = {"context": relative_error(prepared.last_context[:rows], expected)}
+    tolerances = {"context": forward_tolerance(spec.dtype)}
+    if prepared.with_grad:
+        expected.backward(prepared.grad_context[:rows].to(torch.float64))
+        for name, tensor in zip(names, inputs.inputs()):
+            if name == "v" and rows < spec.problem.batch:
+                continue  # dv sums over every batch row; the prefix cannot check it
+            actual = tensor.grad if name == "v" else tensor.grad[:rows]
+            errors[f"grad_{name}"] = relative_error(actual, oracle[name].grad)
+            tolerances[f"grad_{name}"] = gradient_tolerance(spec.dtype)
+    passed = all(errors[name] <= tolerances[name] for name in errors)
+    return CheckResult(passed, errors, tolerances, rows, first_call_s)
+
+
+def case_specs(shape_names, dtype_names, modes, backends) -> list[CaseSpec]:
+    """Every combination, in a stable order (shape, dtype, mode, backend), skipping `decode_step` for shapes that
+    already have T = 1 (their forward is the decode step)."""
+    specs = []
+    for shape_name in shape_names:
+        for dtype_name in dtype_names:
+            for mode in modes:
+                if mode == "decode_step" and get_shape(shape_name).tgt_len == 1:
+                    continue
+                for backend in backends:
+                    specs.append(CaseSpec(shape_name, dtype_name, mode, backend))
+    return specs

@@ -1,0 +1,207 @@
+"""Output of a bench run: the printed tables, the JSON file (every raw number) and the PNG figure."""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+from attn_fast.tools.bench.cases import BACKEND_LABELS
+
+
+def _number(value, form: str, missing: str = "-") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return missing
+    return format(value, form)
+
+
+def _targets_cell(targets: dict) -> str:
+    """e.g. "2/3 met; missed: fwd >= 3x eager" (targets with no figure are counted as not measured)."""
+    if not targets:
+        return ""
+    met = [name for name, target in targets.items() if target["met"]]
+    missed = [name for name, target in targets.items() if target["met"] is False]
+    unknown = len(targets) - len(met) - len(missed)
+    cell = f"{len(met)}/{len(targets)} met"
+    if missed:
+        cell += "; missed: " + ", ".join(missed)
+    if unknown:
+        cell += f"; {unknown} not measured"
+    return cell
+
+
+def roofline_table(rows: list[dict]) -> str:
+    """Per problem: the Triton kernels' % of the MUFU limit, measured (GPU) and predicted (static sm_90 report)."""
+    header = f"{'shape/dtype/mode':<30} {'Triton measured':>15} {'predicted (static sm_90)':>25}"
+    lines = ["Roofline: achieved tanh/s / (16 x SMs x SM clock)", header, "-" * len(header)]
+    for row in rows:
+        measured = _number(row.get("mufu_fraction"), ".0%", "not measured")
+        predicted = _number(row.get("predicted_mufu_fraction"), ".0%", "not in report")
+        lines.append(f"{row['group']:<30} {measured:>15} {predicted:>25}")
+    return "\n".join(lines)
+
+
+def op_table(result: dict) -> str:
+    """One row per case: median time, speed-up against eager, compile time, peak extra memory (of which "out MiB" are
+    the call's outputs: context and, with the backward, the input gradients), the size of eager's [B, T, S, A]
+    tensor, the memory saved against eager, the worst correctness error and the targets."""
+    header = (f"{'shape/dtype/mode':<30} {'backend':<12} {'status':<6} {'median ms':>10} {'x eager':>8} "
+              f"{'compile s':>9} {'peak MiB':>9} {'out MiB':>8} {'4-D MiB':>8} {'mem saved':>9} {'max err':>8}  targets")
+    lines = [header, "-" * len(header)]
+    for case in result["cases"]:
+        timing = case.get("timing") or {}
+        memory = case.get("memory") or {}
+        errors = (case.get("check") or {}).get("errors") or {}
+        status = case["status"]
+        row = (f"{case['group']:<30} {BACKEND_LABELS[case['backend']]:<12} {status:<6} "
+               f"{_number(timing.get('median_s') and timing['median_s'] * 1e3, '10.3f'):>10} "
+               f"{_number(case.get('speedup_vs_eager'), '7.2f') + ('x' if case.get('speedup_vs_eager') else ''):>8} "
+               f"{_number(case.get('compile_s'), '9.1f', ''):>9} "
+               f"{_number(memory.get('peak_extra_mib'), '9.1f'):>9} "
+               f"{_number(memory.get('outputs_mib'), '8.1f', ''):>8} "
+               f"{_number(memory.get('tanh_tensor_mib'), '8.1f', ''):>8} "
+               f"{_number(case.get('memory_saved_vs_eager'), '8.1f') + ('x' if case.get('memory_saved_vs_eager') else ''):>9} "
+               f"{_number(max(errors.values()) if errors else None, '8.1e'):>8}  "
+               f"{_targets_cell(case.get('targets') or {})}")
+        lines.append(row)
+        if status != "ok" and case.get("error"):
+            lines.append(f"{'':<30} {'':<12} ^ {case['error']}")
+        if memory.get("error"):
+            lines.append(f"{'':<30} {'':<12} ^ memory: {memory['error']}")
+    return "\n".join(lines)
+
+
+def model_table(model: dict) -> str:
+    config = model["config"]
+    lines = [f"Seq2Seq '{config['name']}': vocab {config['vocab_size']}, embed {config['embed_dim']}, hidden "
+             f"{config['hidden_dim']}, attention {config['attn_dim']}; B={config['batch']} S={config['src_len']} "
+             f"T={config['tgt_len']}, beam {config['beam_size']}"]
+    header = (f"{'decoder':<9} {'backend':<10} {'status':<6} {'train ms':>9} {'x eager':>8} {'greedy sent/s':>13} "
+              f"{'x eager':>8} {'beam sent/s':>11} {'x eager':>8}")
+    lines += [header, "-" * len(header)]
+    for entry in model["results"]:
+        if entry["status"] != "ok":
+            lines.append(f"{entry['decoder']:<9} {entry['backend']:<10} failed ({entry.get('error')})")
+            continue
+
+        def speedup(name):
+            value = entry.get(name)
+            return f"{value:7.2f}x" if value is not None else f"{'-':>8}"
+
+        lines.append(f"{entry['decoder']:<9} {entry['backend']:<10} {'ok':<6} "
+                     f"{entry['train_step']['median_s'] * 1e3:>9.1f} {speedup('train_speedup_vs_eager')} "
+                     f"{entry['greedy_sentences_per_s']:>13.1f} {speedup('greedy_speedup_vs_eager')} "
+                     f"{entry['beam_sentences_per_s']:>11.1f} {speedup('beam_speedup_vs_eager')}")
+    return "\n".join(lines)
+
+
+def _load_note(machine: dict) -> str:
+    """The load average at the start, and a warning when other work shared the CPU cores."""
+    load = machine.get("load_average_1m_start")
+    if load is None:
+        return ""
+    note = f", load average {load:.1f}"
+    if machine["device"] == "cpu" and load > 0.5:
+        note += (f"\nNOTE: the CPU was busy with other work when the run started (load {load:.1f} on "
+                 f"{machine['cpu_count']} cores): multithreaded timings, and even the ratios between backends, are "
+                 "unreliable under contention (many small parallel regions suffer most); rerun on a quiet machine "
+                 "or with --threads 1")
+    return note
+
+
+def format_report(result: dict) -> str:
+    machine = result["machine"]
+    lines = [f"attn-fast bench ({'full' if result['settings']['full'] else 'quick'}) on {machine['device_name']}, "
+             f"{machine['threads']} thread(s), torch {machine['torch']}, triton {machine['triton']}, {result['date']}"
+             + _load_note(machine),
+             "times: " + result["timing_method"], ""]
+    lines.append(op_table(result))
+    roofline = result.get("roofline") or {}
+    if roofline.get("rows"):
+        lines += ["", roofline_table(roofline["rows"]), roofline["note"]]
+    if result.get("model"):
+        lines += ["", model_table(result["model"])]
+    summary = result["summary"]
+    lines += ["", f"{summary['cases']} cases: {summary['ok']} ok, {summary['failed']} failed; targets "
+                  f"{summary['targets_met']} met, {summary['targets_missed']} missed, "
+                  f"{summary['targets_unmeasured']} not measured; {result['wall_s']:.0f} s"]
+    return "\n".join(lines)
+
+
+def _strict_json(value):
+    """The result with non-finite floats (an error of inf for NaN output) as strings: valid, strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(item) for item in value]
+    return value
+
+
+def write_json(result: dict, path: pathlib.Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_strict_json(result), indent=1, default=str, allow_nan=False) + "\n")
+
+
+def write_plot(result: dict, path: pathlib.Path) -> None:
+    """Speed-up against eager (top) and peak extra memory (bottom, with the eager 4-D tensor marked) per problem
+    and backend; a third panel with the model's speed-ups when the model was benchmarked."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")  # no display; called from a CLI or a test
+    from matplotlib import pyplot as plt
+
+    cases = result["cases"]
+    groups = list(dict.fromkeys(case["group"] for case in cases))
+    backends = list(dict.fromkeys(case["backend"] for case in cases))
+    by_key = {(case["group"], case["backend"]): case for case in cases}
+    model_results = [r for r in (result.get("model") or {}).get("results", []) if r["status"] == "ok"]
+    panels = 3 if model_results else 2
+    figure, axes = plt.subplots(panels, 1, figsize=(max(8, 1.4 * len(groups) + 3), 4 * panels), squeeze=False)
+    axes = axes[:, 0]
+    width = 0.8 / max(1, len(backends))
+    positions = range(len(groups))
+    for index, backend in enumerate(backends):
+        offsets = [p + (index - (len(backends) - 1) / 2) * width for p in positions]
+        speedups = [by_key.get((g, backend), {}).get("speedup_vs_eager") or 0 for g in groups]
+        peaks = [max((by_key.get((g, backend), {}).get("memory") or {}).get("peak_extra_mib") or 0, 0) for g in groups]
+        axes[0].bar(offsets, speedups, width, label=BACKEND_LABELS[backend])
+        axes[1].bar(offsets, peaks, width, label=BACKEND_LABELS[backend])
+    tanh_mib = [next((c["memory"]["tanh_tensor_mib"] for c in cases if c["group"] == g and c.get("memory")), None)
+                for g in groups]
+    if any(tanh_mib):
+        axes[1].scatter([p for p, m in zip(positions, tanh_mib) if m], [m for m in tanh_mib if m], marker="_",
+                        s=600, color="black", label="eager [B,T,S,A] tensor", zorder=3)
+    axes[0].axhline(1.0, color="grey", linewidth=0.8)
+    axes[0].set_ylabel("speed-up vs eager (x)")
+    axes[1].set_ylabel("peak extra memory (MiB)")
+    for axis in axes[:2]:
+        axis.set_xticks(list(positions))
+        axis.set_xticklabels(groups, rotation=20, ha="right", fontsize=8)
+        axis.legend(fontsize=8)
+    if any((c.get("speedup_vs_eager") or 0) > 0 for c in cases):
+        axes[0].set_yscale("log")
+        axes[0].yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axes[0].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if any(((c.get("memory") or {}).get("peak_extra_mib") or 0) > 0 for c in cases):
+        axes[1].set_yscale("log")
+    axes[0].set_title(f"attn-fast bench on {result['machine']['device_name']} ({result['machine']['threads']} "
+                      f"threads), {result['date']}", fontsize=10)
+    if model_results:
+        labels = [f"{r['decoder']}/{r['backend']}" for r in model_results]
+        metrics = ("train_speedup_vs_eager", "greedy_speedup_vs_eager", "beam_speedup_vs_eager")
+        metric_width = 0.8 / len(metrics)
+        for index, metric in enumerate(metrics):
+            offsets = [p + (index - 1) * metric_width for p in range(len(labels))]
+            axes[2].bar(offsets, [r.get(metric) or 0 for r in model_results], metric_width,
+                        label=metric.removesuffix("_speedup_vs_eager"))
+        axes[2].axhline(1.0, color="grey", linewidth=0.8)
+        axes[2].set_xticks(range(len(labels)))
+        axes[2].set_xticklabels(labels, fontsize=8)
+        axes[2].set_ylabel("Seq2Seq speed-up vs eager (x)")
+        axes[2].legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
