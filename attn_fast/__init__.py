@@ -5,11 +5,10 @@
     attn = attn_fast.LocationSensitiveAttention(query_dim, key_dim, attn_dim)   # Tacotron-2, stepped
     attn = attn_fast.CoverageAttention(query_dim, key_dim, attn_dim)            # See et al. 2017, stepped
 """
-from attn_fast.nn.coverage import CoverageAttention, CoverageState, coverage_loss
-from attn_fast.functional import additive_attention
+from attn_fast.functional import additive_attention, additive_attention_reference
 from attn_fast.nn.additive import AdditiveAttention, AttentionMemory
+from attn_fast.nn.coverage import CoverageAttention, CoverageState, coverage_loss
 from attn_fast.nn.location import LocationSensitiveAttention, LocationState
-from attn_fast.backends.reference import additive_attention_reference
 
 __all__ = [
     "additive_attention", "additive_attention_reference", "AdditiveAttention", "AttentionMemory",

@@ -1,27 +1,25 @@
 """`additive_attention`: the public functional entry point — validation, then dispatch to a backend."""
 from __future__ import annotations
 
-import os
-
 import torch
 
+from attn_fast.backends import reference, torch_backend
 from attn_fast.cpu_warmup import warm_cpu_math
-from attn_fast.backends.reference import additive_attention_reference
-from attn_fast.backends.torch_backend import additive_attention_torch
-from attn_fast.validation import check_attention_inputs, check_backend
+from attn_fast.validation import attention_call, check_backend
 
 
 def triton_usable(device: torch.device) -> bool:
-    """Triton kernels run on CUDA tensors, and on CPU tensors only under the interpreter (TRITON_INTERPRET=1)."""
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
+    """Triton kernels run on CUDA tensors, and on CPU tensors only under the interpreter (TRITON_INTERPRET=1).
+    The one place that decides it; `attn-fast verify` and the benchmark ask here."""
     if device.type not in ("cpu", "cuda"):
         return False
     try:
-        from attn_fast.kernels import forward  # noqa: F401  (imports triton)
+        # `attn_fast.kernels` is the repository's top-level kernels/ folder (setup.py maps it there). Importing it
+        # imports triton, which is why the Triton backend is imported lazily.
+        from attn_fast.kernels import launch
     except ImportError:
         return False
-    return True
+    return device.type == "cuda" or launch.is_interpreter()
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
@@ -83,20 +81,24 @@ def additive_attention(
         visible key gets context 0 and weights 0 (never NaN). Inputs are never modified.
     """
     check_backend(backend)
-    options = dict(
-        key_lengths=key_lengths, key_padding_mask=key_padding_mask, causal=causal, need_weights=need_weights,
-        index=index, extra_key_term=extra_key_term,
+    call = attention_call(
+        query_proj, key_proj, value, v, key_lengths=key_lengths, key_padding_mask=key_padding_mask, causal=causal,
+        need_weights=need_weights, index=index, extra_key_term=extra_key_term,
     )
-    size = check_attention_inputs(query_proj, key_proj, value, v, **options)
-    device = query_proj.device
-    if device.type == "cpu" and not torch.compiler.is_compiling():
+    if call.device.type == "cpu" and not torch.compiler.is_compiling():
         warm_cpu_math()  # a compiled region cannot run it; the first eager call (or the tests) already did
-    chosen = resolve_backend(backend, device, query_proj.dtype)
+    chosen = resolve_backend(backend, call.device, call.dtype)
     if chosen == "reference":
-        return additive_attention_reference(query_proj, key_proj, value, v, **options)
-    empty = size.query_rows == 0 or size.tgt_len == 0 or size.src_len == 0
-    if chosen == "torch" or empty:  # an empty problem has a trivial answer; no kernel launch for it
-        return additive_attention_torch(query_proj, key_proj, value, v, **options)
-    from attn_fast.backends.triton_backend import additive_attention_triton
+        return reference.attend(call)
+    if chosen == "torch" or call.is_empty:  # an empty problem has a trivial answer; no kernel launch for it
+        return torch_backend.attend(call)
+    from attn_fast.backends import triton_backend
 
-    return additive_attention_triton(query_proj, key_proj, value, v, **options)
+    return triton_backend.attend(call)
+
+
+def additive_attention_reference(query_proj: torch.Tensor, key_proj: torch.Tensor, value: torch.Tensor,
+                                 v: torch.Tensor, **options) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The naive oracle: `additive_attention(..., backend="reference")`, the same arguments (validated) and
+    results. It materializes the [B, T, S, A] tanh tensor in the inputs' dtype (tests call it in float64)."""
+    return additive_attention(query_proj, key_proj, value, v, backend="reference", **options)

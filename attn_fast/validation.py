@@ -1,26 +1,108 @@
 """Input validation for `additive_attention`: every malformed call fails here with a message that names the
-argument and what was expected, before any backend (or Triton) sees it. Nothing is modified.
+argument and what was expected, before any backend (or Triton) sees it, and a valid one becomes an `AttentionCall`,
+the one record every backend takes. Nothing is modified.
+
+Adding an option to the op touches this module (its check and the record's field), the public signature in
+`attn_fast.functional`, and the backends that use it — nothing else.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import torch
 
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: The values of `backend=` (the public function and the layers): "auto" picks one of the other three.
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 
-@dataclass(frozen=True)
-class ProblemSize:
-    """Sizes of one attention call: `query_rows` query batch rows reading `memory_rows` memory rows."""
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """One validated call of additive attention: the tensors and options exactly as the user passed them.
 
-    query_rows: int  # B_q
-    memory_rows: int  # B_m (== B_q without `index`)
-    tgt_len: int  # T
-    src_len: int  # S
-    attn_dim: int  # A
-    value_dim: int  # D
+    Shapes (B_q query rows, B_m memory rows; B_q == B_m unless `index` is given):
+        query_proj       [B_q, T, A]
+        key_proj         [B_m, S, A]
+        value            [B_m, S, D]
+        v                [A]
+        key_lengths      [B_m] integer: key j is visible when j < key_lengths[b]
+        key_padding_mask [B_m, S] or [B_q, T, S] bool, True = padding (ignored)
+        causal           key j is visible to query i only when j <= i
+        need_weights     also return the weights [B_q, T, S]
+        index            [B_q] integer: query row b reads memory row index[b] (beam search)
+        extra_key_term   [B_q, S, A], added to the key projection of each query row (location / coverage)
+    Build it with `attention_call`, which validates; backends assume it is valid.
+    """
+
+    query_proj: torch.Tensor
+    key_proj: torch.Tensor
+    value: torch.Tensor
+    v: torch.Tensor
+    key_lengths: torch.Tensor | None = None
+    key_padding_mask: torch.Tensor | None = None
+    causal: bool = False
+    need_weights: bool = False
+    index: torch.Tensor | None = None
+    extra_key_term: torch.Tensor | None = None
+
+    @property
+    def query_rows(self) -> int:  # B_q
+        return self.query_proj.shape[0]
+
+    @property
+    def memory_rows(self) -> int:  # B_m
+        return self.key_proj.shape[0]
+
+    @property
+    def tgt_len(self) -> int:  # T
+        return self.query_proj.shape[1]
+
+    @property
+    def src_len(self) -> int:  # S
+        return self.key_proj.shape[1]
+
+    @property
+    def attn_dim(self) -> int:  # A
+        return self.query_proj.shape[2]
+
+    @property
+    def value_dim(self) -> int:  # D
+        return self.value.shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.query_proj.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.query_proj.device
+
+    @property
+    def is_empty(self) -> bool:
+        """No query row, decoder step or key: the answer is all zeros without any tanh."""
+        return self.query_rows == 0 or self.tgt_len == 0 or self.src_len == 0
+
+    def float_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The floating tensors that gradients flow to: query_proj, key_proj, value, v (and extra_key_term)."""
+        inputs = (self.query_proj, self.key_proj, self.value, self.v)
+        return inputs if self.extra_key_term is None else (*inputs, self.extra_key_term)
+
+    def replace(self, **changes) -> AttentionCall:
+        """A copy with some fields changed (e.g. the float tensors cast), not validated again."""
+        return dataclasses.replace(self, **changes)
+
+    def op_inputs(self) -> tuple:
+        """The call as the leading positional inputs of the backends' torch.library ops, whose schemas list
+        (query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask, index, causal) first;
+        `from_op_inputs` is the inverse. `need_weights` is not among them: each backend says what its op returns."""
+        return (self.query_proj, self.key_proj, self.value, self.v, self.extra_key_term, self.key_lengths,
+                self.key_padding_mask, self.index, self.causal)
+
+    @classmethod
+    def from_op_inputs(cls, query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask, index,
+                       causal, need_weights: bool = False) -> AttentionCall:
+        return cls(query_proj, key_proj, value, v, key_lengths=key_lengths, key_padding_mask=key_padding_mask,
+                   causal=causal, need_weights=need_weights, index=index, extra_key_term=extra_key_term)
 
 
 def _can_read_values(tensor: torch.Tensor) -> bool:
@@ -54,7 +136,7 @@ def check_backend(backend) -> str:
     return backend
 
 
-def check_attention_inputs(
+def attention_call(
     query_proj,
     key_proj,
     value,
@@ -66,8 +148,8 @@ def check_attention_inputs(
     need_weights=False,
     index=None,
     extra_key_term=None,
-) -> ProblemSize:
-    """Validate the arguments of `additive_attention` and return the problem's sizes.
+) -> AttentionCall:
+    """Validate the arguments of `additive_attention` and return them as one `AttentionCall`.
 
     Expected: query_proj [B_q, T, A], key_proj [B_m, S, A], value [B_m, S, D], v [A], all of one floating dtype
     on one device; key_lengths [B_m] integer in [0, S]; key_padding_mask bool [B_m, S] or [B_q, T, S];
@@ -98,7 +180,6 @@ def check_attention_inputs(
 
     query_rows, tgt_len, attn_dim = query_proj.shape
     memory_rows, src_len, _ = key_proj.shape
-    value_dim = value.shape[2]
     if attn_dim == 0:
         raise ValueError("query_proj has attention dim A = 0; A must be at least 1")
     if key_proj.shape[2] != attn_dim:
@@ -169,4 +250,5 @@ def check_attention_inputs(
     if not isinstance(need_weights, bool):
         raise TypeError(f"need_weights must be a bool, got {type(need_weights).__name__}")
 
-    return ProblemSize(query_rows, memory_rows, tgt_len, src_len, attn_dim, value_dim)
+    return AttentionCall(query_proj, key_proj, value, v, key_lengths=key_lengths, key_padding_mask=key_padding_mask,
+                         causal=causal, need_weights=need_weights, index=index, extra_key_term=extra_key_term)

@@ -19,10 +19,12 @@ import time
 import torch
 
 from attn_fast.cpu_warmup import warm_cpu_math
-from attn_fast.backends.reference import additive_attention_reference
+from attn_fast.functional import additive_attention_reference
 from attn_fast.tools.testing import random_case
 from attn_fast.tolerances import forward_tolerance, relative_error
-from attn_fast.backends.torch_backend import DEFAULT_CHUNK_ELEMENTS, additive_attention_torch
+from attn_fast.backends import torch_backend
+from attn_fast.backends.common import DEFAULT_CHUNK_ELEMENTS
+from attn_fast.validation import attention_call
 
 # (B, T, S, A, D). The first is the measurement point; the others are DESIGN.md's named shapes.
 SHAPES = {
@@ -103,7 +105,8 @@ def main() -> None:
         for form in ("direct", "factorized"):
             for chunk in CHUNKS:
                 variants[f"torch/{form}/chunk={chunk}"] = (
-                    lambda *a, form=form, chunk=chunk, **k: additive_attention_torch(*a, tanh_form=form, chunk_elements=chunk, **k))
+                    lambda *a, form=form, chunk=chunk, **k: torch_backend.attend(
+                        attention_call(*a, **k), tanh_form=form, chunk_elements=chunk))
         for name, function in variants.items():
             checked(function, case, expected)
             forward = median_seconds(lambda: function(*case.inputs(), **case.options()), repeats)

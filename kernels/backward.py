@@ -11,7 +11,7 @@ this pass computes, in fp32,
 Layout (`_attention_backward_kernel`): program = (query row b, key tile of BLOCK_S keys, A-chunk of BLOCK_A).
 The key chunk (or its e^{2k}) is loaded once; the program walks the query rows in steps of BLOCK_T and, per step,
 evaluates a key-major [BLOCK_S, BLOCK_T, BLOCK_A] tile. Triton spreads the last (A) dim over lanes and warps and
-keeps the keys in each thread's registers (kernels/backward_configs.py: one unit and all 32 keys per thread), so:
+keeps the keys in each thread's registers (kernels/configs.py: one unit and all 32 keys per thread), so:
 - grad_row_keys[tile, chunk] and the grad_v partial are accumulated elementwise in [BLOCK_S, BLOCK_A] registers and
   written once at the end;
 - each query row's terms are reduced over the key tile inside each thread (no SHFL), giving this tile's share of
@@ -44,25 +44,8 @@ So the loop accumulates `hidden` h and `derivative` d with t = TANH_OFFSET + TAN
 1 - t^2 = DERIVATIVE_SCALE * d; the constant factors are applied once per output, not per element:
     grad_v = TANH_OFFSET * sum(dE) + TANH_SCALE * sum(dE * h),  grad_* = DERIVATIVE_SCALE * v * sum(dE * d).
 
-Static sm_90 figures (Triton 3.9, offline compile, issue model of DESIGN.md: <= 8 instructions per MUFU op is
-MUFU-bound). Default tile 32 keys x 128 units x 1 query row, 4 warps, 32 tanh per thread per step; dE rows from
-`grad_scores_buffer`; "full" = the loop over a full key tile, "last" = the last, partial key tile, "fallback" =
-the exp form a program takes when |q| or |k| > 20; splits = query-row splits chosen for 132 SMs:
-    shape (B, T, S, A)            dtype  form        splits  regs  spills  instr/tanh full | last | fallback
-    nmt_train (32, 50, 50, 256)   fp32   factorized  3       255   0       7.84 | 10.6 | 13.4
-    caption (32, 20, 196, 512)    fp32   factorized  1       255   0       7.94 | 10.7 | 13.5
-    long (8, 400, 400, 256)       fp32   factorized  2       255   0       7.75 | 10.5 | 13.3
-    nmt_train                     fp16   approx      3       255   0       7.59 | 10.3
-    caption                       fp16   approx      1       245   0       7.69 | 10.5
-    long                          fp16   approx      2       240   0       7.53 | 10.5
-(bf16 compiles like fp16.) Per element exactly one MUFU op (MUFU.RCP, or MUFU.TANH for approx; the exp fallback:
-EX2 + RCP), plus, for fp32, one EX2 per query row and thread for e^{2q} (1/32 per element). No SHFL in any loop:
-the sum over keys stays in each thread. Full tiles take <= 7.94 instructions per tanh, i.e. 7.7 per MUFU op: at
-the MUFU limit in the issue model (97% of 16 tanh/clock/SM for fp32, the e^{2q} EX2s being the other 3%). The last
-tile reads dE with 32 scalar loads instead of 8 vector loads (its keys past S are clamped to S - 1).
-Decoding-step gradients (T = 1, e.g. tts_step (32, 1, 200, 128)): the query loop is a single step, so a program's
-per-key work (key loads, 32 grad_row_keys stores per thread, the grad_v reduction) is of the order of its 32 tanh
-per thread; 144 registers, no spills.
+The static sm_90 figures of this kernel (registers, spills, instructions per tanh per shape and dtype) are in
+benchmarks/NOTES.md ("Static figures behind the kernel configurations") and benchmarks/results/static_sm90.json.
 """
 from __future__ import annotations
 
@@ -72,10 +55,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import forward as _forward
-from .backward_configs import BACKWARD_TANH_FORMS, BackwardConfig, backward_config
-from .configs import DEFAULT_SM_COUNT
-from .forward import KernelLaunch, is_interpreter, memory_row, run_launches
+from . import launch
+from .configs import BACKWARD_TANH_FORMS, BackwardConfig, backward_config
+from .forward import memory_row
 from .tanh import FACTORIZED_LIMIT, exp2_fast, exp2x_accurate, reciprocal, tanh_pointwise, uses_reciprocal_form
 
 _TWO_LOG2E = tl.constexpr(2.8853900817779268)  # 2 log2(e)
@@ -328,7 +310,7 @@ class BackwardPlan:
     grad_v_partial: torch.Tensor  # [B_q * num_splits * num_key_tiles, A] fp32, likewise
     deterministic: bool
     config: BackwardConfig
-    launches: list[KernelLaunch]
+    launches: list[launch.KernelLaunch]
 
 
 def plan_backward(query_proj, key_proj, v, grad_scores, *, index=None, extra_key_term=None, causal=False,
@@ -339,11 +321,8 @@ def plan_backward(query_proj, key_proj, v, grad_scores, *, index=None, extra_key
     src_len = key_proj.shape[1]
     device = query_proj.device
     if config is None:
-        sm_count = DEFAULT_SM_COUNT
-        if device.type == "cuda":
-            sm_count = _forward._sm_count(device.index if device.index is not None else torch.cuda.current_device())
         config = backward_config(query_rows=query_rows, tgt_len=tgt_len, src_len=src_len, attn_dim=attn_dim,
-                                 dtype=query_proj.dtype, sm_count=sm_count, tanh_form=tanh_form,
+                                 dtype=query_proj.dtype, sm_count=launch.sm_count(device), tanh_form=tanh_form,
                                  num_splits=num_splits)
     if config.tanh_form not in BACKWARD_TANH_FORMS:
         raise ValueError(f"tanh_form must be one of {BACKWARD_TANH_FORMS}, got {config.tanh_form!r}")
@@ -364,8 +343,8 @@ def plan_backward(query_proj, key_proj, v, grad_scores, *, index=None, extra_key
     if split_rows:
         grad_row_keys = zeros(num_splits if deterministic else 1, query_rows, src_len, attn_dim)
     else:
-        grad_row_keys = _forward.empty_buffer((1, query_rows, src_len, attn_dim), torch.float32, device)
-    grad_v_partial = _forward.empty_buffer((query_rows * num_splits * num_key_tiles, attn_dim), torch.float32,
+        grad_row_keys = launch.empty_buffer((1, query_rows, src_len, attn_dim), torch.float32, device)
+    grad_v_partial = launch.empty_buffer((query_rows * num_splits * num_key_tiles, attn_dim), torch.float32,
                                            device)
     plan = BackwardPlan(grad_query, grad_row_keys, grad_v_partial, deterministic, config, [])
     programs = query_rows * num_splits * num_key_tiles * num_a_chunks
@@ -375,7 +354,7 @@ def plan_backward(query_proj, key_proj, v, grad_scores, *, index=None, extra_key
     def strides(tensor, count=3):
         return (0,) * count if tensor is None else tensor.stride()
 
-    plan.launches.append(KernelLaunch(
+    plan.launches.append(launch.KernelLaunch(
         kernel=_attention_backward_kernel,
         grid=(programs,),
         arguments=dict(
@@ -414,7 +393,7 @@ def grad_scores_buffer(query_rows: int, tgt_len: int, src_len: int, device) -> t
     `out=`) instead of passing a contiguous [B_q, T, S] tensor makes the backward's dE loads vectorized when S is
     not already a multiple of 16."""
     padded = triton.cdiv(src_len, GRAD_SCORES_ROW_ALIGN) * GRAD_SCORES_ROW_ALIGN
-    return _forward.empty_buffer((query_rows, tgt_len, padded), torch.float32, device)[:, :, :src_len]
+    return launch.empty_buffer((query_rows, tgt_len, padded), torch.float32, device)[:, :, :src_len]
 
 
 def _check_inputs(query_proj, key_proj, v, grad_scores, index, extra_key_term):
@@ -454,63 +433,24 @@ def attention_backward_tanh_pass(query_proj, key_proj, v, grad_scores, *, index=
     deterministic: None follows `torch.are_deterministic_algorithms_enabled()`. True: each key tile adds into its
     own zeroed partial of grad_query_proj (one add per element: exact) and the partials are summed in a fixed
     order, so results are bit-identical on repeat; False: all key tiles add into one buffer with fp32 atomics.
-    tanh_form / num_splits / config override kernels/backward_configs.py (tests, benchmarks). wrap: see
-    `kernels.forward.run_launches`.
+    tanh_form / num_splits / config override kernels/configs.py (tests, benchmarks). wrap: see
+    `kernels.launch.run_launches`.
 
     Returns (grad_query_proj [B_q, T, A], grad_row_keys [B_q, S, A], grad_v [A]), fp32 — see the module
     docstring for the formulas. grad_row_keys is per query row: the caller scatters it into the memory rows
     (index_add) and uses it as the gradient of extra_key_term. Nothing of size B*T*S*A is allocated.
     """
     _check_inputs(query_proj, key_proj, v, grad_scores, index, extra_key_term)
-    interpret = is_interpreter()
     device = query_proj.device
-    if device.type != "cuda" and not interpret:
-        raise RuntimeError(
-            f"the Triton kernels need CUDA tensors (got {device.type}); on CPU they run only under TRITON_INTERPRET=1"
-        )
+    interpret = launch.require_runnable(device)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     plan = plan_backward(query_proj, key_proj, v, grad_scores, index=index, extra_key_term=extra_key_term,
                          causal=causal, deterministic=deterministic, interpret=interpret, tanh_form=tanh_form,
                          num_splits=num_splits, config=config)
-    run_launches(plan.launches, device, wrap)
+    launch.run_launches(plan.launches, device, wrap)
     # Fixed-order sums (deterministic on every device) of the partials; a single partial is just unwrapped.
     def total(partials):
         return partials[0] if partials.shape[0] == 1 else partials.sum(0)
 
     return total(plan.grad_query), total(plan.grad_row_keys), plan.grad_v_partial.sum(0)
-
-
-#: The benchmark shapes of DESIGN.md ("Benchmarks") as (B, T, S, A): what `static_compile_targets` compiles by
-#: default. (benchmarks/static_report.py has the same names with D appended; either form is accepted.) tts_step
-#: (T = 1) is left out: Triton specializes T = 1 to a constant, the query loop disappears, and a report that looks
-#: for the hot *loop* finds none; its straight-line figures are in the module docstring.
-STATIC_SHAPES = {
-    "nmt_train": (32, 50, 50, 256),
-    "caption": (32, 20, 196, 512),
-    "long": (8, 400, 400, 256),
-}
-STATIC_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def static_compile_targets(shapes: dict | None = None, dtypes: dict | None = None) -> list[tuple[str, KernelLaunch]]:
-    """(use, launch) pairs for the static sm_90 report: the launches `attention_backward_tanh_pass` makes with its
-    default configuration for each named shape and dtype (contiguous inputs, dE from `grad_scores_buffer`, no
-    index/extra term, causal=False, an H100's 132 SMs), planned on meta tensors. `use` is "shape/dtype/backward";
-    `launch` is the forward's `KernelLaunch`, so benchmarks/static_report.py compiles it like its own
-    (`analyze_launch`); the hot loop's elements per thread are BLOCK_A * BLOCK_T * BLOCK_S / threads, with the
-    same constexpr names as the forward's score kernel.
-
-    shapes: name -> (B, T, S, A[, D]) (default STATIC_SHAPES); dtypes: name -> torch dtype (default fp32/fp16/bf16).
-    """
-    targets = []
-    for shape_name, (batch, tgt_len, src_len, attn_dim, *_) in (shapes or STATIC_SHAPES).items():
-        for dtype_name, dtype in (dtypes or STATIC_DTYPES).items():
-            def meta(*shape, dtype=dtype):
-                return torch.empty(*shape, device="meta", dtype=dtype)
-
-            grad_scores = grad_scores_buffer(batch, tgt_len, src_len, "meta")  # as the backend allocates dE
-            plan = plan_backward(meta(batch, tgt_len, attn_dim), meta(batch, src_len, attn_dim), meta(attn_dim),
-                                 grad_scores)
-            targets.extend((f"{shape_name}/{dtype_name}/backward", launch) for launch in plan.launches)
-    return targets

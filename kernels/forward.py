@@ -17,27 +17,15 @@ Kernels (see DESIGN.md, "Forward kernel"):
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .configs import DEFAULT_SM_COUNT, ForwardConfig, context_config, forward_config, next_power_of_2
+from . import launch
+from .configs import ForwardConfig, context_config, forward_config, next_power_of_2
 from .tanh import FACTORIZED_LIMIT, FACTORIZED_V_LIMIT, TANH_FORMS, chunk_scores, score_bias, score_weights
-
-
-def empty_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every output and scratch buffer of the forward comes from here (uninitialized: the kernels write every
-    element). Tests replace this function with one that fills NaN, to prove that claim."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def is_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -345,27 +333,6 @@ def _context_from_scores_kernel(
 
 
 @dataclasses.dataclass
-class KernelLaunch:
-    """One kernel launch of the forward: `kernel[grid](**arguments, num_warps=..., num_stages=...)`. The static
-    sm_90 report (benchmarks/static_report.py) compiles exactly these."""
-
-    kernel: triton.JITFunction
-    grid: tuple[int, ...]
-    arguments: dict
-    num_warps: int
-    num_stages: int = 1  # software pipelining of loops Triton pipelines by itself (not the A-chunk loop)
-
-
-def run_launches(launches: list[KernelLaunch], device: torch.device, wrap=None) -> None:
-    """Launch `launches` in order on `device`. `wrap` (torch.library.wrap_triton inside a `triton_op`) wraps each
-    kernel so that torch.compile can trace the launch instead of treating it as opaque."""
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        for launch in launches:
-            kernel = launch.kernel if wrap is None else wrap(launch.kernel)
-            kernel[launch.grid](**launch.arguments, num_warps=launch.num_warps, num_stages=launch.num_stages)
-
-
-@dataclasses.dataclass
 class ForwardPlan:
     """The outputs (allocated, not yet written) and the launches that write them."""
 
@@ -373,12 +340,7 @@ class ForwardPlan:
     lse: torch.Tensor  # [B_q, T] fp32
     weights: torch.Tensor | None  # [B_q, T, S], input dtype
     config: ForwardConfig
-    launches: list[KernelLaunch]
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    launches: list[launch.KernelLaunch]
 
 
 def _mask_strides(key_padding_mask: torch.Tensor | None) -> tuple[int, int, int]:
@@ -390,47 +352,44 @@ def _mask_strides(key_padding_mask: torch.Tensor | None) -> tuple[int, int, int]
 
 
 def plan_forward(
-    query_proj: torch.Tensor,
-    key_proj: torch.Tensor,
-    value: torch.Tensor,
-    v: torch.Tensor,
+    call,
     *,
-    key_lengths: torch.Tensor | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    causal: bool = False,
-    index: torch.Tensor | None = None,
-    extra_key_term: torch.Tensor | None = None,
-    need_weights: bool = False,
     weights_dtype: torch.dtype | None = None,
     tanh_form: str | None = None,
     num_splits: int | None = None,
     interpret: bool = False,
     config: ForwardConfig | None = None,
 ) -> ForwardPlan:
-    """Allocate the outputs and scratch of `attention_forward` and list its kernel launches (works on meta
-    tensors too, which is how the static report gets real launch arguments without a GPU). `config` replaces the
-    heuristic entirely (benchmarks and the static report compare configurations with it)."""
+    """Allocate the outputs and scratch of `attention_forward(call)` and list its kernel launches (works on meta
+    tensors too, which is how the static report gets real launch arguments without a GPU).
+
+    `weights_dtype` (e.g. torch.float32) returns the weights in another floating dtype than the input's: the
+    probabilities are computed in fp32, and a backward pass may want them unrounded.
+    `tanh_form` ("exp", "factorized", "approx", "libdevice") and `num_splits` (key splits, >= 1) override the
+    heuristic of kernels/configs.py; leave them None in normal use. `config` replaces the heuristic entirely
+    (benchmarks and the static report compare configurations with it). `interpret`: the kernels' INTERPRET switch.
+    """
     if tanh_form is not None and tanh_form not in TANH_FORMS:
         raise ValueError(f"tanh_form must be one of {TANH_FORMS}, got {tanh_form!r}")
-    query_rows, tgt_len, attn_dim = query_proj.shape
-    src_len = key_proj.shape[1]
-    value_dim = value.shape[2]
-    dtype, device = query_proj.dtype, query_proj.device
+    query_proj, key_proj, value, v = call.query_proj, call.key_proj, call.value, call.v
+    key_lengths, key_padding_mask, index, extra_key_term = (call.key_lengths, call.key_padding_mask, call.index,
+                                                            call.extra_key_term)
+    need_weights, causal = call.need_weights, call.causal
+    query_rows, tgt_len, attn_dim = call.query_rows, call.tgt_len, call.attn_dim
+    src_len, value_dim = call.src_len, call.value_dim
+    dtype, device = call.dtype, call.device
 
-    if device.type == "cuda":
-        sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        sm_count = DEFAULT_SM_COUNT
     if config is None:
         config = forward_config(
             query_rows=query_rows, tgt_len=tgt_len, src_len=src_len, attn_dim=attn_dim, value_dim=value_dim,
-            dtype=dtype, need_weights=need_weights, sm_count=sm_count, tanh_form=tanh_form, num_splits=num_splits,
+            dtype=dtype, need_weights=need_weights, sm_count=launch.sm_count(device), tanh_form=tanh_form,
+            num_splits=num_splits,
         )
     elif need_weights and config.fuse_context:
         raise ValueError("need_weights requires a configuration with fuse_context=False")
-    context = empty_buffer((query_rows, tgt_len, value_dim), dtype, device)
-    lse = empty_buffer((query_rows, tgt_len), torch.float32, device)
-    weights = (empty_buffer((query_rows, tgt_len, src_len), weights_dtype or dtype, device)
+    context = launch.empty_buffer((query_rows, tgt_len, value_dim), dtype, device)
+    lse = launch.empty_buffer((query_rows, tgt_len), torch.float32, device)
+    weights = (launch.empty_buffer((query_rows, tgt_len, src_len), weights_dtype or dtype, device)
                if need_weights else None)
     plan = ForwardPlan(context, lse, weights, config, [])
     if query_rows == 0 or tgt_len == 0:
@@ -442,12 +401,12 @@ def plan_forward(
     splits = triton.cdiv(key_tiles, tiles_per_split)
     split = splits > 1
     rows = query_rows * tgt_len
-    scores = None if config.fuse_context else empty_buffer((query_rows, tgt_len, src_len), torch.float32, device)
+    scores = None if config.fuse_context else launch.empty_buffer((query_rows, tgt_len, src_len), torch.float32, device)
     if split:
-        row_max = empty_buffer((splits, rows), torch.float32, device)
-        row_sum = empty_buffer((splits, rows), torch.float32, device)
+        row_max = launch.empty_buffer((splits, rows), torch.float32, device)
+        row_sum = launch.empty_buffer((splits, rows), torch.float32, device)
         partial_context = (
-            empty_buffer((splits, rows, value_dim), torch.float32, device) if config.fuse_context else None
+            launch.empty_buffer((splits, rows, value_dim), torch.float32, device) if config.fuse_context else None
         )
 
     def pointer(tensor: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
@@ -456,9 +415,9 @@ def plan_forward(
 
     # v turned into the per-a weights of the score loop (tanh.score_weights), padded to whole A-chunks.
     attn_dim_padded = triton.cdiv(attn_dim, config.block_a) * config.block_a
-    score_vector = empty_buffer((attn_dim_padded,), torch.float32, device)
-    score_scalars = empty_buffer((2,), torch.float32, device)
-    plan.launches.append(KernelLaunch(
+    score_vector = launch.empty_buffer((attn_dim_padded,), torch.float32, device)
+    score_scalars = launch.empty_buffer((2,), torch.float32, device)
+    plan.launches.append(launch.KernelLaunch(
         kernel=_score_vector_kernel,
         grid=(1,),
         arguments=dict(
@@ -468,7 +427,7 @@ def plan_forward(
         ),
         num_warps=4,
     ))
-    plan.launches.append(KernelLaunch(
+    plan.launches.append(launch.KernelLaunch(
         kernel=_attention_forward_kernel,
         grid=(query_rows * triton.cdiv(tgt_len, config.block_t), splits),
         arguments=dict(
@@ -509,7 +468,7 @@ def plan_forward(
         num_warps=config.num_warps,
     ))
     if split:
-        plan.launches.append(KernelLaunch(
+        plan.launches.append(launch.KernelLaunch(
             kernel=_combine_splits_kernel,
             grid=(rows,),
             arguments=dict(
@@ -522,7 +481,7 @@ def plan_forward(
         ))
     if not config.fuse_context:
         second = context_config(tgt_len=tgt_len, value_dim=value_dim)
-        plan.launches.append(KernelLaunch(
+        plan.launches.append(launch.KernelLaunch(
             kernel=_context_from_scores_kernel,
             grid=(query_rows * triton.cdiv(tgt_len, second.block_t), max(1, triton.cdiv(value_dim, second.block_d))),
             arguments=dict(
@@ -543,49 +502,15 @@ def plan_forward(
     return plan
 
 
-def attention_forward(
-    query_proj: torch.Tensor,
-    key_proj: torch.Tensor,
-    value: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    key_lengths: torch.Tensor | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    causal: bool = False,
-    index: torch.Tensor | None = None,
-    extra_key_term: torch.Tensor | None = None,
-    need_weights: bool = False,
-    weights_dtype: torch.dtype | None = None,
-    tanh_form: str | None = None,
-    num_splits: int | None = None,
-    wrap=None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Additive attention forward on validated inputs (see attn_fast.validation for the shapes and rules).
+def attention_forward(call, *, wrap=None, **tuning) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Additive attention forward of a validated call (`attn_fast.validation.AttentionCall`, built by
+    `attention_call`; its docstring has the shapes and rules): one float dtype, any strides.
 
-    query_proj [B_q, T, A], key_proj [B_m, S, A], value [B_m, S, D], v [A], one float dtype, any strides;
-    key_lengths [B_m] integer; key_padding_mask bool [B_m, S] or [B_q, T, S] (True = ignore); index [B_q]
-    integer (query row b reads memory row index[b]); extra_key_term [B_q, S, A] added to the keys of query row b.
-
-    Returns (context [B_q, T, D] in the input dtype, lse [B_q, T] fp32, weights [B_q, T, S] in the input dtype or
-    None): lse is the natural log-sum-exp of the visible scores, +inf for a row without visible key (whose context
-    and weights are 0). Inputs are not modified; nothing of size B*T*S*A is allocated.
-
-    `weights_dtype` (e.g. torch.float32) returns the weights in another floating dtype than the input's: the
-    probabilities are computed in fp32, and a backward pass may want them unrounded.
-    `tanh_form` ("exp", "factorized", "approx", "libdevice") and `num_splits` (key splits, >= 1) override the
-    heuristic of kernels/configs.py; leave them None in normal use. `wrap`: see `run_launches`.
+    Returns (context [B_q, T, D] in the input dtype, lse [B_q, T] fp32, weights [B_q, T, S] in the input dtype, or
+    None unless `call.need_weights`): lse is the natural log-sum-exp of the visible scores, +inf for a row without
+    visible key (whose context and weights are 0). Inputs are not modified; nothing of size B*T*S*A is allocated.
+    `tuning`: weights_dtype, tanh_form, num_splits, as in `plan_forward`. `wrap`: see `launch.run_launches`.
     """
-    interpret = is_interpreter()
-    device = query_proj.device
-    if device.type != "cuda" and not interpret:
-        raise RuntimeError(
-            f"the Triton kernels need CUDA tensors (got {device.type}); on CPU they run only under TRITON_INTERPRET=1"
-        )
-    plan = plan_forward(
-        query_proj, key_proj, value, v, key_lengths=key_lengths, key_padding_mask=key_padding_mask, causal=causal,
-        index=index, extra_key_term=extra_key_term, need_weights=need_weights, weights_dtype=weights_dtype,
-        tanh_form=tanh_form,
-        num_splits=num_splits, interpret=interpret,
-    )
-    run_launches(plan.launches, device, wrap)
+    plan = plan_forward(call, interpret=launch.require_runnable(call.device), **tuning)
+    launch.run_launches(plan.launches, call.device, wrap)
     return plan.context, plan.lse, plan.weights

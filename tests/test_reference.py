@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from attn_fast.backends.reference import additive_attention_reference
+from attn_fast import additive_attention_reference
 from attn_fast.tools.testing import random_case
 
 

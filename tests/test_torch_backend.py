@@ -7,17 +7,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 import torch
 
-from attn_fast import additive_attention, torch_backend
+from attn_fast import additive_attention
+from attn_fast.backends import common, torch_backend
 from attn_fast.tools.testing import MASK_KINDS, errors_against_reference, random_case
 from attn_fast.tolerances import forward_tolerance, gradient_tolerance
-from attn_fast.backends.torch_backend import (
-    _DirectTanh, _FactorizedTanh, _Operands, additive_attention_torch, plan_blocks,
-)
+from attn_fast.backends.torch_backend import _DirectTanh, _FactorizedTanh, _Operands, plan_blocks
+from attn_fast.validation import attention_call
+
+
+def additive_attention_torch(query_proj, key_proj, value, v, *, tanh_form="auto",
+                             chunk_elements=common.DEFAULT_CHUNK_ELEMENTS, **options):
+    """The torch backend on a validated call, with its tuning knobs (tanh form, block size) exposed."""
+    return torch_backend.attend(attention_call(query_proj, key_proj, value, v, **options), tanh_form=tanh_form,
+                                chunk_elements=chunk_elements)
+
 
 @pytest.fixture(autouse=True)
 def poisoned_buffers(poison):
     """Every uninitialized buffer of the backend starts as NaN: an element the loops forget to write shows up."""
-    return poison(torch_backend)
+    return poison(common)
 
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -76,7 +84,8 @@ def test_auto_form_switches_on_magnitude():
         case = random_case(2, 3, 4, 5, 6, seed=1, extra_key_term=extra_scale > 0)
         query = case.query_proj * scale
         extra = None if case.extra_key_term is None else case.extra_key_term * extra_scale
-        return _Operands(query, case.key_proj, case.value, case.v, extra, None, False, "auto", 1 << 20).form
+        call = attention_call(query, case.key_proj, case.value, case.v, extra_key_term=extra)
+        return _Operands(call, "auto", 1 << 20).form
 
     assert form_for(1.0) is _FactorizedTanh
     assert form_for(1e3) is _DirectTanh

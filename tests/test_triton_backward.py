@@ -18,8 +18,9 @@ from attn_fast.tolerances import gradient_tolerance, relative_error
 
 forward = pytest.importorskip("attn_fast.kernels.forward")
 backward = pytest.importorskip("attn_fast.kernels.backward")
-backward_configs = pytest.importorskip("attn_fast.kernels.backward_configs")
-BackwardConfig = backward_configs.BackwardConfig
+configs = pytest.importorskip("attn_fast.kernels.configs")
+launcher = pytest.importorskip("attn_fast.kernels.launch")
+BackwardConfig = configs.BackwardConfig
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,8 +33,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarn
 @pytest.fixture(autouse=True)
 def poisoned_buffers(poison):
     """Every buffer the launchers allocate uninitialized starts as NaN (the backward allocates through
-    forward.empty_buffer): unwritten elements fail the comparison."""
-    return poison(forward)
+    launcher.empty_buffer): unwritten elements fail the comparison."""
+    return poison(launcher)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,7 +176,7 @@ def test_saturated_inputs_stay_finite_and_accurate(dtype):
     check(case, random_grad_scores(2, 5, 34, seed=18))
 
 
-@pytest.mark.parametrize("tanh_form", backward_configs.BACKWARD_TANH_FORMS)
+@pytest.mark.parametrize("tanh_form", configs.BACKWARD_TANH_FORMS)
 def test_every_tanh_form_meets_the_fp32_tolerance(tanh_form):
     """Under the interpreter "approx" runs the portable formula, so it meets fp32's tolerance too; on a GPU only
     the reciprocal forms are held to it ("approx" is the half-precision choice)."""
@@ -210,7 +211,7 @@ def test_keys_past_the_last_tile_add_nothing_at_the_edge_of_the_factorized_range
 
 def test_default_tanh_forms_per_dtype():
     def form(dtype, tgt_len=50, **options):
-        return backward_configs.backward_config(query_rows=32, tgt_len=tgt_len, src_len=50, attn_dim=256,
+        return configs.backward_config(query_rows=32, tgt_len=tgt_len, src_len=50, attn_dim=256,
                                                 dtype=dtype, **options).tanh_form
 
     assert form(torch.float32) == "factorized"
@@ -301,7 +302,7 @@ def test_each_key_tile_writes_only_its_own_partial():
     grad_scores = random_grad_scores(2, 3, 10, seed=46)
     config = BackwardConfig(block_t=1, block_s=4, block_a=4, num_warps=1, num_stages=1, tanh_form="factorized")
     plan = backward.plan_backward(case.query_proj, case.key_proj, case.v, grad_scores, deterministic=True,
-                                  interpret=forward.is_interpreter(), config=config)
+                                  interpret=launcher.is_interpreter(), config=config)
     for launch in plan.launches:
         launch.kernel[launch.grid](**launch.arguments, num_warps=launch.num_warps, num_stages=launch.num_stages)
     keys = torch.arange(10, device=DEVICE)
@@ -335,7 +336,7 @@ def test_each_split_writes_only_its_own_rows_keys_partial():
     config = BackwardConfig(block_t=1, block_s=4, block_a=4, num_warps=1, num_stages=1, tanh_form="factorized",
                             num_splits=2)
     plan = backward.plan_backward(case.query_proj, case.key_proj, case.v, grad_scores, deterministic=True,
-                                  interpret=forward.is_interpreter(), config=config)
+                                  interpret=launcher.is_interpreter(), config=config)
     for launch in plan.launches:
         launch.kernel[launch.grid](**launch.arguments, num_warps=launch.num_warps, num_stages=launch.num_stages)
     rows = torch.arange(7, device=DEVICE)[:, None]
@@ -347,7 +348,7 @@ def test_each_split_writes_only_its_own_rows_keys_partial():
 
 def test_heuristic_splits_query_rows_only_for_small_grids():
     def splits(query_rows, tgt_len, src_len=50, attn_dim=256):
-        return backward_configs.backward_config(query_rows=query_rows, tgt_len=tgt_len, src_len=src_len,
+        return configs.backward_config(query_rows=query_rows, tgt_len=tgt_len, src_len=src_len,
                                                 attn_dim=attn_dim, dtype=torch.float32).num_splits
 
     assert splits(32, 50) == 3  # 128 programs for 132 SMs: 3 splits of 17 rows
@@ -375,7 +376,7 @@ def test_no_buffer_of_size_b_t_s_a(poisoned_buffers):
     batch, tgt_len, src_len, attn_dim = 2, 5, 9, 6
     case = random_case(batch, tgt_len, src_len, attn_dim, 2, device=DEVICE, seed=35)
     run_backward(case, random_grad_scores(batch, tgt_len, src_len, seed=36), deterministic=True)
-    assert poisoned_buffers, "the launcher should allocate through forward.empty_buffer"
+    assert poisoned_buffers, "the launcher should allocate through launcher.empty_buffer"
     assert max(buffer.numel() for buffer in poisoned_buffers) < batch * tgt_len * src_len * attn_dim
 
 
@@ -406,7 +407,7 @@ def test_invalid_arguments_are_rejected():
 
 
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
-    monkeypatch.setattr(backward, "is_interpreter", lambda: False)
+    monkeypatch.setattr(launcher, "is_interpreter", lambda: False)
     case = random_case(1, 2, 3, 4, 2, seed=41)
     with pytest.raises(RuntimeError, match="CUDA"):
         backward.attention_backward_tanh_pass(case.query_proj, case.key_proj, case.v, torch.zeros(1, 2, 3))
@@ -417,13 +418,18 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
 
 
 def test_static_compile_targets_describe_the_default_launches():
-    """The report hook plans the default launches on meta tensors, one per shape and dtype, in the forward's
-    KernelLaunch form with the constexpr names the report's hot-loop analysis reads."""
-    targets = backward.static_compile_targets()
-    assert len(targets) == len(backward.STATIC_SHAPES) * len(backward.STATIC_DTYPES)
+    """The static report (benchmarks/static_report.py) plans the backward's default launches on meta tensors, one
+    per all-steps shape and dtype, as launches it can compile (kernel, arguments, warps, stages) with the constexpr
+    names its hot-loop analysis reads."""
+    from benchmarks import static_report
+
+    targets = static_report.backward_compile_targets()
+    all_steps = [shape for shape in static_report.SHAPES.values() if shape.tgt_len > 1]
+    assert len(targets) == len(all_steps) * len(static_report.DTYPES)
     for use, launch in targets:
         assert use.endswith("/backward")
-        assert isinstance(launch, forward.KernelLaunch)
+        assert launch.kernel is backward._attention_backward_kernel
+        assert launch.num_warps >= 1 and launch.num_stages >= 1
         arguments = launch.arguments
         assert arguments["query_proj"].device.type == "meta"
         assert arguments["grad_scores"].stride(1) % backward.GRAD_SCORES_ROW_ALIGN == 0

@@ -10,12 +10,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attn_fast.backends.reference import additive_attention_reference
+from attn_fast import additive_attention_reference
 from attn_fast.tools.testing import MASK_KINDS, random_case
 from attn_fast.tolerances import forward_tolerance, relative_error
+from attn_fast.validation import attention_call
 
 forward = pytest.importorskip("attn_fast.kernels.forward")
 configs = pytest.importorskip("attn_fast.kernels.configs")
+launcher = pytest.importorskip("attn_fast.kernels.launch")
+
+TUNING = ("weights_dtype", "tanh_form", "num_splits")
+
+
+def attention_forward(query_proj, key_proj, value, v, **arguments):
+    """The forward launcher on a call validated by the library (`attention_call`); tuning keywords pass through."""
+    tuning = {name: arguments.pop(name) for name in TUNING if name in arguments}
+    return forward.attention_forward(attention_call(query_proj, key_proj, value, v, **arguments), **tuning)
+
+
+def plan_forward(query_proj, key_proj, value, v, **options):
+    return forward.plan_forward(attention_call(query_proj, key_proj, value, v, **options))
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -27,7 +41,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarn
 @pytest.fixture(autouse=True)
 def poisoned_buffers(poison):
     """Every buffer the launcher allocates starts as NaN: unwritten elements fail (see conftest's `poison`)."""
-    return poison(forward)
+    return poison(launcher)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,7 +78,7 @@ def reference_lse(case64) -> torch.Tensor:
 
 def check_against_reference(case, *, need_weights: bool, tolerance: float | None = None, **overrides):
     """Run the kernels on `case`, compare context, weights and lse with float64, and return the outputs."""
-    context, lse, weights = forward.attention_forward(*case.inputs(), **case.options(), need_weights=need_weights,
+    context, lse, weights = attention_forward(*case.inputs(), **case.options(), need_weights=need_weights,
                                                       **overrides)
     dtype = case.query_proj.dtype
     tolerance = forward_tolerance(dtype) if tolerance is None else tolerance
@@ -199,7 +213,7 @@ def test_v_with_zeros_tiny_and_huge_entries():
     check_against_reference(case, need_weights=True)
     with torch.no_grad():
         case.v[3] = 1e19  # beyond FACTORIZED_V_LIMIT: the exp form must take over
-    _, lse, _ = forward.attention_forward(*case.inputs(), **case.options())
+    _, lse, _ = attention_forward(*case.inputs(), **case.options())
     assert torch.isfinite(lse).all()
     check_against_reference(case, need_weights=True)
 
@@ -210,14 +224,14 @@ def test_every_tanh_form_is_selectable(tanh_form, tgt_len):
     """Under the interpreter "approx" and "libdevice" run the portable formula; on a GPU they are what they say
     (the fp16 tolerance is what tanh.approx is held to)."""
     case = random_case(2, tgt_len, 30, 10, 6, mask="lengths", seed=19)
-    tolerance = None if tanh_form in ("exp", "factorized") or forward.is_interpreter() else 2e-3
+    tolerance = None if tanh_form in ("exp", "factorized") or launcher.is_interpreter() else 2e-3
     check_against_reference(case, need_weights=False, tanh_form=tanh_form, tolerance=tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_weights_in_fp32_for_half_inputs(dtype):
     case = random_case(2, 17, 20, 6, 5, mask="mixed", dtype=dtype, seed=71)
-    context, _, weights = forward.attention_forward(*case.inputs(), **case.options(), need_weights=True,
+    context, _, weights = attention_forward(*case.inputs(), **case.options(), need_weights=True,
                                                     weights_dtype=torch.float32)
     _, half_weights = check_against_reference(case, need_weights=True)[::2]
     case64 = case.cast(torch.float64)
@@ -230,7 +244,7 @@ def test_weights_in_fp32_for_half_inputs(dtype):
 def test_unknown_tanh_form_is_rejected():
     case = random_case(1, 2, 3, 4, 5)
     with pytest.raises(ValueError, match="tanh_form"):
-        forward.attention_forward(*case.inputs(), tanh_form="fast")
+        attention_forward(*case.inputs(), tanh_form="fast")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,10 +267,10 @@ def test_split_keys_with_causal_steps():
 def test_split_with_index_equals_all_steps_on_repeated_memory(dtype):
     """Single-step decoding with beam index and key splits = the unsplit kernel on memory repeated per beam."""
     case = random_case(2, 1, 280, 7, 6, mask="mixed", beam=3, extra_key_term=True, dtype=dtype, seed=31)
-    split = forward.attention_forward(*case.inputs(), **case.options(), need_weights=True, num_splits=4)
+    split = attention_forward(*case.inputs(), **case.options(), need_weights=True, num_splits=4)
     repeated = dict(case.options(), index=None, key_lengths=case.key_lengths[case.index],
                     key_padding_mask=case.key_padding_mask[case.index])
-    unsplit = forward.attention_forward(case.query_proj, case.key_proj[case.index], case.value[case.index], case.v,
+    unsplit = attention_forward(case.query_proj, case.key_proj[case.index], case.value[case.index], case.v,
                                         **repeated, need_weights=True, num_splits=1)
     tolerance = forward_tolerance(dtype)
     for actual, expected in zip(split, unsplit):
@@ -274,7 +288,7 @@ def test_heuristic_splits_small_batches_with_long_keys():
     assert big_batch.num_splits == 1
     # The launcher's default path on such a problem: split, and correct.
     case = random_case(1, 1, 600, 5, 3, mask="lengths", seed=37)
-    plan = forward.plan_forward(*case.inputs(), **case.options())
+    plan = plan_forward(*case.inputs(), **case.options())
     assert plan.launches[1].grid[1] > 1
     check_against_reference(case, need_weights=False)
 
@@ -295,7 +309,7 @@ def test_default_tanh_forms_per_dtype():
 
 def test_large_value_dim_takes_the_two_kernel_path():
     case = random_case(1, 18, 20, 6, 300, mask="causal", seed=41)
-    plan = forward.plan_forward(*case.inputs(), **case.options())
+    plan = plan_forward(*case.inputs(), **case.options())
     assert not plan.config.fuse_context
     assert [launch.kernel.__name__ for launch in plan.launches][-1] == "_context_from_scores_kernel"
     check_against_reference(case, need_weights=False)
@@ -314,7 +328,7 @@ def test_inputs_are_not_modified():
     tensors = {**case.float_tensors(), "key_lengths": case.key_lengths, "key_padding_mask": case.key_padding_mask,
                "index": case.index}
     before = {name: tensor.clone() for name, tensor in tensors.items()}
-    forward.attention_forward(*case.inputs(), **case.options(), need_weights=True)
+    attention_forward(*case.inputs(), **case.options(), need_weights=True)
     for name, tensor in tensors.items():
         assert torch.equal(tensor, before[name]), name
 
@@ -322,7 +336,7 @@ def test_inputs_are_not_modified():
 def test_no_buffer_of_size_b_t_s_a(poisoned_buffers):
     batch, tgt_len, src_len, attn_dim, value_dim = 2, 17, 21, 6, 5
     case = random_case(batch, tgt_len, src_len, attn_dim, value_dim, mask="lengths", seed=53)
-    forward.attention_forward(*case.inputs(), **case.options(), need_weights=True)
+    attention_forward(*case.inputs(), **case.options(), need_weights=True)
     assert poisoned_buffers, "the launcher must allocate through empty_buffer"
     assert max(buffer.numel() for buffer in poisoned_buffers) < batch * tgt_len * src_len * attn_dim
 
@@ -332,17 +346,17 @@ def test_empty_batch_and_empty_steps():
         case = random_case(max(batch, 1), max(tgt_len, 1), 4, 3, 2)
         query_proj = case.query_proj[:batch, :tgt_len]
         key_proj, value = case.key_proj[:batch], case.value[:batch]
-        context, lse, weights = forward.attention_forward(query_proj, key_proj, value, case.v, need_weights=True)
+        context, lse, weights = attention_forward(query_proj, key_proj, value, case.v, need_weights=True)
         assert context.shape == (batch, tgt_len, 2) and lse.shape == (batch, tgt_len)
         assert weights.shape == (batch, tgt_len, 4)
 
 
 def test_no_keys_and_no_value_dims():
     case = random_case(2, 3, 4, 5, 6, seed=61)
-    context, lse, weights = forward.attention_forward(case.query_proj, case.key_proj[:, :0], case.value[:, :0],
+    context, lse, weights = attention_forward(case.query_proj, case.key_proj[:, :0], case.value[:, :0],
                                                       case.v, need_weights=True)
     assert torch.equal(context, torch.zeros(2, 3, 6)) and torch.isposinf(lse).all() and weights.shape == (2, 3, 0)
-    context, lse, _ = forward.attention_forward(case.query_proj, case.key_proj, case.value[:, :, :0], case.v)
+    context, lse, _ = attention_forward(case.query_proj, case.key_proj, case.value[:, :, :0], case.v)
     assert context.shape == (2, 3, 0)
     assert relative_error(lse, reference_lse(case.cast(torch.float64))) <= forward_tolerance(torch.float32)
 
@@ -351,7 +365,7 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     case = random_case(1, 2, 3, 4, 5)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        forward.attention_forward(*case.inputs())
+        attention_forward(*case.inputs())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

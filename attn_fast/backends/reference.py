@@ -3,42 +3,22 @@
 It does what Keras, OpenNMT-py, SpeechBrain and the PyTorch tutorial do — materialize the [B, T, S, A] tanh
 tensor — in whatever floating dtype it is given (tests call it in float64). It is kept obviously correct rather
 than clever: it shares no code with the other backends, not even the mask logic, so that a bug there cannot hide
-here too. Inputs are assumed valid (`attn_fast.additive_attention` validates before dispatching).
+here too. It is reached through `attn_fast.additive_attention(..., backend="reference")` (or
+`attn_fast.additive_attention_reference`), which validates before dispatching.
 """
 from __future__ import annotations
 
 import torch
 
 
-def additive_attention_reference(
-    query_proj: torch.Tensor,
-    key_proj: torch.Tensor,
-    value: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    key_lengths: torch.Tensor | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    causal: bool = False,
-    need_weights: bool = False,
-    index: torch.Tensor | None = None,
-    extra_key_term: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Additive attention by the book.
+def attend(call) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Additive attention by the book, for a validated `attn_fast.validation.AttentionCall` (shapes there).
 
-    Shapes (B_q query rows, B_m memory rows; B_q == B_m unless `index` is given):
-        query_proj       [B_q, T, A]
-        key_proj         [B_m, S, A]
-        value            [B_m, S, D]
-        v                [A]
-        key_lengths      [B_m] integer: key j is visible when j < key_lengths[b]
-        key_padding_mask [B_m, S] or [B_q, T, S] bool, True = padding (ignored)
-        causal           key j is visible to query i only when j <= i
-        index            [B_q] integer: query row b reads memory row index[b] (beam search)
-        extra_key_term   [B_q, S, A], added to the key projection of each query row (location / coverage)
-
-    Returns context [B_q, T, D] and, if `need_weights`, weights [B_q, T, S]. A row with no visible key gets
+    Returns context [B_q, T, D] and, if `call.need_weights`, weights [B_q, T, S]. A row with no visible key gets
     context 0 and weights 0.
     """
+    query_proj, key_proj, value, v = call.query_proj, call.key_proj, call.value, call.v
+    key_lengths, key_padding_mask, index = call.key_lengths, call.key_padding_mask, call.index
     batch, tgt_len, _ = query_proj.shape
     src_len = key_proj.shape[1]
 
@@ -50,8 +30,8 @@ def additive_attention_reference(
             key_lengths = key_lengths[index]
         if key_padding_mask is not None and key_padding_mask.dim() == 2:
             key_padding_mask = key_padding_mask[index]
-    if extra_key_term is not None:
-        key_proj = key_proj + extra_key_term
+    if call.extra_key_term is not None:
+        key_proj = key_proj + call.extra_key_term
 
     # e[b, i, j] = sum_a v[a] * tanh(query_proj[b, i, a] + key_proj[b, j, a])
     hidden = torch.tanh(query_proj[:, :, None, :] + key_proj[:, None, :, :])  # [B, T, S, A]
@@ -64,7 +44,7 @@ def additive_attention_reference(
     if key_padding_mask is not None:
         padding = key_padding_mask if key_padding_mask.dim() == 3 else key_padding_mask[:, None, :]
         visible = visible & ~padding
-    if causal:
+    if call.causal:
         query_positions = torch.arange(tgt_len, device=query_proj.device)
         visible = visible & (key_positions[None, None, :] <= query_positions[None, :, None])
 
@@ -82,4 +62,4 @@ def additive_attention_reference(
     weights = unnormalized / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
 
     context = weights @ value  # [B, T, D]
-    return context, (weights if need_weights else None)
+    return context, (weights if call.need_weights else None)

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
+from attn_fast.backends import common
+from attn_fast.backends.common import DEFAULT_CHUNK_ELEMENTS
 from attn_fast.masking import visible_keys
-
-#: Elements of the tanh tensor held at once (4 MiB in fp32). Measured on 2 cores: blocks of about 1M elements
-#: stay in cache across the 3-4 passes each block takes; 4M-element blocks were 2x slower per element.
-DEFAULT_CHUNK_ELEMENTS = 1 << 20
+from attn_fast.validation import AttentionCall
 
 #: Largest |query_proj|, |key_proj + extra_key_term| for which e^{2x} cannot overflow (e^80 < 3.4e38 in fp32,
 #: e^600 < 1.8e308 in fp64). Beyond it the direct tanh is used. A product e^{2q} e^{2k} that overflows to inf
@@ -35,12 +34,6 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 20
 FACTORIZED_LIMIT = {torch.float32: 40.0, torch.float64: 300.0}
 
 TANH_FORMS = ("auto", "direct", "factorized")
-
-
-def empty_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every uninitialized buffer of this backend comes from here; the loops write each element they later read.
-    Tests replace it with one that fills NaN, to prove that claim."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -179,19 +172,19 @@ def resolve_tanh_form(tanh_form: str, query_proj, key_proj, extra_key_term) -> s
 class _Operands:
     """The inputs in the compute dtype, and the blocks of the tanh tensor in the order both passes visit them."""
 
-    def __init__(self, query_proj, key_proj, value, v, extra_key_term, index, causal, tanh_form, chunk_elements):
-        self.dtype = compute_dtype(query_proj.dtype)
+    def __init__(self, call: AttentionCall, tanh_form: str, chunk_elements: int):
+        self.dtype = compute_dtype(call.dtype)
         # Casts copy only fp16/bf16 inputs, which are [B, T, A]-, [B, S, A]- and [B, S, D]-sized, not 4-D.
-        self.query = query_proj.to(self.dtype)
-        self.keys = key_proj.to(self.dtype)
-        self.value = value.to(self.dtype)
-        self.v = v.to(self.dtype)
-        self.extra = None if extra_key_term is None else extra_key_term.to(self.dtype)
-        self.index = index
-        self.causal = causal
-        self.query_rows, self.tgt_len, self.attn_dim = query_proj.shape
-        self.src_len = key_proj.shape[1]
-        self.value_dim = value.shape[2]
+        self.query = call.query_proj.to(self.dtype)
+        self.keys = call.key_proj.to(self.dtype)
+        self.value = call.value.to(self.dtype)
+        self.v = call.v.to(self.dtype)
+        self.extra = None if call.extra_key_term is None else call.extra_key_term.to(self.dtype)
+        self.index = call.index
+        self.causal = call.causal
+        self.query_rows, self.tgt_len, self.attn_dim = call.query_rows, call.tgt_len, call.attn_dim
+        self.src_len = call.src_len
+        self.value_dim = call.value_dim
         self.form = choose_tanh_form(tanh_form, self.dtype,
                                      lambda: _largest_operand(self.query, self.keys, self.extra))
         self.blocks = plan_blocks(self.query_rows, self.tgt_len, self.src_len, self.attn_dim, chunk_elements)
@@ -209,7 +202,7 @@ class _Operands:
 
     def scratch(self) -> torch.Tensor:
         """The one buffer the tanh blocks are computed in, for a whole forward or backward call."""
-        return empty_buffer(self.blocks.elements_per_attn_dim * self.attn_dim, self.dtype, self.query.device)
+        return common.empty_buffer(self.blocks.elements_per_attn_dim * self.attn_dim, self.dtype, self.query.device)
 
     def walk(self):
         """Yield (rows, steps, keys, prepared query [r, t, A], prepared keys [r, s, A]) block by block.
@@ -241,7 +234,7 @@ def _scores(ops: _Operands) -> torch.Tensor:
     """E [B, T, S] in the compute dtype, block by block; blocks skipped by `causal` stay 0 (they are masked)."""
     scores = torch.zeros(ops.query_rows, ops.tgt_len, ops.src_len, dtype=ops.dtype, device=ops.query.device)
     scratch = ops.scratch()
-    score_buffer = empty_buffer(ops.blocks.elements_per_attn_dim, ops.dtype, ops.query.device)
+    score_buffer = common.empty_buffer(ops.blocks.elements_per_attn_dim, ops.dtype, ops.query.device)
     for rows, steps, keys, query, key_block in ops.walk():
         block = _block_view(scratch, query, key_block)
         ops.form.fill(block, query[:, :, None, :], key_block[:, None, :, :])
@@ -265,72 +258,21 @@ def _masked_softmax_(scores: torch.Tensor, visible: torch.Tensor | None) -> torc
     return scores.div_(row_sum)
 
 
-def _row_blocks(query_rows: int, src_len: int, width: int, chunk_elements: int):
-    """Slices of query rows such that a [rows, S, width] gather of memory stays within `chunk_elements`."""
-    rows_per_block = max(1, chunk_elements // max(1, src_len * width))
-    for start in range(0, query_rows, rows_per_block):
-        yield slice(start, min(start + rows_per_block, query_rows))
-
-
 def _forward(ops: _Operands, visible, chunk_elements):
     """-> (context [B, T, D], probabilities P [B, T, S]), both in the compute dtype."""
     probs = _masked_softmax_(_scores(ops), visible)
     if ops.index is None:
         return torch.bmm(probs, ops.value), probs
-    context = empty_buffer((ops.query_rows, ops.tgt_len, ops.value_dim), ops.dtype, probs.device)
-    for rows in _row_blocks(ops.query_rows, ops.src_len, ops.value_dim, chunk_elements):
+    context = common.empty_buffer((ops.query_rows, ops.tgt_len, ops.value_dim), ops.dtype, probs.device)
+    for rows in common.row_blocks(ops.query_rows, ops.src_len, ops.value_dim, chunk_elements):
         torch.bmm(probs[rows], ops.gather(ops.value, rows), out=context[rows])
     return context, probs
-
-
-def _transposed_product(probs: torch.Tensor, grad_context: torch.Tensor) -> torch.Tensor:
-    """P^T dO: [B, S, T] x [B, T, D] -> [B, S, D]. A single decoder step (T = 1) makes it an outer product, which a
-    broadcast multiply does in one pass (bmm with an inner size of 1 is several times slower on CPU)."""
-    if probs.shape[1] == 1:
-        return probs.transpose(1, 2) * grad_context
-    return torch.bmm(probs.transpose(1, 2), grad_context)
-
-
-def grad_of_scores(probs, value, index, grad_context, grad_weights, *, need_value_grad,
-                   chunk_elements=DEFAULT_CHUNK_ELEMENTS):
-    """The tanh-free first half of the backward, shared by every backend that keeps P.
-
-    probs P [B_q, T, S] (fp32/fp64), value [B_m, S, D], index [B_q] or None, grad_context [B_q, T, D] or None,
-    grad_weights [B_q, T, S] or None. Returns (dE [B_q, T, S] in P's dtype, dValue [B_m, S, D] or None):
-        dValue = P^T dO;  dP = dO value^T + dWeights;  dE = P * (dP - rowsum(P * dP))
-    Masked keys and empty rows have P = 0, hence dE = 0. With `index`, memory rows are gathered per block of
-    query rows (at most `chunk_elements` elements of [rows, S, D]) and value gradients are scattered back.
-    """
-    dtype = probs.dtype
-    value = value.to(dtype)
-    grad_probs, grad_value = None, None
-    if grad_context is not None:
-        grad_context = grad_context.to(dtype)
-        if index is None:  # one batched product each, no gather
-            grad_probs = torch.bmm(grad_context, value.transpose(1, 2))
-            if need_value_grad:
-                grad_value = _transposed_product(probs, grad_context)
-        else:
-            grad_probs = empty_buffer(probs.shape, dtype, probs.device)
-            grad_value = torch.zeros_like(value) if need_value_grad else None
-            for rows in _row_blocks(probs.shape[0], probs.shape[2], value.shape[2], chunk_elements):
-                values = value.index_select(0, index[rows])  # [r, S, D]
-                torch.bmm(grad_context[rows], values.transpose(1, 2), out=grad_probs[rows])
-                if grad_value is not None:
-                    grad_value.index_add_(0, index[rows], _transposed_product(probs[rows], grad_context[rows]))
-    if grad_weights is not None:
-        grad_weights = grad_weights.to(dtype)
-        grad_probs = grad_weights.clone() if grad_probs is None else grad_probs.add_(grad_weights)
-    if grad_probs is None:
-        grad_probs = torch.zeros_like(probs)
-    row_dot = torch.linalg.vecdot(probs, grad_probs).unsqueeze(-1)
-    return grad_probs.sub_(row_dot).mul_(probs), grad_value
 
 
 def _backward(ops: _Operands, probs, grad_context, grad_weights, chunk_elements, need_value_grad):
     """Gradients (query_proj, key_proj, value, v, extra_key_term), in the compute dtype."""
     memory_rows = ops.keys.shape[0]
-    grad_scores, grad_value = grad_of_scores(probs, ops.value, ops.index, grad_context, grad_weights,
+    grad_scores, grad_value = common.grad_of_scores(probs, ops.value, ops.index, grad_context, grad_weights,
                                              need_value_grad=need_value_grad, chunk_elements=chunk_elements)
 
     grad_query = torch.zeros_like(ops.query)
@@ -365,15 +307,18 @@ def _backward(ops: _Operands, probs, grad_context, grad_weights, chunk_elements,
 
 # The backend is registered as torch.library custom ops, so that torch.compile(fullgraph=True) keeps a model that
 # uses it in one graph (the ops are opaque to the compiler, with shapes from their fake implementations) and
-# autograd goes through `register_autograd`. The forward op returns P in the compute dtype as a second output: the
-# backward needs it, and the returned weights are P cast to the input dtype.
+# autograd goes through `register_autograd`. The ops take the call flat (`AttentionCall.op_inputs`: a schema holds
+# tensors, not records). The forward op returns P in the compute dtype as a second output: the backward needs it,
+# and the returned weights are P cast to the input dtype.
 @torch.library.custom_op("attn_fast::torch_forward", mutates_args=())
 def _forward_op(query_proj: torch.Tensor, key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor,
                 extra_key_term: torch.Tensor | None, key_lengths: torch.Tensor | None,
                 key_padding_mask: torch.Tensor | None, index: torch.Tensor | None, causal: bool, tanh_form: str,
                 chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
     """-> context [B_q, T, D] in the input dtype, P [B_q, T, S] in the compute dtype."""
-    ops = _Operands(query_proj, key_proj, value, v, extra_key_term, index, causal, tanh_form, chunk_elements)
+    call = AttentionCall.from_op_inputs(query_proj, key_proj, value, v, extra_key_term, key_lengths,
+                                        key_padding_mask, index, causal)
+    ops = _Operands(call, tanh_form, chunk_elements)
     visible = visible_keys(
         ops.query_rows, ops.tgt_len, ops.src_len, key_lengths=key_lengths, key_padding_mask=key_padding_mask,
         causal=causal, index=index, device=query_proj.device,
@@ -383,8 +328,7 @@ def _forward_op(query_proj: torch.Tensor, key_proj: torch.Tensor, value: torch.T
 
 
 @_forward_op.register_fake
-def _(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask, index, causal, tanh_form,
-      chunk_elements):
+def _(query_proj, key_proj, value, v, *_options):
     query_rows, tgt_len, _ = query_proj.shape
     context = query_proj.new_empty(query_rows, tgt_len, value.shape[2])
     probs = query_proj.new_empty(query_rows, tgt_len, key_proj.shape[1], dtype=compute_dtype(query_proj.dtype))
@@ -397,15 +341,15 @@ def _backward_op(grad_context: torch.Tensor | None, grad_probs: torch.Tensor | N
                  index: torch.Tensor | None, probs: torch.Tensor, causal: bool, tanh_form: str,
                  chunk_elements: int) -> list[torch.Tensor]:
     """-> gradients of query_proj, key_proj, value, v and extra_key_term (an empty tensor when there is none)."""
-    ops = _Operands(query_proj, key_proj, value, v, extra_key_term, index, causal, tanh_form, chunk_elements)
+    call = AttentionCall(query_proj, key_proj, value, v, causal=causal, index=index, extra_key_term=extra_key_term)
+    ops = _Operands(call, tanh_form, chunk_elements)
     grads = _backward(ops, probs.to(ops.dtype), grad_context, grad_probs, chunk_elements, need_value_grad=True)
     inputs = (query_proj, key_proj, value, v, extra_key_term)
     return [query_proj.new_empty(0) if grad is None else grad.to(tensor.dtype) for grad, tensor in zip(grads, inputs)]
 
 
 @_backward_op.register_fake
-def _(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, index, probs, causal, tanh_form,
-      chunk_elements):
+def _(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, *_options):
     extra = query_proj.new_empty(0) if extra_key_term is None else torch.empty_like(extra_key_term)
     return [torch.empty_like(query_proj), torch.empty_like(key_proj), torch.empty_like(value), torch.empty_like(v),
             extra]
@@ -429,33 +373,15 @@ def _autograd_backward(ctx, grad_context, grad_probs):
 _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def additive_attention_torch(
-    query_proj: torch.Tensor,
-    key_proj: torch.Tensor,
-    value: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    key_lengths: torch.Tensor | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    causal: bool = False,
-    need_weights: bool = False,
-    index: torch.Tensor | None = None,
-    extra_key_term: torch.Tensor | None = None,
-    tanh_form: str = "auto",
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Additive attention holding at most `chunk_elements` elements of the tanh tensor at a time.
-
-    Same arguments and results as `attn_fast.additive_attention` (inputs assumed validated); `tanh_form`
-    ("auto", "direct", "factorized") and `chunk_elements` are tuning knobs for tests and benchmarks.
-    Returns context [B_q, T, D] and, if `need_weights`, weights [B_q, T, S], in the input dtype.
+def attend(call: AttentionCall, *, tanh_form: str = "auto", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Additive attention for a validated call, holding at most `chunk_elements` elements of the tanh tensor at a
+    time. `tanh_form` ("auto", "direct", "factorized") and `chunk_elements` are tuning knobs for tests and
+    benchmarks. Returns context [B_q, T, D] and, if `call.need_weights`, weights [B_q, T, S], in the input dtype.
     """
     if chunk_elements < 1:
         raise ValueError(f"chunk_elements must be at least 1, got {chunk_elements}")
     if not torch.compiler.is_compiling():  # (a compiled graph cannot branch on data: there each op decides)
-        tanh_form = resolve_tanh_form(tanh_form, query_proj, key_proj, extra_key_term)
-    context, probs = _forward_op(
-        query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask, index,
-        causal, tanh_form, chunk_elements,
-    )
-    return context, (probs.to(query_proj.dtype) if need_weights else None)
+        tanh_form = resolve_tanh_form(tanh_form, call.query_proj, call.key_proj, call.extra_key_term)
+    context, probs = _forward_op(*call.op_inputs(), tanh_form, chunk_elements)
+    return context, (probs.to(call.dtype) if call.need_weights else None)

@@ -2,8 +2,8 @@
 
 Forward (`attn_fast::triton_forward`): the fused kernel (`kernels.forward`); it keeps P [B, T, S] in fp32 for the
 backward (P is A times smaller than the tanh tensor, and `need_weights` returns it anyway).
-Backward (DESIGN.md, "Backward"):
-  1. no tanh — batched matmuls (`torch_backend.grad_of_scores`): dValue = P^T dO, dP = dO value^T (+ dWeights),
+Backward (docs/DESIGN.md, "Backward"):
+  1. no tanh — batched matmuls (`common.grad_of_scores`, shared with the torch backend): dValue = P^T dO, dP = dO value^T (+ dWeights),
      dE = P (dP - rowsum(P dP));
   2. one fused tanh pass (`attn_fast::triton_tanh_pass`, `kernels.backward`) for d_query_proj, d_key_proj per
      query row and d_v; rows of d_key_proj are summed into memory rows through `index`, and they are
@@ -17,9 +17,14 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op, wrap_triton
 
+from attn_fast.backends.common import grad_of_scores
+
+# `attn_fast.kernels` is the repository's top-level kernels/ folder, installed under this name by setup.py's
+# package_dir mapping (a top-level `kernels` would collide with an unrelated PyPI package). Importing it imports
+# triton, which is why `attn_fast.functional` imports this module lazily.
 from attn_fast.kernels.backward import attention_backward_tanh_pass, grad_scores_buffer
 from attn_fast.kernels.forward import attention_forward
-from attn_fast.backends.torch_backend import grad_of_scores
+from attn_fast.validation import AttentionCall
 
 
 @triton_op("attn_fast::triton_forward", mutates_args=())
@@ -28,11 +33,9 @@ def _forward_op(query_proj: torch.Tensor, key_proj: torch.Tensor, value: torch.T
                 key_padding_mask: torch.Tensor | None, index: torch.Tensor | None, causal: bool,
                 keep_probs: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """-> context [B_q, T, D] in the input dtype, and P [B_q, T, S] fp32 (an empty tensor unless `keep_probs`)."""
-    context, _, probs = attention_forward(
-        query_proj, key_proj, value, v, key_lengths=key_lengths, key_padding_mask=key_padding_mask, causal=causal,
-        index=index, extra_key_term=extra_key_term, need_weights=keep_probs, weights_dtype=torch.float32,
-        wrap=wrap_triton,
-    )
+    call = AttentionCall.from_op_inputs(query_proj, key_proj, value, v, extra_key_term, key_lengths,
+                                        key_padding_mask, index, causal, need_weights=keep_probs)
+    context, _, probs = attention_forward(call, weights_dtype=torch.float32, wrap=wrap_triton)
     if probs is None:
         probs = context.new_empty(0, dtype=torch.float32)
     return context, probs
@@ -90,24 +93,21 @@ def _backward(ctx, grad_context, grad_probs):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def additive_attention_triton(query_proj, key_proj, value, v, *, key_lengths=None, key_padding_mask=None,
-                              causal=False, need_weights=False, index=None, extra_key_term=None):
-    """Same arguments and results as `attn_fast.additive_attention` (validated inputs, non-empty problem).
+def attend(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Additive attention for a validated, non-empty call: context [B_q, T, D] and, if `call.need_weights`, weights
+    [B_q, T, S], in the input dtype.
 
     float64 inputs run the fp32 kernels: they are cast at this boundary (differentiably, so gradients come back in
     float64) and the results are cast back, with fp32 accuracy. `backend="auto"` sends float64 to the torch backend.
     """
-    if query_proj.dtype == torch.float64:
+    if call.dtype == torch.float64:
         def single(tensor):
             return None if tensor is None else tensor.float()
 
-        context, weights = additive_attention_triton(
-            single(query_proj), single(key_proj), single(value), single(v), key_lengths=key_lengths,
-            key_padding_mask=key_padding_mask, causal=causal, need_weights=need_weights, index=index,
-            extra_key_term=single(extra_key_term))
+        context, weights = attend(call.replace(
+            query_proj=single(call.query_proj), key_proj=single(call.key_proj), value=single(call.value),
+            v=single(call.v), extra_key_term=single(call.extra_key_term)))
         return context.double(), (None if weights is None else weights.double())
-    differentiable = [query_proj, key_proj, value, v] + ([] if extra_key_term is None else [extra_key_term])
-    keep_probs = need_weights or (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable))
-    context, probs = _forward_op(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask,
-                                 index, causal, keep_probs)
-    return context, (probs.to(query_proj.dtype) if need_weights else None)
+    keep_probs = call.need_weights or (torch.is_grad_enabled() and any(t.requires_grad for t in call.float_inputs()))
+    context, probs = _forward_op(*call.op_inputs(), keep_probs)
+    return context, (probs.to(call.dtype) if call.need_weights else None)

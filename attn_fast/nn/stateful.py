@@ -10,7 +10,7 @@ import torch
 
 from attn_fast.nn.additive import AdditiveAttention, AttentionMemory
 from attn_fast.masking import visible_keys
-from attn_fast.validation import check_attention_inputs
+from attn_fast.validation import attention_call
 
 
 def prepare_memory(attention: AdditiveAttention, key: torch.Tensor, value: torch.Tensor | None,
@@ -33,9 +33,8 @@ def prepare_memory(attention: AdditiveAttention, key: torch.Tensor, value: torch
     rows = index.shape[0] if isinstance(index, torch.Tensor) and index.dim() == 1 else key.shape[0]
     # The library's own checks (lengths within [0, S], mask shape and dtype, index range, value shape), run on an
     # empty query [B', 0, A] so that a malformed memory fails here rather than at the first step.
-    check_attention_inputs(memory.key_proj.new_empty(rows, 0, attention.attn_dim), memory.key_proj, memory.value,
-                           attention.v.detach(), key_lengths=key_lengths, key_padding_mask=key_padding_mask,
-                           index=index)
+    attention_call(memory.key_proj.new_empty(rows, 0, attention.attn_dim), memory.key_proj, memory.value,
+                   attention.v.detach(), key_lengths=key_lengths, key_padding_mask=key_padding_mask, index=index)
     src_len = key.shape[1]
     visible = visible_keys(rows, 1, src_len, key_lengths=key_lengths, key_padding_mask=key_padding_mask,
                            index=index, device=key.device)

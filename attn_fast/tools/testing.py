@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from attn_fast.backends.reference import additive_attention_reference
+from attn_fast.functional import additive_attention_reference
 from attn_fast.tolerances import relative_error
 
 MASK_KINDS = ("none", "lengths", "padding", "padding_per_query", "causal", "mixed")

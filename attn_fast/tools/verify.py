@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import sys
 import warnings
 
@@ -110,6 +109,6 @@ def parse_dtypes(names: list[str] | None, device: torch.device):
 
 
 def interpreter_note(device: torch.device) -> str | None:
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type == "cpu" and not triton_usable(device):
         return "(Triton kernels are checked on CUDA, or on CPU with TRITON_INTERPRET=1 set: slow, for testing)"
     return None

@@ -9,8 +9,8 @@ Modes:
                       For a shape that already has T = 1 (tts_step) this is the same problem as its forward.
 
 Backends:
-    reference  the eager reference (`attn_fast.backends.reference.additive_attention_reference`): materializes
-               [B, T, S, A], what Keras / OpenNMT / the PyTorch tutorial do. Every speed-up is relative to it.
+    reference  the eager reference (`attn_fast.additive_attention_reference`, validated like every row):
+               materializes [B, T, S, A], what Keras / OpenNMT / the PyTorch tutorial do. Every speed-up is relative to it.
     compile    `torch.compile(additive_attention_reference)`: compiled by the first call (timed apart, as
                `compile_s`), never inside the timing.
     torch      the memory-bounded chunked torch backend (`additive_attention(..., backend="torch")`).
@@ -30,9 +30,9 @@ import time
 import torch
 
 from attn_fast.functional import additive_attention
-from attn_fast.backends.reference import additive_attention_reference
+from attn_fast.functional import additive_attention_reference
 from attn_fast.tolerances import forward_tolerance, gradient_tolerance, relative_error
-from attn_fast.tools.bench.shapes import DTYPES, Shape, get_shape, make_inputs
+from attn_fast.tools.bench.shapes import DTYPES, ProblemShape, get_shape, make_inputs
 
 MODES = ("forward", "forward_backward", "decode_step")
 BACKENDS = ("reference", "compile", "torch", "triton")
@@ -55,7 +55,9 @@ def backends_for(device: torch.device) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class CaseSpec:
-    """What to run; plain values only, so that a memory subprocess can rebuild it from JSON."""
+    """The names of one benchmark case — shape, dtype, mode, backend — and nothing else: no tensors and no callable
+    (`PreparedCase` builds those), plain strings only, so that a memory subprocess can rebuild it from JSON. Not
+    `attn_fast.tools.testing.AttentionCase`, which holds the input tensors of one problem."""
 
     shape_name: str
     dtype_name: str  # "fp32", "fp16", "bf16", "fp64"
@@ -63,11 +65,11 @@ class CaseSpec:
     backend: str  # one of BACKENDS
 
     @property
-    def shape(self) -> Shape:
+    def shape(self) -> ProblemShape:
         return get_shape(self.shape_name)
 
     @property
-    def problem(self) -> Shape:
+    def problem(self) -> ProblemShape:
         """The problem actually run: the shape, or its single step for `decode_step`."""
         return self.shape.decode_step() if self.mode == "decode_step" else self.shape
 
@@ -105,7 +107,10 @@ def build_attention(backend: str, device: torch.device):
 
 
 class PreparedCase:
-    """The inputs and the callable of one case on one device.
+    """One `CaseSpec` made runnable on one device: its random inputs (`inputs`, an `AttentionCase`: query_proj
+    [B, T, A], key_proj [B, S, A], value [B, S, D], v [A], key_lengths [B], with T = 1 for decode_step), the
+    attention function of its backend (`attention`) and, for forward_backward, the fixed output gradient
+    (`grad_context` [B, T, D]).
 
     `run()` is exactly what is timed: one forward (no autograd) or one forward + backward. After it,
     `last_context` [B, T, D] holds the output (and, for forward_backward, the inputs' `.grad` the gradients).
