@@ -316,7 +316,7 @@ class BackwardPlan:
 def plan_backward(query_proj, key_proj, v, grad_scores, *, index=None, extra_key_term=None, causal=False,
                   deterministic=False, interpret=False, tanh_form=None, num_splits=None, config=None) -> BackwardPlan:
     """Allocate the outputs of `attention_backward_tanh_pass` and list its launch (works on meta tensors, which
-    is how `static_compile_targets` gets real launch arguments without a GPU). `config` replaces the heuristic."""
+    is how benchmarks/static_report.py gets real launch arguments without a GPU). `config` replaces the heuristic."""
     query_rows, tgt_len, attn_dim = query_proj.shape
     src_len = key_proj.shape[1]
     device = query_proj.device
