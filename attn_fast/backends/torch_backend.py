@@ -30,10 +30,12 @@ from attn_fast.validation import AttentionCall
 
 #: Largest |query_proj|, |key_proj + extra_key_term| for which e^{2x} cannot overflow (e^80 < 3.4e38 in fp32,
 #: e^600 < 1.8e308 in fp64). Beyond it the direct tanh is used. A product e^{2q} e^{2k} that overflows to inf
-#: or underflows to 0 still gives tanh = +-1 exactly, as it should at |q + k| > 44.
-FACTORIZED_LIMIT = {torch.float32: 40.0, torch.float64: 300.0}
+#: or underflows to 0 still gives tanh = +-1 exactly, as it should at |q + k| > 44. (The Triton kernels have a
+#: tighter limit of their own, kernels/tanh.py FACTORIZED_LIMIT, for their fp32-only arithmetic.)
+EXP_SAFE_MAGNITUDE = {torch.float32: 40.0, torch.float64: 300.0}
 
-TANH_FORMS = ("auto", "direct", "factorized")
+#: tanh forms of this backend's blocks (`tanh_form=`); the kernels' forms are kernels/tanh.py TANH_FORMS.
+BLOCK_TANH_FORMS = ("auto", "direct", "factorized")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -139,13 +141,13 @@ class _FactorizedTanh:
 def choose_tanh_form(form: str, dtype: torch.dtype, largest_magnitude):
     """The factorized form when e^{2x} stays finite for every input (or when forced), else the direct one.
     `largest_magnitude()` bounds |query_proj| and |key_proj (+ extra_key_term)|; it is only called for "auto"."""
-    if form not in TANH_FORMS:
-        raise ValueError(f"tanh form must be one of {TANH_FORMS}, got {form!r}")
+    if form not in BLOCK_TANH_FORMS:
+        raise ValueError(f"tanh form must be one of {BLOCK_TANH_FORMS}, got {form!r}")
     if form == "direct":
         return _DirectTanh
     if form == "factorized":
         return _FactorizedTanh
-    return _FactorizedTanh if largest_magnitude() <= FACTORIZED_LIMIT[dtype] else _DirectTanh
+    return _FactorizedTanh if largest_magnitude() <= EXP_SAFE_MAGNITUDE[dtype] else _DirectTanh
 
 
 def _largest(tensor: torch.Tensor | None) -> float:
