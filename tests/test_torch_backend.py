@@ -33,10 +33,11 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1, 1, 1, 1), (2, 1, 7, 5, 3), (3, 5, 1, 6, 4), (2, 9, 13, 17, 11), (2, 16, 32, 24, 40), (1, 33, 3, 7, 2)]
 
 
-def random_grid(count, seed):
+def random_grid(count, seed) -> list:
+    """`count` random cases (a list: pytest may iterate parameters more than once, a generator only once)."""
     rng = random.Random(seed)
-    for number in range(count):
-        yield pytest.param(
+    return [
+        pytest.param(
             dict(
                 shape=rng.choice(SHAPES), mask=MASK_KINDS[number % len(MASK_KINDS)], dtype=rng.choice(DTYPES),
                 fully_masked_rows=rng.random() < 0.5, beam=rng.choice([0, 0, 3]), extra=rng.random() < 0.3,
@@ -45,6 +46,8 @@ def random_grid(count, seed):
             ),
             id=f"case{number}",
         )
+        for number in range(count)
+    ]
 
 
 def check_case(params, saturate=None):

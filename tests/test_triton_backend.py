@@ -15,15 +15,18 @@ from attn_fast.tolerances import forward_tolerance, gradient_tolerance
 SHAPES = [(2, 1, 37, 12, 5), (3, 4, 1, 8, 8), (2, 17, 33, 10, 6), (1, 3, 70, 9, 20)]
 
 
-def grid(count, seed):
+def grid(count, seed) -> list:
+    """`count` random cases (a list: pytest may iterate parameters more than once, a generator only once)."""
     rng = random.Random(seed)
-    for number in range(count):
-        yield pytest.param(dict(
+    return [
+        pytest.param(dict(
             shape=rng.choice(SHAPES), mask=MASK_KINDS[number % len(MASK_KINDS)],
             dtype=[torch.float32, torch.float16, torch.bfloat16][number % 3],
             fully_masked_rows=rng.random() < 0.5, beam=rng.choice([0, 2]), extra=rng.random() < 0.3,
             noncontiguous=rng.random() < 0.4, seed=number,
         ), id=f"case{number}")
+        for number in range(count)
+    ]
 
 
 def test_float64_runs_the_fp32_kernels_forward_and_backward():
