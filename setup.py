@@ -22,6 +22,8 @@ setup(
         "attn_fast.examples.seq2seq", "attn_fast.examples.captioning", "attn_fast.tools", "attn_fast.tools.bench",
     ],
     package_dir={"attn_fast": "attn_fast", "attn_fast.kernels": "kernels"},
+    # The bench's static sm_90 predictions (written by `python -m benchmarks.static_report`): no checkout needed.
+    package_data={"attn_fast.tools.bench": ["static_sm90_predictions.json"]},
     install_requires=[
         # 2.6 is the first release with torch.library.triton_op; no upper pin.
         "torch>=2.6",

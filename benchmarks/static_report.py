@@ -1,10 +1,14 @@
 """Static sm_90 report of the forward and backward kernels: compile offline (no GPU needed) and read the SASS.
 
     python -m benchmarks.static_report [--shapes nmt_train tts_step ...] [--dtypes fp32 fp16 bf16] [--output PATH]
+    python -m benchmarks.static_report --predict             the prediction table of the saved report
+    python -m benchmarks.static_report --write-predictions   the bench's predictions file from the saved report
 
-For each named benchmark shape (DESIGN.md, "Benchmarks") and dtype, the launcher's own plan (kernels.forward.
-plan_forward on meta tensors: the same kernels, constexprs and warps a real call would launch) is compiled for
-sm_90 with `triton.compile`, then disassembled with the nvdisasm/cuobjdump shipped inside the triton package.
+For each named benchmark shape (the bench's table, `attn_fast.tools.bench.shapes.NAMED_SHAPES`, plus this report's
+own additions, `REPORT_ONLY_SHAPES`) and dtype, the launchers' own plans (`forward_compile_targets`,
+`backward_compile_targets`: planned on meta tensors, the same kernels, constexprs and warps a real call would
+launch) are compiled for sm_90 with `triton.compile`, then disassembled with the nvdisasm/cuobjdump shipped inside
+the triton package.
 Reported per kernel configuration: registers, stack bytes (> 0 means spills), shared memory and, for the score
 kernel, the hot loop: the innermost loop around the block with the most per-element MUFU ops, counted along the
 fast path (the factorized form's fallback branch for out-of-range inputs is left out and reported separately).
@@ -13,6 +17,11 @@ Issue-slot model for Hopper (DESIGN.md, "Performance you can check without a GPU
 thread-instructions per clock and completes 16 MUFU ops per clock, so the loop can run at the MUFU limit only while
 it spends <= 8 instructions per MUFU op. Predicted fraction of the MUFU limit = min(1, 8 / instructions per MUFU
 op); tanh throughput relative to 16 tanh/clock/SM = that / MUFU ops per tanh. Real timings decide on a GPU.
+
+Outputs: the full report (--output, default benchmarks/results/static_sm90.json) and, when the run covers the whole
+bench table (every named shape and dtype, with the backward), the bench's subset of it
+(`attn_fast.tools.bench.roofline.static_predictions`) as the package data file
+attn_fast/tools/bench/static_sm90_predictions.json, which `attn-fast bench` reads, also from an installed wheel.
 
 Compiling needs a process where TRITON_INTERPRET is not 1 (triton decides at @jit time); `main` re-runs itself
 in a clean subprocess when it is set.
@@ -32,19 +41,29 @@ import tempfile
 
 import torch
 
-#: The benchmark shapes of DESIGN.md, (B, T, S, A, D), and a few more that reach the other configurations.
-SHAPES = {
-    "nmt_train": (32, 50, 50, 256, 512),
-    "tts_step": (32, 1, 200, 128, 512),
-    "caption": (32, 20, 196, 512, 2048),
-    "long": (8, 400, 400, 256, 256),
-    "nmt_fused": (32, 50, 50, 256, 128),  # nmt_train with D = 128: context fused into the score kernel
-    "decode_fused": (32, 1, 200, 128, 128),  # single step, D = 128: fused, keys split
-    "short_steps": (64, 4, 100, 256, 128),  # a few steps per call (T = 4 query rows per program)
-    "mid": (32, 12, 50, 256, 128),  # BLOCK_T = 16
+from attn_fast.tools.bench import shapes as bench_shapes
+from attn_fast.tools.bench.roofline import STATIC_PREDICTIONS_FILE, static_predictions
+from attn_fast.tools.bench.shapes import NAMED_SHAPES, ProblemShape
+
+#: Report-only additions to the bench's named shapes: sizes that reach the kernel configurations the named shapes
+#: do not (the bench does not time them).
+REPORT_ONLY_SHAPES: dict[str, ProblemShape] = {
+    shape.name: shape
+    for shape in (
+        ProblemShape("nmt_fused", 32, 50, 50, 256, 128),  # nmt_train with D = 128: context fused into the score kernel
+        ProblemShape("decode_fused", 32, 1, 200, 128, 128),  # single step, D = 128: fused, keys split
+        ProblemShape("short_steps", 64, 4, 100, 256, 128),  # a few steps per call (T = 4 query rows per program)
+        ProblemShape("mid", 32, 12, 50, 256, 128),  # BLOCK_T = 16
+    )
 }
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_OUTPUT = pathlib.Path(__file__).parent / "results" / "static_sm90.json"
+#: Every shape the report can compile: the bench's named shapes (not its CI-only "tiny"), then the additions.
+SHAPES: dict[str, ProblemShape] = {**NAMED_SHAPES, **REPORT_ONLY_SHAPES}
+#: The dtypes the Triton kernels take (the bench's table also has fp64, which only the torch backends run).
+DTYPES: dict[str, torch.dtype] = {name: bench_shapes.DTYPES[name] for name in ("fp32", "fp16", "bf16")}
+REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = REPOSITORY / "benchmarks" / "results" / "static_sm90.json"
+#: The bench's subset of the report, shipped as package data (see attn_fast/tools/bench/roofline.py).
+PACKAGE_PREDICTIONS = REPOSITORY / "attn_fast" / "tools" / "bench" / STATIC_PREDICTIONS_FILE
 SCORE_KERNEL = "_attention_forward_kernel"
 BACKWARD_KERNEL = "_attention_backward_kernel"
 #: Kernels with a tanh loop to analyze (their tile constexprs share the names BLOCK_A/T/S and TANH_FORM).
@@ -233,13 +252,66 @@ def _launch_key(launch) -> str:
     return json.dumps([launch.kernel.__name__, launch.num_warps, launch.num_stages, constants], sort_keys=True)
 
 
-def build_report(shape_names, dtype_names, need_weights=(False, True), backward=True) -> dict:
-    """Compile every distinct launch of the named shapes and dtypes (contiguous inputs, no masks): the forward
-    with and without weights and, with `backward`, the fused backward tanh pass (all-steps shapes only: with T = 1
-    Triton folds the query loop away and there is no loop to analyze)."""
-    from attn_fast.kernels.backward import static_compile_targets
-    from attn_fast.kernels.forward import plan_forward
+def _meta(dtype: torch.dtype):
+    """meta(*sizes): an uninitialized tensor on the meta device, enough for the launchers' plans (no data, no GPU)."""
+    def meta(*sizes):
+        return torch.empty(*sizes, device="meta", dtype=dtype)
 
+    return meta
+
+
+def forward_compile_targets(shapes: list[ProblemShape], dtypes: dict[str, torch.dtype],
+                            need_weights=(False, True)) -> list[tuple[str, object]]:
+    """(use, launch) pairs: the `KernelLaunch`es `kernels.forward.plan_forward` plans for each shape and dtype
+    (contiguous inputs, no mask, default configuration, an H100's 132 SMs), with and without `need_weights`. `use`
+    is "shape/dtype", or "shape/dtype/weights" when the weights are asked for."""
+    from attn_fast.kernels.forward import plan_forward
+    from attn_fast.validation import attention_call
+
+    targets = []
+    for shape in shapes:
+        batch, tgt_len, src_len, attn_dim, value_dim = shape.sizes
+        for dtype_name, dtype in dtypes.items():
+            meta = _meta(dtype)
+            for weights in need_weights:
+                plan = plan_forward(attention_call(meta(batch, tgt_len, attn_dim), meta(batch, src_len, attn_dim),
+                                                   meta(batch, src_len, value_dim), meta(attn_dim),
+                                                   need_weights=weights))
+                use = f"{shape.name}/{dtype_name}{'/weights' if weights else ''}"
+                targets.extend((use, launch) for launch in plan.launches)
+    return targets
+
+
+def backward_compile_targets(shapes: list[ProblemShape] | None = None,
+                             dtypes: dict[str, torch.dtype] | None = None) -> list[tuple[str, object]]:
+    """(use, launch) pairs: the launches `attention_backward_tanh_pass` makes with its default configuration for
+    each all-steps shape (T > 1) and dtype (contiguous inputs, dE from `grad_scores_buffer` as the backend allocates
+    it, no index/extra term, causal=False, an H100's 132 SMs), planned on meta tensors. `use` is
+    "shape/dtype/backward"; `launch` is a `KernelLaunch` like the forward's, with the same tile constexpr names
+    (the hot loop's elements per thread are BLOCK_A * BLOCK_T * BLOCK_S / threads).
+
+    Shapes with T = 1 are left out: Triton specializes T = 1 to a constant, the query loop disappears, and the
+    hot-*loop* analysis finds none. Defaults: every shape of `SHAPES`, every dtype of `DTYPES`."""
+    from attn_fast.kernels.backward import grad_scores_buffer, plan_backward
+
+    targets = []
+    for shape in SHAPES.values() if shapes is None else shapes:
+        batch, tgt_len, src_len, attn_dim, _ = shape.sizes
+        if tgt_len == 1:
+            continue
+        for dtype_name, dtype in (DTYPES if dtypes is None else dtypes).items():
+            meta = _meta(dtype)
+            grad_scores = grad_scores_buffer(batch, tgt_len, src_len, "meta")
+            plan = plan_backward(meta(batch, tgt_len, attn_dim), meta(batch, src_len, attn_dim), meta(attn_dim),
+                                 grad_scores)
+            targets.extend((f"{shape.name}/{dtype_name}/backward", launch) for launch in plan.launches)
+    return targets
+
+
+def build_report(shape_names, dtype_names, need_weights=(False, True), backward=True) -> dict:
+    """Compile every distinct launch of the named shapes and dtypes (`SHAPES`, `DTYPES`): the forward with and
+    without weights and, with `backward`, the fused backward tanh pass. A launch several uses share is compiled
+    once and lists them all in its `used_by`."""
     entries: dict[str, dict] = {}
 
     def add(use, launch):
@@ -250,20 +322,12 @@ def build_report(shape_names, dtype_names, need_weights=(False, True), backward=
         if use not in entries[key]["used_by"]:
             entries[key]["used_by"].append(use)
 
-    for shape_name in shape_names:
-        batch, tgt_len, src_len, attn_dim, value_dim = SHAPES[shape_name]
-        for dtype_name in dtype_names:
-            def meta(*shape):
-                return torch.empty(*shape, device="meta", dtype=DTYPES[dtype_name])
-
-            for weights in need_weights:
-                plan = plan_forward(meta(batch, tgt_len, attn_dim), meta(batch, src_len, attn_dim),
-                                    meta(batch, src_len, value_dim), meta(attn_dim), need_weights=weights)
-                for launch in plan.launches:
-                    add(f"{shape_name}/{dtype_name}{'/weights' if weights else ''}", launch)
+    shapes = [SHAPES[name] for name in shape_names]
+    dtypes = {name: DTYPES[name] for name in dtype_names}
+    for use, launch in forward_compile_targets(shapes, dtypes, need_weights):
+        add(use, launch)
     if backward:
-        shapes = {name: SHAPES[name] for name in shape_names if SHAPES[name][1] > 1}
-        for use, launch in static_compile_targets(shapes, {name: DTYPES[name] for name in dtype_names}):
+        for use, launch in backward_compile_targets(shapes, dtypes):
             add(use, launch)
     import triton
 
@@ -272,7 +336,7 @@ def build_report(shape_names, dtype_names, need_weights=(False, True), backward=
         "triton": triton.__version__,
         "model": "predicted_mufu_limit_fraction = min(1, 8 / instructions_per_mufu); "
                  "predicted_tanh_rate_fraction = that / mufu_per_element",
-        "shapes": {name: dict(zip("BTSAD", SHAPES[name])) for name in shape_names},
+        "shapes": {name: SHAPES[name].as_dict() for name in shape_names},
         "kernels": list(entries.values()),
     }
 
@@ -325,8 +389,15 @@ def prediction_table(report: dict) -> str:
             seconds = tanh_count / (limit * loop["predicted_tanh_rate_fraction"])
             lines.append(f"{use:<26} {entry['registers']:>4} {entry['stack_bytes']:>5} "
                          f"{loop['instructions_per_tanh']:>10.2f} {loop['mufu_per_element']:>9.3f} "
-                         f"{loop['predicted_tanh_rate_fraction']:>8.0%} {tanh_count / 1e6:>9.1f} {seconds * 1e6:>12.1f}")
+                         f"{loop['predicted_tanh_rate_fraction']:>8.0%} {tanh_count / 1e6:>9.1f} "
+                         f"{seconds * 1e6:>12.1f}")
     return "\n".join(lines)
+
+
+def _write_json(value: dict, path: pathlib.Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=1) + "\n")
+    print(f"written: {path}")
 
 
 def main(argv=None) -> int:
@@ -334,25 +405,38 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--output", type=pathlib.Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--predictions-output", type=pathlib.Path,
+                        help="where the bench's predictions go (default: the package data file "
+                             f"{PACKAGE_PREDICTIONS.relative_to(REPOSITORY)}, and only when the run covers every "
+                             "named shape and dtype with the backward: a partial report must not replace it)")
     parser.add_argument("--no-backward", action="store_true", help="forward kernels only")
     parser.add_argument("--predict", action="store_true",
                         help="print the prediction table from the saved JSON report (no compilation)")
+    parser.add_argument("--write-predictions", action="store_true",
+                        help="write the bench's predictions from the saved JSON report at --output (no compilation)")
     args = parser.parse_args(argv)
     if args.predict:
         print(prediction_table(json.loads(args.output.read_text())))
+        return 0
+    if args.write_predictions:
+        _write_json(static_predictions(json.loads(args.output.read_text())),
+                    args.predictions_output or PACKAGE_PREDICTIONS)
         return 0
     if os.environ.get("TRITON_INTERPRET") == "1":
         # Kernels decorated under the interpreter cannot be compiled: start over in a clean process.
         environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         command = [sys.executable, "-m", "benchmarks.static_report", *(argv if argv is not None else sys.argv[1:])]
-        repository = pathlib.Path(__file__).resolve().parents[1]
-        return subprocess.run(command, env=environment, cwd=repository).returncode
+        return subprocess.run(command, env=environment, cwd=REPOSITORY).returncode
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the Triton 3.9 default, without its warning
     report = build_report(args.shapes, args.dtypes, backward=not args.no_backward)
     print(format_report(report))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"written: {args.output}")
+    _write_json(report, args.output)
+    covers_bench = set(NAMED_SHAPES) <= set(args.shapes) and set(DTYPES) <= set(args.dtypes) and not args.no_backward
+    predictions_output = args.predictions_output or (PACKAGE_PREDICTIONS if covers_bench else None)
+    if predictions_output is not None:
+        _write_json(static_predictions(report), predictions_output)
+    else:
+        print(f"not written: {PACKAGE_PREDICTIONS} (a partial run; --predictions-output PATH to write them elsewhere)")
     return 0
 
 

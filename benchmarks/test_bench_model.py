@@ -4,8 +4,15 @@ Each model's teacher-forced logits are checked against float64 with the referenc
 import pytest
 import torch
 
-from attn_fast.tools.bench.model_bench import (DECODERS, MODEL_CONFIGS, build_model, check_model, decode_workloads,
-                                         synthetic_batch, train_step_workload)
+from attn_fast.tools.bench.model_bench import (
+    DECODERS,
+    MODEL_CONFIGS,
+    build_model,
+    check_model,
+    decode_workloads,
+    synthetic_batch,
+    train_step_workload,
+)
 
 
 def _backends():

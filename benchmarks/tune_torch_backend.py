@@ -18,22 +18,17 @@ import time
 
 import torch
 
-from attn_fast.cpu_warmup import warm_cpu_math
-from attn_fast.functional import additive_attention_reference
-from attn_fast.tools.testing import random_case
-from attn_fast.tolerances import forward_tolerance, relative_error
 from attn_fast.backends import torch_backend
 from attn_fast.backends.common import DEFAULT_CHUNK_ELEMENTS
+from attn_fast.cpu_warmup import warm_cpu_math
+from attn_fast.functional import additive_attention_reference
+from attn_fast.tolerances import forward_tolerance, relative_error
+from attn_fast.tools.bench.shapes import NAMED_SHAPES
+from attn_fast.tools.testing import random_case
 from attn_fast.validation import attention_call
 
-# (B, T, S, A, D). The first is the issue's measurement point; the others are DESIGN.md's named shapes.
-SHAPES = {
-    "issue_point": (8, 256, 512, 512, 64),
-    "nmt_train": (32, 50, 50, 256, 512),
-    "tts_step": (32, 1, 200, 128, 512),
-    "caption": (32, 20, 196, 512, 2048),
-    "long": (8, 400, 400, 256, 256),
-}
+#: (B, T, S, A, D): the issue's measurement point (tuning only), then the bench's named shapes.
+SHAPES = {"issue_point": (8, 256, 512, 512, 64), **{name: shape.sizes for name, shape in NAMED_SHAPES.items()}}
 CHUNKS = (1 << 18, 1 << 20, 1 << 22)
 
 
@@ -56,6 +51,12 @@ def median_seconds(function, repeats: int) -> float:
         function()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def forward_only(function, case):
+    def run():
+        function(*case.inputs(), **case.options())
+    return run
 
 
 def forward_backward(function, case):
@@ -91,7 +92,8 @@ def print_summary(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, skip the largest eager runs")
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "cpu-torch-backend-tuning.json"))
+    parser.add_argument("--out",
+                        default=str(pathlib.Path(__file__).parent / "results" / "cpu-torch-backend-tuning.json"))
     args = parser.parse_args()
     warm_cpu_math()
     repeats = 3 if args.quick else 5
@@ -109,7 +111,7 @@ def main() -> None:
                         attention_call(*a, **k), tanh_form=form, chunk_elements=chunk))
         for name, function in variants.items():
             checked(function, case, expected)
-            forward = median_seconds(lambda: function(*case.inputs(), **case.options()), repeats)
+            forward = median_seconds(forward_only(function, case), repeats)
             row = {"shape": shape_name, "sizes": sizes, "variant": name, "forward_s": forward}
             if name == "reference" or name.endswith(f"chunk={DEFAULT_CHUNK_ELEMENTS}"):
                 row["forward_backward_s"] = median_seconds(forward_backward(function, case), repeats)

@@ -8,7 +8,7 @@ from contextlib import redirect_stdout
 import pytest
 import torch
 
-from attn_fast.tools.bench import cases, memory, roofline, runner, targets
+from attn_fast.tools.bench import cases, memory, report, roofline, runner, targets
 from attn_fast.tools.bench.cases import CaseSpec
 from attn_fast.tools.bench.cli import add_bench_parser
 from attn_fast.tools.cli import main
@@ -58,7 +58,7 @@ def test_runner_end_to_end_on_tiny_shape(tmp_path):
 
 def test_compile_case_reports_compile_time_apart():
     record = runner.run_case(CaseSpec("tiny", "fp32", "forward", "compile"), CPU, target_s=0.05,
-                             measure_memory=False, seed=0, threads=None, mufu_limit=None, static_report=None)
+                             measure_memory=False, seed=0, threads=None, mufu_limit=None, static_predictions=None)
     assert record["status"] == "ok", record
     assert record["compile_s"] == record["first_call_s"] > 0
     assert record["timing"]["median_s"] < record["compile_s"]  # compilation is not inside the timed calls
@@ -91,7 +91,7 @@ def test_backend_that_raises_is_reported_failed(monkeypatch):
 
     monkeypatch.setattr(cases, "build_attention", build)
     record = runner.run_case(CaseSpec("tiny", "fp32", "forward", "compile"), CPU, target_s=0.05,
-                             measure_memory=False, seed=0, threads=None, mufu_limit=None, static_report=None)
+                             measure_memory=False, seed=0, threads=None, mufu_limit=None, static_predictions=None)
     assert record["status"] == "failed" and "compiler exploded" in record["error"] and "timing" not in record
 
 
@@ -106,13 +106,43 @@ def test_memory_probe_sees_eager_materialize_and_torch_backend_not():
 
 
 def test_static_prediction_is_labelled_and_tiny_is_not_in_it():
-    report = roofline.load_static_report()
-    if report is None:
-        pytest.skip("benchmarks/results/static_sm90.json is not in this checkout")
-    predicted = roofline.predicted_fraction(report, "long", "fp32", "forward")
+    predictions = roofline.load_static_predictions()  # the package's own copy: there without a checkout
+    predicted = roofline.predicted_fraction(predictions, "long", "fp32", "forward")
     assert 0 < predicted["predicted_mufu_fraction"] <= 1 and "PREDICTION" in predicted["source"]
-    assert roofline.predicted_fraction(report, "tiny", "fp32", "forward") is None
-    assert roofline.predicted_fraction(report, "nmt_train", "fp32", "decode_step") is None
+    assert roofline.predicted_fraction(predictions, "tiny", "fp32", "forward") is None
+    assert roofline.predicted_fraction(predictions, "nmt_train", "fp32", "decode_step") is None
+
+
+def test_static_predictions_are_the_bench_subset_of_a_full_report(tmp_path):
+    """A full report given as the path is reduced to the bench's uses: forward without weights and backward, of the
+    bench's shapes only; the combined forward_backward figure is the harmonic mean of the two passes."""
+    def entry(fraction, *uses):
+        return {"kernel": "k", "used_by": list(uses), "hot_loop": {"predicted_tanh_rate_fraction": fraction}}
+
+    full = {"target": "sm_90", "triton": "9.9", "kernels": [
+        {"kernel": "no_tanh_loop", "used_by": ["long/fp32"]},
+        entry(0.8, "long/fp32", "nmt_fused/fp32"),
+        entry(0.1, "long/fp32/weights"),
+        entry(0.4, "long/fp32/backward"),
+    ]}
+    (tmp_path / "full.json").write_text(json.dumps(full))
+    predictions = roofline.load_static_predictions(tmp_path / "full.json")
+    assert predictions["predicted_tanh_rate_fraction"] == {"long/fp32": 0.8, "long/fp32/backward": 0.4}
+    combined = roofline.predicted_fraction(predictions, "long", "fp32", "forward_backward")
+    assert combined["predicted_mufu_fraction"] == pytest.approx(2 / (1 / 0.8 + 1 / 0.4))
+    assert "Triton 9.9" in combined["source"]
+    assert roofline.load_static_predictions(tmp_path / "missing.json") is None
+
+
+def test_busy_note_counts_only_load_the_idle_cores_cannot_absorb():
+    def note(load, cores, threads):
+        return report._load_note({"load_average_1m_start": load, "device": "cpu", "cpu_count": cores,
+                                  "threads": threads})
+
+    assert "NOTE" in note(0.6, 2, 2)  # every core is the run's: any other runnable work competes
+    assert "NOTE" not in note(0.9, 2, 1) and "NOTE" in note(1.2, 2, 1)
+    assert "NOTE" not in note(3.0, 16, 4)
+    assert "NOTE" not in note(0.3, 2, 2)
 
 
 def test_targets_are_evaluated_per_case():

@@ -1,7 +1,8 @@
 """The static sm_90 report (benchmarks/static_report.py): compiles the forward's default configurations offline
 (no GPU needed) and checks what the design relies on: no register spills, exactly one MUFU op per tanh element in
 the hot loop (plus, for the factorized fp32 tanh, the per-row exponentials), and few enough instructions per tanh
-for the loop to be bound by the special-function unit in Hopper's issue model."""
+for the loop to be bound by the special-function unit in Hopper's issue model. Also: the report takes its shapes from
+the bench's table, and the predictions shipped as package data are the bench's subset of the saved report."""
 from __future__ import annotations
 
 import json
@@ -14,21 +15,44 @@ import pytest
 
 pytest.importorskip("triton")
 
+from attn_fast.tools.bench import roofline, shapes  # noqa: E402
+from benchmarks import static_report  # noqa: E402
+
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """The report for the fused all-steps shape in fp32 and fp16, built in a process without TRITON_INTERPRET
-    (kernels decorated under the interpreter cannot be compiled)."""
+    (kernels decorated under the interpreter cannot be compiled). A partial run: it must leave the package's
+    predictions alone."""
     output = tmp_path_factory.mktemp("static") / "report.json"
+    shipped = static_report.PACKAGE_PREDICTIONS.read_bytes()
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "benchmarks.static_report", "--shapes", "nmt_fused", "--dtypes", "fp32", "fp16",
                "--output", str(output)]
     finished = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "hot loop" in finished.stdout
+    assert f"not written: {static_report.PACKAGE_PREDICTIONS}" in finished.stdout
+    assert static_report.PACKAGE_PREDICTIONS.read_bytes() == shipped
     return json.loads(output.read_text())
+
+
+def test_report_shapes_are_the_bench_table_plus_named_additions():
+    for name, shape in shapes.NAMED_SHAPES.items():
+        assert static_report.SHAPES[name] is shape
+    assert not set(static_report.REPORT_ONLY_SHAPES) & set(shapes.SHAPES)
+    assert list(static_report.SHAPES) == [*shapes.NAMED_SHAPES, *static_report.REPORT_ONLY_SHAPES]
+
+
+def test_shipped_predictions_are_the_bench_subset_of_the_saved_report():
+    """attn_fast/tools/bench/static_sm90_predictions.json (package data) must come from the committed full report:
+    both are written by one run of the script (or the predictions by `--write-predictions` from the report)."""
+    saved = json.loads(static_report.DEFAULT_OUTPUT.read_text())
+    assert roofline.load_static_predictions() == roofline.static_predictions(saved)
+    for name in shapes.NAMED_SHAPES:
+        assert f"{name}/fp32" in roofline.load_static_predictions()["predicted_tanh_rate_fraction"]
 
 
 def score_kernels(report, dtype_name):

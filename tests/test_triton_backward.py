@@ -417,7 +417,7 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
 # static report hook
 
 
-def test_static_compile_targets_describe_the_default_launches():
+def test_static_report_backward_targets_are_the_default_launches():
     """The static report (benchmarks/static_report.py) plans the backward's default launches on meta tensors, one
     per all-steps shape and dtype, as launches it can compile (kernel, arguments, warps, stages) with the constexpr
     names its hot-loop analysis reads."""

@@ -10,7 +10,8 @@ Modes:
 
 Backends:
     reference  the eager reference (`attn_fast.additive_attention_reference`, validated like every row):
-               materializes [B, T, S, A], what Keras / OpenNMT / the PyTorch tutorial do. Every speed-up is relative to it.
+               materializes [B, T, S, A], what Keras / OpenNMT / the PyTorch tutorial do. Every speed-up is
+               relative to it.
     compile    `torch.compile(additive_attention_reference)`: compiled by the first call (timed apart, as
                `compile_s`), never inside the timing.
     torch      the memory-bounded chunked torch backend (`additive_attention(..., backend="torch")`).
@@ -29,8 +30,7 @@ import time
 
 import torch
 
-from attn_fast.functional import additive_attention
-from attn_fast.functional import additive_attention_reference
+from attn_fast.functional import additive_attention, additive_attention_reference
 from attn_fast.tolerances import forward_tolerance, gradient_tolerance, relative_error
 from attn_fast.tools.bench.shapes import DTYPES, ProblemShape, get_shape, make_inputs
 

@@ -1,7 +1,8 @@
 """The `attn-fast bench` subcommand: `add_bench_parser(subparsers)` adds it to the `attn-fast` parser.
 
     attn-fast bench                       quick subset (about a minute on a quiet 2-core CPU)
-    attn-fast bench --full                every named shape (and fp16/bf16 on GPU), memory for every case, NMT-size model
+    attn-fast bench --full                every named shape (and fp16/bf16 on GPU), memory for every case,
+                                          NMT-size model
     attn-fast bench --shape tiny --no-model --no-memory      a smoke run
     attn-fast bench --show benchmarks/results/cpu-full-*.json  the tables of a saved run
 

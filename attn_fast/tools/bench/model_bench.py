@@ -22,7 +22,7 @@ since GRU and readout layers follow the attention); a model that fails is report
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm

@@ -14,6 +14,11 @@ def _number(value, form: str, missing: str = "-") -> str:
     return format(value, form)
 
 
+def _ratio(value, form: str) -> str:
+    """A ratio against eager, e.g. "  3.21x"; "-" when there is none."""
+    return _number(value, form) + ("x" if value else "")
+
+
 def _targets_cell(targets: dict) -> str:
     """e.g. "2/3 met; missed: fwd >= 3x eager" (targets with no figure are counted as not measured)."""
     if not targets:
@@ -45,7 +50,8 @@ def op_table(result: dict) -> str:
     the call's outputs: context and, with the backward, the input gradients), the size of eager's [B, T, S, A]
     tensor, the memory saved against eager, the worst correctness error and the targets."""
     header = (f"{'shape/dtype/mode':<30} {'backend':<12} {'status':<6} {'median ms':>10} {'x eager':>8} "
-              f"{'compile s':>9} {'peak MiB':>9} {'out MiB':>8} {'4-D MiB':>8} {'mem saved':>9} {'max err':>8}  targets")
+              f"{'compile s':>9} {'peak MiB':>9} {'out MiB':>8} {'4-D MiB':>8} {'mem saved':>9} {'max err':>8}  "
+              "targets")
     lines = [header, "-" * len(header)]
     for case in result["cases"]:
         timing = case.get("timing") or {}
@@ -54,12 +60,12 @@ def op_table(result: dict) -> str:
         status = case["status"]
         row = (f"{case['group']:<30} {BACKEND_LABELS[case['backend']]:<12} {status:<6} "
                f"{_number(timing.get('median_s') and timing['median_s'] * 1e3, '10.3f'):>10} "
-               f"{_number(case.get('speedup_vs_eager'), '7.2f') + ('x' if case.get('speedup_vs_eager') else ''):>8} "
+               f"{_ratio(case.get('speedup_vs_eager'), '7.2f'):>8} "
                f"{_number(case.get('compile_s'), '9.1f', ''):>9} "
                f"{_number(memory.get('peak_extra_mib'), '9.1f'):>9} "
                f"{_number(memory.get('outputs_mib'), '8.1f', ''):>8} "
                f"{_number(memory.get('tanh_tensor_mib'), '8.1f', ''):>8} "
-               f"{_number(case.get('memory_saved_vs_eager'), '8.1f') + ('x' if case.get('memory_saved_vs_eager') else ''):>9} "
+               f"{_ratio(case.get('memory_saved_vs_eager'), '8.1f'):>9} "
                f"{_number(max(errors.values()) if errors else None, '8.1e'):>8}  "
                f"{_targets_cell(case.get('targets') or {})}")
         lines.append(row)
@@ -83,28 +89,28 @@ def model_table(model: dict) -> str:
             lines.append(f"{entry['decoder']:<9} {entry['backend']:<10} failed ({entry.get('error')})")
             continue
 
-        def speedup(name):
-            value = entry.get(name)
-            return f"{value:7.2f}x" if value is not None else f"{'-':>8}"
-
+        speedups = {name: f"{_ratio(entry.get(f'{name}_speedup_vs_eager'), '7.2f'):>8}"
+                    for name in ("train", "greedy", "beam")}
         lines.append(f"{entry['decoder']:<9} {entry['backend']:<10} {'ok':<6} "
-                     f"{entry['train_step']['median_s'] * 1e3:>9.1f} {speedup('train_speedup_vs_eager')} "
-                     f"{entry['greedy_sentences_per_s']:>13.1f} {speedup('greedy_speedup_vs_eager')} "
-                     f"{entry['beam_sentences_per_s']:>11.1f} {speedup('beam_speedup_vs_eager')}")
+                     f"{entry['train_step']['median_s'] * 1e3:>9.1f} {speedups['train']} "
+                     f"{entry['greedy_sentences_per_s']:>13.1f} {speedups['greedy']} "
+                     f"{entry['beam_sentences_per_s']:>11.1f} {speedups['beam']}")
     return "\n".join(lines)
 
 
 def _load_note(machine: dict) -> str:
-    """The load average at the start, and a warning when other work shared the CPU cores."""
+    """The load average at the start, and a warning when other work likely competed for the cores the run used."""
     load = machine.get("load_average_1m_start")
     if load is None:
         return ""
     note = f", load average {load:.1f}"
-    if machine["device"] == "cpu" and load > 0.5:
-        note += (f"\nNOTE: the CPU was busy with other work when the run started (load {load:.1f} on "
-                 f"{machine['cpu_count']} cores): multithreaded timings, and even the ratios between backends, are "
-                 "unreliable under contention (many small parallel regions suffer most); rerun on a quiet machine "
-                 "or with --threads 1")
+    cores, threads = machine.get("cpu_count") or 1, machine.get("threads") or 1
+    # Only load that the cores the run left idle could not absorb slows its threads; 0.5 is the noise floor.
+    if machine["device"] == "cpu" and load > max(0.5, cores - threads):
+        note += (f"\nNOTE: the CPU was busy when the run started (load {load:.1f} on {cores} cores, {threads} "
+                 "thread(s) here; the 1-minute average also still counts a process that just ended): multithreaded "
+                 "timings, and even the ratios between backends, are unreliable under contention (many small "
+                 "parallel regions suffer most); rerun on a quiet machine or with --threads 1")
     return note
 
 

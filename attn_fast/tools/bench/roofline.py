@@ -4,22 +4,26 @@
 
 Tanh evaluations per call (DESIGN.md): forward and decode step B*T*S*A; forward + backward 2*B*T*S*A (the
 backward recomputes the tanh once, it does not store it). Measured for Triton cases on a GPU. On CPU (no GPU to
-measure) the static sm_90 report's *predicted* fraction is shown instead (benchmarks/results/static_sm90.json,
-made by `python -m benchmarks.static_report`): the issue-slot model's figure for the kernel configuration the
-launcher plans for that shape and dtype — a prediction from compiled SASS, never a measurement.
+measure) the static sm_90 report's *predicted* fraction is shown instead: the issue-slot model's figure for the
+kernel configuration the launcher plans for that shape and dtype — a prediction from compiled SASS, never a
+measurement. The bench reads those figures from the package's own copy, `static_sm90_predictions.json` next to this
+module (package data, so that an installed wheel has them without a checkout), which `python -m
+benchmarks.static_report` writes along with its full report (benchmarks/results/static_sm90.json).
 """
 from __future__ import annotations
 
+import importlib.resources
 import json
 import pathlib
 
 import torch
 
 from attn_fast.tools.bench.cases import CaseSpec
+from attn_fast.tools.bench.shapes import SHAPES
 
 MUFU_OPS_PER_CLOCK_PER_SM = 16
-#: Where `python -m benchmarks.static_report` writes its report, in a source checkout.
-STATIC_REPORT = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "static_sm90.json"
+#: The static predictions shipped with the package (written by `python -m benchmarks.static_report`).
+STATIC_PREDICTIONS_FILE = "static_sm90_predictions.json"
 
 
 def tanh_evaluations(spec: CaseSpec) -> int:
@@ -52,33 +56,53 @@ def measured_fraction(spec: CaseSpec, median_s: float, limit: dict) -> float | N
     return tanh_evaluations(spec) / median_s / limit["tanh_per_s"]
 
 
-def load_static_report(path: pathlib.Path | str | None = None) -> dict | None:
-    path = pathlib.Path(path) if path is not None else STATIC_REPORT
+def static_predictions(report: dict) -> dict:
+    """The bench's subset of a full static report (the JSON of benchmarks/static_report.py): the predicted fraction
+    of 16 tanh/clk/SM of the tanh kernel of every bench shape and dtype, forward (weights not asked for, as the bench
+    calls it) and backward.
+
+    Returns {"target", "triton", "model", "predicted_tanh_rate_fraction": {use: fraction}}, use "shape/dtype" for
+    the forward's score kernel and "shape/dtype/backward" for the backward's tanh pass; shapes outside the bench's
+    table (the report-only additions) are left out."""
+    fractions = {}
+    for entry in report.get("kernels", []):
+        if "hot_loop" not in entry:
+            continue
+        for use in entry["used_by"]:
+            if use.endswith("/weights") or use.split("/")[0] not in SHAPES:
+                continue
+            fractions.setdefault(use, entry["hot_loop"]["predicted_tanh_rate_fraction"])
+    return {"target": report.get("target", "sm_90"), "triton": report.get("triton"), "model": report.get("model"),
+            "predicted_tanh_rate_fraction": fractions}
+
+
+def load_static_predictions(path: pathlib.Path | str | None = None) -> dict | None:
+    """The `static_predictions` dict: from `path` (a predictions file, or a full report, which is reduced to its
+    predictions), else the package's own copy. None when `path` does not exist."""
+    if path is None:
+        text = importlib.resources.files(__package__).joinpath(STATIC_PREDICTIONS_FILE).read_text(encoding="utf-8")
+        return json.loads(text)
+    path = pathlib.Path(path)
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    loaded = json.loads(path.read_text(encoding="utf-8"))
+    return static_predictions(loaded) if "kernels" in loaded else loaded
 
 
-def predicted_fraction(report: dict | None, shape_name: str, dtype_name: str, mode: str) -> dict | None:
-    """The static report's predicted fraction of the MUFU limit (tanh rate) for the score kernel the forward plans
-    for (shape, dtype), and for forward_backward the tanh-weighted mean with the backward kernel's figure.
-    None when the report does not cover the shape (e.g. `tiny`) or the mode: the report compiles each named
-    shape as it is, so a decode step of an all-steps shape (T = 1 instead of T) is not in it; tts_step's forward,
-    which is a decode step, is."""
-    if report is None or mode == "decode_step":
+def predicted_fraction(predictions: dict | None, shape_name: str, dtype_name: str, mode: str) -> dict | None:
+    """The predicted fraction of the MUFU limit (tanh rate) of the score kernel the forward plans for (shape,
+    dtype), and for forward_backward the tanh-weighted mean with the backward kernel's figure; `predictions` as
+    `load_static_predictions` returns them. None when they do not cover the shape (e.g. `tiny`) or the mode: the
+    report compiles each named shape as it is, so a decode step of an all-steps shape (T = 1 instead of T) is not
+    in it; tts_step's forward, which is a decode step, is."""
+    if predictions is None or mode == "decode_step":
         return None
-
-    def kernel_fraction(use: str) -> float | None:
-        for entry in report.get("kernels", []):
-            if "hot_loop" in entry and use in entry.get("used_by", []):
-                return entry["hot_loop"]["predicted_tanh_rate_fraction"]
-        return None
-
-    forward = kernel_fraction(f"{shape_name}/{dtype_name}")
+    fractions = predictions["predicted_tanh_rate_fraction"]
+    forward = fractions.get(f"{shape_name}/{dtype_name}")
     if forward is None:
         return None
     if mode == "forward_backward":
-        backward = kernel_fraction(f"{shape_name}/{dtype_name}/backward")
+        backward = fractions.get(f"{shape_name}/{dtype_name}/backward")
         if backward is None:
             return None
         # Equal tanh counts in both passes: time adds up, so the combined rate is the harmonic mean.
@@ -86,5 +110,5 @@ def predicted_fraction(report: dict | None, shape_name: str, dtype_name: str, mo
     else:
         fraction = forward
     return {"predicted_mufu_fraction": fraction,
-            "source": f"static sm_{report.get('target', 'sm_90').removeprefix('sm_')} issue model "
-                      f"(Triton {report.get('triton', '?')}): a PREDICTION, not a measurement"}
+            "source": f"static sm_{predictions.get('target', 'sm_90').removeprefix('sm_')} issue model "
+                      f"(Triton {predictions.get('triton') or '?'}): a PREDICTION, not a measurement"}

@@ -90,7 +90,7 @@ def wants_memory(spec: CaseSpec, full: bool, device: torch.device, first_shape: 
 
 
 def run_case(spec: CaseSpec, device: torch.device, *, target_s: float, measure_memory: bool, seed: int,
-             threads: int | None, mufu_limit: dict | None, static_report: dict | None) -> dict:
+             threads: int | None, mufu_limit: dict | None, static_predictions: dict | None) -> dict:
     """One case: build, check against the float64 reference, and only if correct: time, roofline, memory."""
     record = {"key": spec.key, "group": spec.group, "shape": spec.shape_name, "dtype": spec.dtype_name,
               "mode": spec.mode, "backend": spec.backend, "sizes": spec.problem.as_dict(), "status": "failed"}
@@ -125,8 +125,8 @@ def run_case(spec: CaseSpec, device: torch.device, *, target_s: float, measure_m
         if spec.backend == "triton" and mufu_limit is not None:
             fraction = roofline.measured_fraction(spec, record["timing"]["median_s"], mufu_limit)
             record["roofline"] = {"tanh_evaluations": roofline.tanh_evaluations(spec), "mufu_fraction": fraction,
-                                  **(roofline.predicted_fraction(static_report, spec.shape_name, spec.dtype_name,
-                                                                 spec.mode) or {})}
+                                  **(roofline.predicted_fraction(static_predictions, spec.shape_name,
+                                                                 spec.dtype_name, spec.mode) or {})}
         if measure_memory:
             record["memory"] = memory_module.measure(spec, device, prepared=prepared, threads=threads)
     except Exception as error:  # reported as this case's failure (e.g. a torch.compile error), never a crash
@@ -140,22 +140,22 @@ def run_case(spec: CaseSpec, device: torch.device, *, target_s: float, measure_m
     return record
 
 
-def roofline_rows(records: list[dict], device: torch.device, static_report: dict | None) -> dict:
+def roofline_rows(records: list[dict], device: torch.device, static_predictions: dict | None) -> dict:
     rows = []
     for group in dict.fromkeys(record["group"] for record in records):
         shape_name, dtype_name, mode = group.split("/")
         row = {"group": group}
-        row.update(roofline.predicted_fraction(static_report, shape_name, dtype_name, mode) or {})
+        row.update(roofline.predicted_fraction(static_predictions, shape_name, dtype_name, mode) or {})
         triton_case = next((r for r in records if r["group"] == group and r["backend"] == "triton"), None)
         if triton_case is not None:
             row["mufu_fraction"] = (triton_case.get("roofline") or {}).get("mufu_fraction")
         rows.append(row)
-    note = ("'predicted' = static sm_90 issue-model figure of the Triton kernels (benchmarks/results/static_sm90.json)"
+    note = ("'predicted' = static sm_90 issue-model figure of the Triton kernels (`python -m benchmarks.static_report`)"
             ": a PREDICTION from compiled SASS, not a measurement")
     if device.type != "cuda":
         note += "; no GPU here, so nothing is measured"
-    if static_report is None:
-        note += "; static report not found (run `python -m benchmarks.static_report`)"
+    if static_predictions is None:
+        note += "; static predictions not found (the static_predictions_path given does not exist)"
     return {"rows": rows, "note": note, "measured_on_gpu": device.type == "cuda"}
 
 
@@ -171,7 +171,7 @@ def _summary(records: list[dict]) -> dict:
 def run_bench(*, full: bool = False, device: str | torch.device | None = None,
               out_dir: str | os.PathLike | None = DEFAULT_OUT_DIR, shapes=None, dtypes=None, modes=None,
               backends=None, model: bool = True, model_config: str | None = None, memory: bool = True,
-              threads: int | None = None, seed: int = 0, progress: bool = True, static_report_path=None,
+              threads: int | None = None, seed: int = 0, progress: bool = True, static_predictions_path=None,
               out=None) -> dict:
     """Run the benchmark and return the result dict (also written as JSON + PNG under `out_dir` unless None).
 
@@ -185,6 +185,8 @@ def run_bench(*, full: bool = False, device: str | torch.device | None = None,
         model / memory: run the Seq2Seq bench / the memory measurements.
         model_config: a `model_bench.MODEL_CONFIGS` name (default "date" quick, "nmt" full).
         threads: torch CPU threads (default: leave torch's setting); recorded either way.
+        static_predictions_path: the static sm_90 predictions of the roofline table, a full report of
+            `python -m benchmarks.static_report` or its predictions file (default: the package's own copy).
         out: where the table is printed (default stdout); progress bars go to stderr.
 
     Returns {"date", "machine", "settings", "timing_method", "cases": [...], "roofline", "model", "summary",
@@ -207,7 +209,7 @@ def run_bench(*, full: bool = False, device: str | torch.device | None = None,
     if "reference" not in backends:
         backends.insert(0, "reference")  # every ratio is against eager
     target_s = 2.0 if full else 0.5
-    static_report = roofline.load_static_report(static_report_path)
+    static_predictions = roofline.load_static_predictions(static_predictions_path)
     mufu_limit = roofline.gpu_mufu_limit(device) if device.type == "cuda" else None
 
     specs = case_specs(shapes, dtypes, modes, backends)
@@ -215,7 +217,7 @@ def run_bench(*, full: bool = False, device: str | torch.device | None = None,
     for spec in tqdm(specs, desc="attn-fast bench", disable=not progress, file=sys.stderr):
         records.append(run_case(spec, device, target_s=target_s, seed=seed, threads=threads,
                                 measure_memory=memory and wants_memory(spec, full, device, shapes[0]),
-                                mufu_limit=mufu_limit, static_report=static_report))
+                                mufu_limit=mufu_limit, static_predictions=static_predictions))
     targets.annotate(records, device.type)
 
     model_result = None
@@ -237,7 +239,7 @@ def run_bench(*, full: bool = False, device: str | torch.device | None = None,
                           f"CPU wall clock (time.perf_counter), median after warm-up, {torch.get_num_threads()} "
                           "thread(s)"),
         "cases": records,
-        "roofline": roofline_rows(records, device, static_report),
+        "roofline": roofline_rows(records, device, static_predictions),
         "mufu_limit": mufu_limit,
         "model": model_result,
         "summary": _summary(records),
@@ -250,6 +252,6 @@ def run_bench(*, full: bool = False, device: str | torch.device | None = None,
         report.write_plot(result, pathlib.Path(result["files"]["png"]))
         report.write_json(result, pathlib.Path(result["files"]["json"]))
     print(report.format_report(result), file=out)
-    for kind_name, path in result["files"].items():
+    for path in result["files"].values():
         print(f"written: {path}", file=out)
     return result

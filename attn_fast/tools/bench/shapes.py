@@ -15,8 +15,10 @@ from attn_fast.tools.testing import AttentionCase, random_case
 
 
 @dataclasses.dataclass(frozen=True)
-class Shape:
-    """One named problem size."""
+class ProblemShape:
+    """The sizes of one named attention problem, (B, T, S, A, D): query_proj [B, T, A], key_proj [B, S, A],
+    value [B, S, D], v [A]. The one table of named shapes (`SHAPES`) is used by the bench, its pytest-benchmark
+    suites and the static sm_90 report (benchmarks/static_report.py)."""
 
     name: str
     batch: int  # B
@@ -38,7 +40,7 @@ class Shape:
         """Size of the [B, T, S, A] tensor the eager reference materializes (once; autograd keeps more)."""
         return self.tanh_elements * torch.empty((), dtype=dtype).element_size()
 
-    def decode_step(self) -> "Shape":
+    def decode_step(self) -> ProblemShape:
         """The single decoder step of this shape: one query row (T = 1) against the same memory."""
         return dataclasses.replace(self, tgt_len=1)
 
@@ -46,18 +48,18 @@ class Shape:
         return dict(zip("BTSAD", self.sizes))
 
 
-NAMED_SHAPES: dict[str, Shape] = {
+NAMED_SHAPES: dict[str, ProblemShape] = {
     shape.name: shape
     for shape in (
-        Shape("nmt_train", 32, 50, 50, 256, 512),
-        Shape("tts_step", 32, 1, 200, 128, 512),
-        Shape("caption", 32, 20, 196, 512, 2048),
-        Shape("long", 8, 400, 400, 256, 256),
+        ProblemShape("nmt_train", 32, 50, 50, 256, 512),
+        ProblemShape("tts_step", 32, 1, 200, 128, 512),
+        ProblemShape("caption", 32, 20, 196, 512, 2048),
+        ProblemShape("long", 8, 400, 400, 256, 256),
     )
 }
 #: Odd, small sizes for CI: every code path of the runner in a fraction of a second per case.
-TINY = Shape("tiny", 2, 5, 7, 8, 6)
-SHAPES: dict[str, Shape] = {**NAMED_SHAPES, TINY.name: TINY}
+TINY = ProblemShape("tiny", 2, 5, 7, 8, 6)
+SHAPES: dict[str, ProblemShape] = {**NAMED_SHAPES, TINY.name: TINY}
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                                    "fp64": torch.float64}
@@ -67,13 +69,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {value: key for key, value in DTYPES.items()}[dtype]
 
 
-def get_shape(name: str) -> Shape:
+def get_shape(name: str) -> ProblemShape:
     if name not in SHAPES:
         raise ValueError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
     return SHAPES[name]
 
 
-def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device | str, *, requires_grad: bool = False,
+def make_inputs(shape: ProblemShape, dtype: torch.dtype, device: torch.device | str, *, requires_grad: bool = False,
                 seed: int = 0) -> AttentionCase:
     """Random inputs of `shape`: query_proj [B, T, A], key_proj [B, S, A], value [B, S, D], v [A] in `dtype` on
     `device`, key_lengths [B] (random in 1..S, so that padding is masked as in a real batch)."""
