@@ -2,8 +2,8 @@
 
     % of MUFU limit = tanh evaluations / seconds / (16 x SM count x SM clock)
 
-Tanh evaluations per call (DESIGN.md): forward and decode step B*T*S*A; forward + backward 2*B*T*S*A (the
-backward recomputes the tanh once, it does not store it). Measured for Triton cases on a GPU. On CPU (no GPU to
+Tanh evaluations per call (docs/DESIGN.md, "The operation"): forward and decode step B*T*S*A; forward + backward
+2*B*T*S*A (the backward recomputes the tanh once, it does not store it). Measured for Triton cases on a GPU. On CPU (no GPU to
 measure) the static sm_90 report's *predicted* fraction is shown instead: the issue-slot model's figure for the
 kernel configuration the launcher plans for that shape and dtype — a prediction from compiled SASS, never a
 measurement. The bench reads those figures from the package's own copy, `static_sm90_predictions.json` next to this
