@@ -204,13 +204,15 @@ def attention_call(
         ("key_lengths", key_lengths), ("key_padding_mask", key_padding_mask), ("index", index)
     ]:
         if isinstance(tensor, torch.Tensor) and tensor.device != device:
-            raise ValueError(f"all inputs must be on one device: query_proj is on {device} but {name} is on {tensor.device}")
+            raise ValueError(f"all inputs must be on one device: query_proj is on {device} but {name} is on "
+                             f"{tensor.device}")
 
     if index is not None:
         _require_tensor("index", index)
         _require_integer("index", index)
         if index.dim() != 1 or index.shape[0] != query_rows:
-            raise ValueError(f"index must be [B_q] = [{query_rows}] (one memory row per query row), got shape {tuple(index.shape)}")
+            raise ValueError(f"index must be [B_q] = [{query_rows}] (one memory row per query row), "
+                             f"got shape {tuple(index.shape)}")
         if index.numel() and _can_read_values(index):
             if int(index.min()) < 0 or int(index.max()) >= memory_rows:
                 raise ValueError(

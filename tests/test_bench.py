@@ -22,6 +22,7 @@ def bench_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@pytest.mark.slow
 def test_runner_end_to_end_on_tiny_shape(tmp_path):
     table = io.StringIO()
     result = runner.run_bench(device="cpu", shapes=["tiny"], backends=["reference", "torch"], out_dir=tmp_path,
@@ -56,6 +57,7 @@ def test_runner_end_to_end_on_tiny_shape(tmp_path):
     assert shown.getvalue().strip() == printed.strip().split("\nwritten:")[0].strip()
 
 
+@pytest.mark.slow
 def test_compile_case_reports_compile_time_apart():
     record = runner.run_case(CaseSpec("tiny", "fp32", "forward", "compile"), CPU, target_s=0.05,
                              measure_memory=False, seed=0, threads=None, mufu_limit=None, static_predictions=None)
@@ -95,6 +97,7 @@ def test_backend_that_raises_is_reported_failed(monkeypatch):
     assert record["status"] == "failed" and "compiler exploded" in record["error"] and "timing" not in record
 
 
+@pytest.mark.slow
 def test_memory_probe_sees_eager_materialize_and_torch_backend_not():
     # nmt_train forward: the eager [B, T, S, A] tensor is 78 MiB in fp32.
     eager = memory.measure(CaseSpec("nmt_train", "fp32", "forward", "reference"), CPU)

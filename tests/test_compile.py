@@ -6,8 +6,8 @@ from torch import nn
 from torch.library import opcheck
 
 from attn_fast import AdditiveAttention
-from attn_fast.tools.testing import random_case
 from attn_fast.backends.torch_backend import _backward_op, _forward_op
+from attn_fast.tools.testing import random_case
 
 
 @pytest.mark.parametrize("options", [

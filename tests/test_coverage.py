@@ -125,7 +125,8 @@ def test_coverage_loss_values():
     torch.testing.assert_close(coverage_loss(weights, coverage, reduction="none"),
                                torch.tensor([0.6, 0.4], dtype=torch.float64))
     torch.testing.assert_close(coverage_loss(weights, coverage), torch.tensor(0.5, dtype=torch.float64))
-    torch.testing.assert_close(coverage_loss(weights, coverage, reduction="sum"), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(coverage_loss(weights, coverage, reduction="sum"),
+                               torch.tensor(1.0, dtype=torch.float64))
     key_padding = torch.tensor([[False, False, True], [False, False, True]])
     torch.testing.assert_close(coverage_loss(weights, coverage, key_padding_mask=key_padding, reduction="none"),
                                torch.tensor([0.4, 0.1], dtype=torch.float64))
@@ -174,9 +175,11 @@ def test_argument_errors():
     with pytest.raises(ValueError, match=r"key must be \[B, S, key_dim=6\]"):
         layer.precompute(encoder_states[..., :5])
     with pytest.raises(ValueError, match=r"coverage_weight must have shape \[16\]"):
-        layer.load_eager_weights(query_weight=layer.attention.query_layer.weight, key_weight=layer.attention.key_layer.weight,
-                                 v=layer.attention.v, coverage_weight=torch.ones(15, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"coverage must have the shape of weights \[\.\.\., S\] = \(2, 4\), got \(2, 3\)"):
+        layer.load_eager_weights(query_weight=layer.attention.query_layer.weight,
+                                 key_weight=layer.attention.key_layer.weight, v=layer.attention.v,
+                                 coverage_weight=torch.ones(15, dtype=torch.float64))
+    with pytest.raises(ValueError,
+                       match=r"coverage must have the shape of weights \[\.\.\., S\] = \(2, 4\), got \(2, 3\)"):
         coverage_loss(weights, weights[:, :3])
     with pytest.raises(TypeError, match=r"coverage must be a floating tensor"):
         coverage_loss(weights, torch.ones(2, 4, dtype=torch.int64))

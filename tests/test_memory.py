@@ -17,6 +17,7 @@ def peak_growth(backend, sizes, backward):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
 def test_torch_backend_peak_memory_is_bounded(backward):
     measured = peak_growth("auto", LARGE, backward)  # "auto" is what a CPU user gets: the torch backend
@@ -27,6 +28,7 @@ def test_torch_backend_peak_memory_is_bounded(backward):
     assert measured["peak_rss_growth_mib"] < 64, measured
 
 
+@pytest.mark.slow
 def test_the_probe_sees_materialization():
     """The measurement itself must be able to fail: the reference at a 128 MiB tanh tensor grows RSS by more."""
     measured = peak_growth("reference", ["8", "128", "128", "256", "16"], backward=False)

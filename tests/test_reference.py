@@ -17,7 +17,8 @@ def attention_by_hand(case, b, i):
     scores = {}
     for j in range(src_len):
         hidden = [
-            math.tanh(query[a] + float(case.key_proj[memory_row, j, a]) + (0.0 if extra is None else float(extra[b, j, a])))
+            math.tanh(query[a] + float(case.key_proj[memory_row, j, a])
+                      + (0.0 if extra is None else float(extra[b, j, a])))
             for a in range(len(query))
         ]
         visible = True

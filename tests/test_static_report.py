@@ -60,6 +60,7 @@ def score_kernels(report, dtype_name):
             and any(use.startswith(f"nmt_fused/{dtype_name}") for use in entry["used_by"])]
 
 
+@pytest.mark.slow
 def test_every_kernel_compiles_without_spills(report):
     assert report["target"] == "sm_90"
     names = {entry["kernel"] for entry in report["kernels"]}
@@ -69,6 +70,7 @@ def test_every_kernel_compiles_without_spills(report):
         assert entry["registers"] <= 255
 
 
+@pytest.mark.slow
 def test_fp32_default_is_factorized_with_one_reciprocal_per_tanh(report):
     kernels = score_kernels(report, "fp32")
     assert len(kernels) == 2  # fused context, and scores for need_weights
@@ -85,6 +87,7 @@ def test_fp32_default_is_factorized_with_one_reciprocal_per_tanh(report):
         assert loop["fallback_instructions_per_tanh"] is not None  # saturated inputs have their own path
 
 
+@pytest.mark.slow
 def test_fp16_default_is_one_tanh_approx_per_element(report):
     for entry in score_kernels(report, "fp16"):
         loop = entry["hot_loop"]
@@ -96,6 +99,7 @@ def test_fp16_default_is_one_tanh_approx_per_element(report):
         assert loop["predicted_mufu_limit_fraction"] == 1.0
 
 
+@pytest.mark.slow
 def test_backward_recomputes_one_tanh_per_element_at_the_mufu_bound(report):
     """The fused backward: one MUFU op per (i, j, a) element (1 - t^2 from t with an FMA, no second MUFU op),
     reductions kept in registers (no SHFL), <= 8 instructions per tanh, no spills — for fp32 and fp16."""

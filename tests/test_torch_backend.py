@@ -3,15 +3,15 @@ grid of shapes, masks, layouts, dtypes, block sizes and both tanh forms."""
 import random
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 
 from attn_fast import additive_attention
 from attn_fast.backends import common, torch_backend
-from attn_fast.tools.testing import MASK_KINDS, errors_against_reference, random_case
-from attn_fast.tolerances import forward_tolerance, gradient_tolerance
 from attn_fast.backends.torch_backend import _DirectTanh, _FactorizedTanh, _Operands, plan_blocks
+from attn_fast.tolerances import forward_tolerance, gradient_tolerance
+from attn_fast.tools.testing import MASK_KINDS, errors_against_reference, random_case
 from attn_fast.validation import attention_call
 
 

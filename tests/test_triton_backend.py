@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from attn_fast import AdditiveAttention, additive_attention
-from attn_fast.tools.testing import MASK_KINDS, errors_against_reference, random_case
 from attn_fast.tolerances import forward_tolerance, gradient_tolerance
+from attn_fast.tools.testing import MASK_KINDS, errors_against_reference, random_case
 
 # (B, T, S, A, D): single step, single key, odd sizes around the kernels' tiles (BLOCK_S 32, BLOCK_A 8).
 SHAPES = [(2, 1, 37, 12, 5), (3, 4, 1, 8, 8), (2, 17, 33, 10, 6), (1, 3, 70, 9, 20)]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attn_fast.tools.testing import random_case
 from attn_fast.tolerances import gradient_tolerance, relative_error
+from attn_fast.tools.testing import random_case
 
 forward = pytest.importorskip("attn_fast.kernels.forward")
 backward = pytest.importorskip("attn_fast.kernels.backward")

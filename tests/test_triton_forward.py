@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from attn_fast import additive_attention_reference
-from attn_fast.tools.testing import MASK_KINDS, random_case
 from attn_fast.tolerances import forward_tolerance, relative_error
+from attn_fast.tools.testing import MASK_KINDS, random_case
 from attn_fast.validation import attention_call
 
 forward = pytest.importorskip("attn_fast.kernels.forward")

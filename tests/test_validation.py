@@ -81,7 +81,8 @@ def test_bad_key_lengths(inputs, bad, error, expected):
 @pytest.mark.parametrize("bad, error, expected", [
     (torch.zeros(2, 4, dtype=torch.int64), TypeError, r"key_padding_mask must be a bool tensor"),
     (torch.zeros(2, 4), TypeError, r"key_padding_mask must be a bool tensor"),
-    (torch.zeros(2, 5, dtype=torch.bool), ValueError, r"key_padding_mask must be \[B, S\] = \[2, 4\] or \[B, T, S\] = \[2, 3, 4\], got shape \(2, 5\)"),
+    (torch.zeros(2, 5, dtype=torch.bool), ValueError,
+     r"key_padding_mask must be \[B, S\] = \[2, 4\] or \[B, T, S\] = \[2, 3, 4\], got shape \(2, 5\)"),
     (torch.zeros(2, 2, 4, dtype=torch.bool), ValueError, r"key_padding_mask must be \[B, S\] = \[2, 4\]"),
     (torch.zeros(4, dtype=torch.bool), ValueError, r"key_padding_mask must be \[B, S\]"),
 ])

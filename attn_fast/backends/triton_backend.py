@@ -3,8 +3,8 @@
 Forward (`attn_fast::triton_forward`): the fused kernel (`kernels.forward`); it keeps P [B, T, S] in fp32 for the
 backward (P is A times smaller than the tanh tensor, and `need_weights` returns it anyway).
 Backward (docs/DESIGN.md, "Backward"):
-  1. no tanh — batched matmuls (`common.grad_of_scores`, shared with the torch backend): dValue = P^T dO, dP = dO value^T (+ dWeights),
-     dE = P (dP - rowsum(P dP));
+  1. no tanh — batched matmuls (`common.grad_of_scores`, shared with the torch backend): dValue = P^T dO,
+     dP = dO value^T (+ dWeights), dE = P (dP - rowsum(P dP));
   2. one fused tanh pass (`attn_fast::triton_tanh_pass`, `kernels.backward`) for d_query_proj, d_key_proj per
      query row and d_v; rows of d_key_proj are summed into memory rows through `index`, and they are
      d_extra_key_term.

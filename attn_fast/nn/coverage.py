@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from attn_fast.nn.stateful import check_step_query, prepare_memory, reordered_index
 from attn_fast.nn.additive import AdditiveAttention, AttentionMemory
+from attn_fast.nn.stateful import check_step_query, prepare_memory, reordered_index
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -41,7 +41,7 @@ class CoverageState:
         """B', the number of decoder rows."""
         return self.coverage.shape[0]
 
-    def reorder(self, backpointers: torch.Tensor) -> "CoverageState":
+    def reorder(self, backpointers: torch.Tensor) -> CoverageState:
         """Beam search: new decoder row r continues old row `backpointers[r]` ([B''] integer in [0, B')).
         Gathers the coverage; the encoder memory is not copied, only the `index` of memory rows is updated."""
         index = reordered_index(self.index, backpointers, self.rows)
@@ -121,7 +121,8 @@ class CoverageAttention(nn.Module):
         if not isinstance(state, CoverageState):
             raise TypeError(f"state must be a CoverageState (from precompute), got {type(state).__name__}")
         check_step_query(query, state.rows, self.query_dim, self.dtype)
-        context, weights = self.attention.step(query, state.memory, extra_key_term=self.coverage_features(state.coverage),
+        context, weights = self.attention.step(query, state.memory,
+                                               extra_key_term=self.coverage_features(state.coverage),
                                                index=state.index, need_weights=True)
         return context, weights, replace(state, coverage=state.coverage + weights)
 

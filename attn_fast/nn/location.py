@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from attn_fast.nn.stateful import check_step_query, prepare_memory, reordered_index, uniform_weights
 from attn_fast.nn.additive import AdditiveAttention, AttentionMemory
+from attn_fast.nn.stateful import check_step_query, prepare_memory, reordered_index, uniform_weights
 
 INITIAL_WEIGHTS = ("uniform", "zeros")
 
@@ -51,7 +51,7 @@ class LocationState:
         """B', the number of decoder rows."""
         return self.prev_weights.shape[0]
 
-    def reorder(self, backpointers: torch.Tensor) -> "LocationState":
+    def reorder(self, backpointers: torch.Tensor) -> LocationState:
         """Beam search: new decoder row r continues old row `backpointers[r]` ([B''] integer in [0, B')).
 
         Gathers the per-row weights; the encoder memory is not copied, only the `index` of memory rows is updated.
@@ -182,7 +182,7 @@ class LocationSensitiveAttention(nn.Module):
 
     @classmethod
     def from_tacotron2_state_dict(cls, state_dict, prefix: str = "", *, backend: str = "auto", device=None,
-                                  dtype=None) -> "LocationSensitiveAttention":
+                                  dtype=None) -> LocationSensitiveAttention:
         """A layer sized from the shapes in a Tacotron-2 state dict (names as in `load_tacotron2_state_dict`)."""
         tensors = _find_tacotron2_tensors(state_dict, prefix)
         for name, dims in (("query_layer", 2), ("memory_layer", 2), ("location_conv", 3), ("location_dense", 2)):
@@ -214,7 +214,7 @@ def _find_tacotron2_tensors(state_dict, prefix: str) -> dict[str, tuple[str, tor
                              "would drop it")
     if missing:
         raise ValueError(f"state dict lacks {'; '.join(missing)}")
-    for name, (key, tensor) in found.items():
+    for key, tensor in found.values():
         if not isinstance(tensor, torch.Tensor) or not tensor.dtype.is_floating_point:
             raise TypeError(f"{key} must be a floating tensor, got {getattr(tensor, 'dtype', type(tensor).__name__)}")
     return found

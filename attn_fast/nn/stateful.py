@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from attn_fast.nn.additive import AdditiveAttention, AttentionMemory
 from attn_fast.masking import visible_keys
+from attn_fast.nn.additive import AdditiveAttention, AttentionMemory
 from attn_fast.validation import attention_call
 
 
@@ -27,7 +27,8 @@ def prepare_memory(attention: AdditiveAttention, key: torch.Tensor, value: torch
         raise TypeError(f"key must have the layer's dtype {dtype}, got {key.dtype}")
     # A per-decoder-step [B, T, S] mask has no meaning for a state that is advanced one step at a time.
     if key_padding_mask is not None and (not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dim() != 2):
-        shape = tuple(key_padding_mask.shape) if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+        shape = (tuple(key_padding_mask.shape) if isinstance(key_padding_mask, torch.Tensor)
+                 else type(key_padding_mask).__name__)
         raise ValueError(f"key_padding_mask must be [B, S] (one mask per source sequence), got {shape}")
     memory = attention.precompute(key, value, key_lengths, key_padding_mask)
     rows = index.shape[0] if isinstance(index, torch.Tensor) and index.dim() == 1 else key.shape[0]
@@ -60,7 +61,8 @@ def reordered_index(index: torch.Tensor | None, backpointers: torch.Tensor, rows
     if backpointers.dtype.is_floating_point or backpointers.dtype.is_complex or backpointers.dtype == torch.bool:
         raise TypeError(f"backpointers must have an integer dtype (e.g. torch.int64), got {backpointers.dtype}")
     if backpointers.dim() != 1:
-        raise ValueError(f"backpointers must be [B''] (one old decoder row per new row), got {tuple(backpointers.shape)}")
+        raise ValueError(f"backpointers must be [B''] (one old decoder row per new row), "
+                         f"got {tuple(backpointers.shape)}")
     if backpointers.numel() and not torch.compiler.is_compiling():
         low, high = int(backpointers.min()), int(backpointers.max())
         if low < 0 or high >= rows:

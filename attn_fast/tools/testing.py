@@ -45,7 +45,7 @@ class AttentionCase:
     def float_tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.FLOAT_FIELDS if getattr(self, name) is not None}
 
-    def cast(self, dtype: torch.dtype, *, device=None, requires_grad: bool = False) -> "AttentionCase":
+    def cast(self, dtype: torch.dtype, *, device=None, requires_grad: bool = False) -> AttentionCase:
         """A copy with the float inputs cast to `dtype` (and moved to `device`), as fresh leaves with the same
         strides, so that a non-contiguous layout stays non-contiguous."""
         changes = {}
@@ -170,7 +170,8 @@ def errors_against_reference(case: AttentionCase, dtype: torch.dtype, run, *, gr
     expected_context, expected_weights = additive_attention_reference(*oracle.inputs(), **oracle.options(),
                                                                       need_weights=True)
     context, weights = run(*tested.inputs(), need_weights=True, **tested.options())
-    errors = {"context": relative_error(context, expected_context), "weights": relative_error(weights, expected_weights)}
+    errors = {"context": relative_error(context, expected_context),
+              "weights": relative_error(weights, expected_weights)}
     if gradients:
         generator = torch.Generator(device="cpu").manual_seed(seed + 1)
         grad_context = torch.randn(expected_context.shape, generator=generator, dtype=torch.float64)

@@ -10,8 +10,8 @@ import warnings
 import torch
 
 from attn_fast.functional import additive_attention, triton_usable
-from attn_fast.tools.testing import errors_against_reference, random_case
 from attn_fast.tolerances import forward_tolerance, gradient_tolerance
+from attn_fast.tools.testing import errors_against_reference, random_case
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,8 @@ def verify_one(backend: str, case: VerifyCase, dtype: torch.dtype, device: torch
 def run_verify(device: torch.device, backends: list[str], dtypes, seed: int = 0, out=None) -> int:
     """Print the table (to `out`, default stdout); return the number of failed rows."""
     out = sys.stdout if out is None else out
-    header = f"{'backend':<10} {'case':<24} {'dtype':<9} {'fwd error':>10} {'fwd tol':>8} {'grad error':>10} {'grad tol':>8}  result"
+    header = (f"{'backend':<10} {'case':<24} {'dtype':<9} {'fwd error':>10} {'fwd tol':>8} {'grad error':>10} "
+              f"{'grad tol':>8}  result")
     print(f"attn-fast verify on {device} (torch {torch.__version__}); errors are ||out - ref|| / ||ref|| against "
           "the float64 reference", file=out)
     print(header, file=out)

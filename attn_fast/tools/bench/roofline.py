@@ -3,11 +3,11 @@
     % of MUFU limit = tanh evaluations / seconds / (16 x SM count x SM clock)
 
 Tanh evaluations per call (docs/DESIGN.md, "The operation"): forward and decode step B*T*S*A; forward + backward
-2*B*T*S*A (the backward recomputes the tanh once, it does not store it). Measured for Triton cases on a GPU. On CPU (no GPU to
-measure) the static sm_90 report's *predicted* fraction is shown instead: the issue-slot model's figure for the
-kernel configuration the launcher plans for that shape and dtype — a prediction from compiled SASS, never a
-measurement. The bench reads those figures from the package's own copy, `static_sm90_predictions.json` next to this
-module (package data, so that an installed wheel has them without a checkout), which `python -m
+2*B*T*S*A (the backward recomputes the tanh once, it does not store it). Measured for Triton cases on a GPU. On
+CPU (no GPU to measure) the static sm_90 report's *predicted* fraction is shown instead: the issue-slot model's
+figure for the kernel configuration the launcher plans for that shape and dtype — a prediction from compiled SASS,
+never a measurement. The bench reads those figures from the package's own copy, `static_sm90_predictions.json`
+next to this module (package data, so that an installed wheel has them without a checkout), which `python -m
 benchmarks.static_report` writes along with its full report (benchmarks/results/static_sm90.json).
 """
 from __future__ import annotations
