@@ -1,14 +1,20 @@
 """The captioning trainer and metrics: the grounding score on hand-made cases, a short run that beats chance (exact
 match, BLEU and grounding against baselines computed from the data), checkpoints that round-trip to identical
-captions and attention, and stop + resume equal to an uninterrupted run."""
+captions and attention, stop + resume equal to an uninterrupted run, and a 2-process run (the shared loop's
+DistributedDataParallel) that keeps both ranks' weights identical."""
+import os
+import subprocess
+import sys
+import textwrap
 from collections import Counter
 
 import pytest
 import torch
 
 from attn_fast.examples.captioning.data import Scene, Shape, make_scene_splits, render_images
-from attn_fast.examples.captioning.metrics import bleu, box_coverage, exact_match, grounding_score, mass_in_box
+from attn_fast.examples.captioning.metrics import box_coverage, grounding_score, mass_in_box
 from attn_fast.examples.captioning.train import CaptionTrainConfig, caption_images, evaluate, load_checkpoint, train
+from attn_fast.examples.metrics import bleu, exact_match
 
 TINY = dict(image_size=48, embed_dim=16, hidden_dim=48, attn_dim=24, channels=32, attention_backend="torch",
             device="cpu", quiet=True)
@@ -120,3 +126,36 @@ def test_resume_is_identical_to_an_uninterrupted_run(tmp_path):
         assert torch.equal(tensor, b["model"][name]), name
         assert not torch.equal(tensor, halfway["model"][name]), name
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+RANK_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch
+    from attn_fast.examples.captioning.train import CaptionTrainConfig, train
+
+    out = sys.argv[1]
+    config = CaptionTrainConfig(train_size=64, valid_size=8, batch_size=8, max_steps=4, image_size=48, channels=8,
+                                embed_dim=8, hidden_dim=16, attn_dim=8, dropout=0.1, attention_backend="torch",
+                                device="cpu", quiet=True, out_dir=os.path.join(out, "run"))
+    result = train(config)
+    torch.save({"state": result.model.state_dict(), "steps": result.steps},
+               os.path.join(out, f"rank{os.environ['RANK']}.pt"))
+""")
+
+
+def test_two_process_gloo_run_keeps_identical_weights(tmp_path):
+    # Each rank trains on its own shard with its own dropout masks: only the gradient averaging of the forward call
+    # through DistributedDataParallel keeps the weights equal.
+    script = tmp_path / "rank_main.py"
+    script.write_text(RANK_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(tmp_path)]
+    completed = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 4
+    for name, weight in ranks[0]["state"].items():
+        assert torch.equal(weight, ranks[1]["state"][name]), name
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert checkpoint["world_size"] == 2 and checkpoint["step"] == 4

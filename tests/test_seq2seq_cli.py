@@ -1,6 +1,11 @@
-"""`attn-fast translate` and `attn-fast evaluate` on a checkpoint of a tiny `attn-fast train` run."""
+"""`attn-fast translate` and `attn-fast evaluate` on a checkpoint of a tiny `attn-fast train` run; how the train
+options map to the Seq2Seq config."""
+import dataclasses
+import importlib
+
 import pytest
 
+from attn_fast.examples.seq2seq.train import TrainConfig
 from attn_fast.tools.cli import main
 
 
@@ -34,3 +39,14 @@ def test_evaluate_prints_scores(checkpoint, tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-tsv", str(tmp_path / "test.tsv")]) == 0
     output = capsys.readouterr().out
     assert output.startswith("2 pairs: exact match ") and ", BLEU " in output
+
+
+def test_train_options_are_the_config_fields(monkeypatch):
+    seen = []
+    monkeypatch.setattr(importlib.import_module("attn_fast.examples.seq2seq.train"), "train", seen.append)
+    assert main(["train"]) == 0
+    assert seen.pop() == TrainConfig()
+    assert main(["train", "--decoder", "bahdanau", "--max-steps", "30", "--data-tsv", "a.tsv", "--valid-tsv", "b.tsv",
+                 "--dropout", "0.1", "--out-dir", "x", "--quiet"]) == 0
+    assert seen.pop() == dataclasses.replace(TrainConfig(), decoder="bahdanau", max_steps=30, data_tsv="a.tsv",
+                                             valid_tsv="b.tsv", dropout=0.1, out_dir="x", quiet=True)

@@ -1,4 +1,5 @@
-"""attn_fast.examples.seq2seq.data: the date task, vocabularies, batches, TSV reading, BLEU."""
+"""attn_fast.examples.seq2seq.data: the date task, vocabularies, batches, TSV reading; BLEU and exact match
+(attn_fast.examples.metrics) on its pairs."""
 import datetime
 import json
 import random
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 from attn_fast.examples.seq2seq.data import (
-    LANGUAGES, CharVocab, DateSplits, batches, bleu, build_vocabs, date_patterns, date_split, exact_match,
-    make_date_examples, make_date_splits, read_tsv, render_date, sample_date_examples,
+    LANGUAGES, CharVocab, DateSplits, batches, build_vocabs, date_patterns, date_split, make_date_examples,
+    make_date_splits, read_tsv, render_date, sample_date_examples,
 )
+from attn_fast.examples.metrics import bleu, exact_match
 from attn_fast.examples.seq2seq import data as data_module
 
 

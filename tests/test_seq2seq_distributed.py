@@ -58,7 +58,8 @@ def test_two_process_gloo_run_keeps_identical_weights(tmp_path):
 
 
 def test_mid_epoch_resume_needs_the_same_process_count(tmp_path):
-    from attn_fast.examples.seq2seq.train import TrainConfig, save_checkpoint, train
+    from attn_fast.examples.checkpoints import save_checkpoint
+    from attn_fast.examples.seq2seq.train import TrainConfig, train
 
     common = dict(train_size=600, valid_size=20, batch_size=16, embed_dim=8, hidden_dim=16, attn_dim=8,
                   attention_backend="torch", device="cpu", quiet=True)

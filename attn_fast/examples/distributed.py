@@ -1,7 +1,9 @@
-"""Multi-process training through torch.distributed: what `train` needs to run under `torchrun`.
+"""Multi-process training through torch.distributed: what the training loop (`training.py`) needs to run under
+`torchrun`, for either example.
 
     torchrun --standalone --nproc_per_node=2 -m attn_fast.tools.cli train ...      # 2 processes, gloo on CPU
     torchrun --standalone --nproc_per_node=8 -m attn_fast.tools.cli train ...      # 8 GPUs, nccl, one per process
+    torchrun --standalone --nproc_per_node=2 -m attn_fast.tools.cli train-captions ...
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK in each process's environment; `setup` reads them, starts the process
 group (nccl for CUDA devices, gloo otherwise) and picks the process's device (cuda:LOCAL_RANK). The model is wrapped
@@ -73,6 +75,11 @@ def wrap(model: torch.nn.Module, context: Distributed, device: torch.device) -> 
         return model
     device_ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside what `wrap` returned (the module itself when it is not DistributedDataParallel)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def shard(items: Sequence[Item], context: Distributed) -> list[Item]:

@@ -1,13 +1,31 @@
-"""The `attn-fast` command: `attn-fast verify` checks every backend on this machine against the float64
-reference and exits 1 on any failure; `attn-fast train` trains the Seq2Seq example model (the date task by
-default) or, with `--task captions`, the Show, Attend and Tell example, whose checkpoints `attn-fast caption`
-uses; `attn-fast bench` benchmarks every backend side by side (see attn_fast/bench)."""
+"""The `attn-fast` command: checks and benchmarks of the attention backends, and the two example models.
+
+    attn-fast verify                      every backend on this machine against the float64 reference (exit 1 on
+                                          any failure)
+    attn-fast bench                       every backend side by side (see attn_fast/tools/bench)
+    attn-fast train                       train the Seq2Seq example (the date task, or TSV files of pairs)
+    attn-fast translate, evaluate         decode sources with its checkpoint; score it on the date task's test split
+                                          or a TSV file
+    attn-fast train-captions              train the Show, Attend and Tell example on generated scenes
+    attn-fast caption, evaluate-captions  caption PNG images with its checkpoint; score it on the test scenes
+
+The options of the two train commands are the fields of their config dataclasses (`TrainConfig`,
+`CaptionTrainConfig`), with the dataclasses' defaults.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 
 import torch
+
+from attn_fast.examples.captioning.model import INITIAL_STATES
+from attn_fast.examples.captioning.train import CaptionTrainConfig
+from attn_fast.examples.seq2seq.model import DECODERS
+from attn_fast.examples.seq2seq.train import TrainConfig
+from attn_fast.validation import BACKENDS
 
 
 def _verify(args) -> int:
@@ -28,62 +46,61 @@ def _verify(args) -> int:
 
 
 def _train(args) -> int:
-    import dataclasses
-
+    """`attn-fast train`: the Seq2Seq example."""
     from attn_fast.examples.seq2seq.train import TrainConfig, train
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("attn-fast train: --device cuda asked for, but CUDA is not available", file=sys.stderr)
-        return 2
-    if args.task == "captions":
-        return _train_captions(args)
-    misplaced = [flag for name, flag in _CAPTION_OPTIONS.items() if name in args.typed_options]
-    if misplaced:
-        print(f"attn-fast train: {', '.join(misplaced)} apply to --task captions only", file=sys.stderr)
+    if _cuda_missing("train", args.device):
         return 2
     if (args.data_tsv is None) != (args.valid_tsv is None):
         print("attn-fast train: give both --data-tsv and --valid-tsv, or neither (the date task)", file=sys.stderr)
         return 2
-    train(TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}))
+    train(_config_from(args, TrainConfig))
     return 0
 
 
-# Options of `attn-fast train` that only one task understands (destination: flag).
-_DATE_ONLY_OPTIONS = {"data_tsv": "--data-tsv", "valid_tsv": "--valid-tsv", "decoder": "--decoder"}
-_CAPTION_OPTIONS = {"image_size": "--image-size", "channels": "--channels", "initial_state": "--initial-state",
-                    "attention_reg": "--attention-reg"}
+def _translate(args) -> int:
+    from attn_fast.examples.seq2seq.plots import alignment_heatmap
+    from attn_fast.examples.seq2seq.train import decode_sources, load_checkpoint
+
+    model, src_vocab, tgt_vocab, _ = load_checkpoint(args.checkpoint, args.device)
+    translations = decode_sources(model, args.sources, src_vocab, tgt_vocab, beam_size=args.beam, device=args.device)
+    for number, (source, (output, attention)) in enumerate(zip(args.sources, translations)):
+        print(f"{source}\t{output}")
+        if args.heatmap:
+            path = args.heatmap if len(args.sources) == 1 else _numbered(args.heatmap, number)
+            alignment_heatmap(source, output, attention, path, title=f"{source} → {output}")
+            print(f"alignment heatmap: {path}", file=sys.stderr)
+    return 0
+
+
+def _evaluate(args) -> int:
+    from attn_fast.examples.metrics import bleu
+    from attn_fast.examples.seq2seq.data import make_date_splits, read_tsv
+    from attn_fast.examples.seq2seq.train import evaluate, load_checkpoint, translate
+
+    model, src_vocab, tgt_vocab, info = load_checkpoint(args.checkpoint, args.device)
+    if args.data_tsv:
+        pairs = read_tsv(args.data_tsv)
+    else:  # the date task's test split, from the seed the model was trained with
+        data_seed = info["train_config"]["data_seed"]
+        pairs = make_date_splits(seed=data_seed, sizes=(0, 0, args.test_size)).test
+    scores = evaluate(model, pairs, src_vocab, tgt_vocab, device=args.device)
+    line = f"{len(pairs)} pairs: exact match {scores['exact_match']:.4f}, char accuracy {scores['char_accuracy']:.4f}"
+    if args.data_tsv:
+        hypotheses = translate(model, [s for s, _ in pairs], src_vocab, tgt_vocab, device=args.device)
+        line += f", BLEU {bleu(hypotheses, [t for _, t in pairs]):.2f}"
+    print(line)
+    return 0
 
 
 def _train_captions(args) -> int:
-    """`attn-fast train --task captions`: the options typed on the command line, CaptionTrainConfig's defaults for
-    the rest (the defaults --help shows are the date task's)."""
-    import dataclasses
-
+    """`attn-fast train-captions`: the Show, Attend and Tell example."""
     from attn_fast.examples.captioning.train import CaptionTrainConfig, train
 
-    typed = args.typed_options
-    misplaced = [flag for name, flag in _DATE_ONLY_OPTIONS.items() if name in typed]
-    if misplaced:
-        print(f"attn-fast train: {', '.join(misplaced)} apply to the date task only, not --task captions",
-              file=sys.stderr)
+    if _cuda_missing("train-captions", args.device):
         return 2
-    train(CaptionTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CaptionTrainConfig)
-                                if f.name in typed or f.name in _CAPTION_OPTIONS}))
+    train(_config_from(args, CaptionTrainConfig))
     return 0
-
-
-def _typed_options(argv: list[str]) -> set[str]:
-    """The destinations of the options present in `argv` (parsed again with every default suppressed)."""
-    parser = build_parser()
-    parsers = [parser]
-    while parsers:
-        current = parsers.pop()
-        for action in current._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                parsers += action.choices.values()
-            elif action.dest != "help":
-                action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
 
 
 def _caption(args) -> int:
@@ -141,31 +158,6 @@ def _write_caption_samples(args) -> int:
     return 0
 
 
-def _translate(args) -> int:
-    from attn_fast.examples.seq2seq.data import batches
-    from attn_fast.examples.seq2seq.plots import alignment_heatmap
-    from attn_fast.examples.seq2seq.train import load_checkpoint
-
-    model, src_vocab, tgt_vocab, _ = load_checkpoint(args.checkpoint, args.device)
-    pairs = [(source, "") for source in args.sources]
-    batch = next(batches(pairs, src_vocab, tgt_vocab, len(pairs), shuffle=False, sort_by_length=False))
-    src, lengths = batch.src.to(args.device), batch.src_lengths.to(args.device)
-    decoded = (model.beam_search(src, lengths, beam_size=args.beam) if args.beam > 1 else model.greedy(src, lengths))
-    for number, (source, tokens) in enumerate(zip(args.sources, decoded.to_lists(model.eos_id))):
-        output = tgt_vocab.decode(tokens)
-        print(f"{source}\t{output}")
-        if args.heatmap:
-            path = args.heatmap if len(args.sources) == 1 else _numbered(args.heatmap, number)
-            alignment_heatmap(source, output, decoded.attention[number], path, title=f"{source} → {output}")
-            print(f"alignment heatmap: {path}", file=sys.stderr)
-    return 0
-
-
-def _numbered(path: str, number: int) -> str:
-    stem, dot, extension = path.rpartition(".")
-    return f"{stem}-{number}.{extension}" if dot else f"{path}-{number}"
-
-
 def _evaluate_captions(args) -> int:
     from attn_fast.examples.captioning.data import make_scene_splits
     from attn_fast.examples.captioning.train import evaluate, load_checkpoint
@@ -181,32 +173,113 @@ def _evaluate_captions(args) -> int:
     return 0
 
 
-def _evaluate(args) -> int:
-    from attn_fast.examples.seq2seq.data import bleu, make_date_splits, read_tsv
+def _numbered(path: str, number: int) -> str:
+    stem, dot, extension = path.rpartition(".")
+    return f"{stem}-{number}.{extension}" if dot else f"{path}-{number}"
 
-    if args.task == "captions":
-        if args.data_tsv:
-            print("attn-fast evaluate: --data-tsv applies to the date task only", file=sys.stderr)
-            return 2
-        return _evaluate_captions(args)
-    if args.beam != 1:
-        print("attn-fast evaluate: --beam applies to --task captions only", file=sys.stderr)
-        return 2
-    from attn_fast.examples.seq2seq.train import evaluate, load_checkpoint, translate
 
-    model, src_vocab, tgt_vocab, info = load_checkpoint(args.checkpoint, args.device)
-    if args.data_tsv:
-        pairs = read_tsv(args.data_tsv)
-    else:  # the date task's test split, from the seed the model was trained with
-        data_seed = info["train_config"]["data_seed"]
-        pairs = make_date_splits(seed=data_seed, sizes=(0, 0, args.test_size)).test
-    scores = evaluate(model, pairs, src_vocab, tgt_vocab, device=args.device)
-    line = f"{len(pairs)} pairs: exact match {scores['exact_match']:.4f}, char accuracy {scores['char_accuracy']:.4f}"
-    if args.data_tsv:
-        hypotheses = translate(model, [s for s, _ in pairs], src_vocab, tgt_vocab, device=args.device)
-        line += f", BLEU {bleu(hypotheses, [t for _, t in pairs]):.2f}"
-    print(line)
-    return 0
+def _cuda_missing(command: str, device: str) -> bool:
+    """True (and a message) when `device` is a CUDA device and this machine has none."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"attn-fast {command}: --device cuda asked for, but CUDA is not available", file=sys.stderr)
+        return True
+    return False
+
+
+# The command-line form of the config fields (`attn-fast train`: TrainConfig, `attn-fast train-captions`:
+# CaptionTrainConfig), by help group: argparse keywords besides the flag, type and default, which come from the
+# dataclass field. A name means the same in both configs; every field of either must be here.
+_CONFIG_OPTIONS = {
+    "data": {
+        "data_tsv": dict(metavar="TRAIN.tsv", help="training pairs, source<TAB>target per line (instead of the "
+                                                   "date task, with --valid-tsv)"),
+        "valid_tsv": dict(metavar="VALID.tsv", help="validation pairs, source<TAB>target per line"),
+        "train_size": dict(help="training examples of the generated task"),
+        "valid_size": dict(help="validation examples of the generated task"),
+        "data_seed": dict(help="seed of the generated splits and examples"),
+        "image_size": dict(help="side of the generated images (a multiple of 8)"),
+    },
+    "model": {
+        "decoder": dict(choices=list(DECODERS), help="parallel: one attention call for all steps; bahdanau: the "
+                                                     "paper's step-by-step one"),
+        "attention_backend": dict(choices=BACKENDS, help="backend of the AdditiveAttention layer"),
+        "embed_dim": dict(help="token embedding size"),
+        "hidden_dim": dict(help="recurrent state size (Seq2Seq encoder: per direction)"),
+        "attn_dim": dict(help="attention hidden size"),
+        "channels": dict(help="annotation size (CNN width)"),
+        "initial_state": dict(choices=INITIAL_STATES, help="decoder's initial LSTM state: zeros, or from the mean "
+                                                           "annotation (the paper's)"),
+        "dropout": dict(help="on embeddings and the output layer"),
+        "attention_reg": dict(help="λ of the doubly stochastic attention regularization (0: off)"),
+    },
+    "optimization": {
+        "lr": dict(help="AdamW learning rate"),
+        "weight_decay": dict(help="AdamW weight decay"),
+        "batch_size": dict(help="training examples per step (per process under torchrun)"),
+        "grad_clip": dict(help="max global gradient norm (0: off)"),
+        "epochs": dict(help="passes over the training examples"),
+        "max_steps": dict(help="total optimizer steps, counting those before --resume (overrides --epochs)"),
+        "time_limit": dict(metavar="SECONDS", help="stop after this long"),
+    },
+    "run": {
+        "seed": dict(help="model initialization, batch order, dropout"),
+        "device": dict(help="torch device"),
+        "out_dir": dict(help="where best.pt and last.pt are written"),
+        "resume": dict(metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT (its last.pt)"),
+        "valid_batch_size": dict(help="examples per greedy-decoding batch of the validation"),
+        "quiet": dict(help="no progress bar or per-epoch lines"),
+    },
+}
+
+
+def _add_config_options(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One option per field of the dataclass `config_class`: --field-name, of the field's type, defaulting to the
+    field's default (a bool field, False by default, is a flag), in the help groups of `_CONFIG_OPTIONS`."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    unknown = fields - {name for options in _CONFIG_OPTIONS.values() for name in options}
+    if unknown:
+        raise RuntimeError(f"{config_class.__name__} fields without a command-line form: {', '.join(sorted(unknown))}")
+    defaults, types = config_class(), typing.get_type_hints(config_class)
+    for title, options in _CONFIG_OPTIONS.items():
+        group = parser.add_argument_group(title)
+        for name in (name for name in options if name in fields):
+            flag, default = "--" + name.replace("_", "-"), getattr(defaults, name)
+            if types[name] is bool:
+                group.add_argument(flag, action="store_true", default=default, **options[name])
+            else:
+                group.add_argument(flag, type=_value_type(types[name]), default=default, **options[name])
+
+
+def _value_type(annotation) -> type:
+    """The type an option's text converts to: `int` for `int` and for `int | None` (None is the absent option)."""
+    members = [t for t in typing.get_args(annotation) if t is not type(None)]
+    return members[0] if members else annotation
+
+
+def _config_from(args: argparse.Namespace, config_class: type):
+    """An instance of `config_class` from the options `_add_config_options` added."""
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+
+
+def _add_train_parser(commands, name: str, config_class: type, handler, *, summary: str, description: str) -> None:
+    """The subcommand `name` that trains with `config_class`'s fields as its options."""
+    parser = commands.add_parser(name, help=summary, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                 description=f"{description} The options are the fields of "
+                                             f"{config_class.__module__}.{config_class.__name__}.")
+    _add_config_options(parser, config_class)
+    parser.set_defaults(handler=handler)
+
+
+def _add_evaluate_parser(commands, name: str, train_command: str, handler, *,
+                         scores: str) -> argparse.ArgumentParser:
+    """The subcommand `name` that scores a checkpoint of `attn-fast train_command` on test data (`scores`: which
+    scores, for its help line)."""
+    parser = commands.add_parser(name, help=f"score a checkpoint of attn-fast {train_command}: {scores}")
+    parser.add_argument("--checkpoint", required=True, help=f"best.pt or last.pt of attn-fast {train_command}")
+    parser.add_argument("--test-size", type=int, default=1000, help="test examples (the test split's first)")
+    parser.add_argument("--device", default="cpu")
+    parser.set_defaults(handler=handler)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,56 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     verify.set_defaults(handler=_verify)
 
-    # Defaults mirror attn_fast.examples.seq2seq.train.TrainConfig (a test checks that they agree).
-    train = commands.add_parser(
-        "train", help="train the Seq2Seq example model (date task, or TSV files) or the captioning model",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Defaults shown are the date task's; with --task captions, options not given take "
-                    "attn_fast.examples.captioning.train.CaptionTrainConfig's defaults (out dir runs/captions).")
-    train.add_argument("--task", choices=["dates", "captions"], default="dates",
-                       help="dates: the Seq2Seq date task (or TSV files); captions: Show, Attend and Tell on "
-                            "generated scenes")
-    data = train.add_argument_group("data (the date task unless --data-tsv and --valid-tsv are given)")
-    data.add_argument("--data-tsv", metavar="TRAIN.tsv", help="training pairs, source<TAB>target per line")
-    data.add_argument("--valid-tsv", metavar="VALID.tsv", help="validation pairs, source<TAB>target per line")
-    data.add_argument("--train-size", type=int, default=20000, help="date task: training examples")
-    data.add_argument("--valid-size", type=int, default=1000, help="date task: validation examples")
-    data.add_argument("--data-seed", type=int, default=0, help="date task: seed of the splits and examples")
-    model = train.add_argument_group("model")
-    model.add_argument("--decoder", choices=["parallel", "bahdanau"], default="parallel",
-                       help="parallel: one attention call for all steps; bahdanau: the paper's step-by-step one")
-    model.add_argument("--attention-backend", choices=["auto", "triton", "torch", "reference"], default="auto",
-                       help="backend of the AdditiveAttention layer")
-    model.add_argument("--embed-dim", type=int, default=64, help="token embedding size")
-    model.add_argument("--hidden-dim", type=int, default=128, help="GRU size (encoder: per direction)")
-    model.add_argument("--attn-dim", type=int, default=64, help="attention hidden size")
-    model.add_argument("--dropout", type=float, default=0.0, help="on embeddings and the readout")
-    optim = train.add_argument_group("optimization")
-    optim.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
-    optim.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    optim.add_argument("--batch-size", type=int, default=64, help="training pairs per step")
-    optim.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
-    optim.add_argument("--epochs", type=int, default=5, help="passes over the training pairs")
-    optim.add_argument("--max-steps", type=int, help="total optimizer steps, counting those before --resume "
-                                                     "(overrides --epochs)")
-    optim.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop after this long")
-    run = train.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=0, help="model initialization, batch order, dropout")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    run.add_argument("--out-dir", default="runs/seq2seq", help="where best.pt and last.pt are written")
-    run.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT (its last.pt)")
-    run.add_argument("--valid-batch-size", type=int, default=256, help="pairs per greedy-decoding batch")
-    run.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
-    captions = train.add_argument_group("captions (--task captions only)")
-    captions.add_argument("--image-size", type=int, default=64, help="side of the generated images (multiple of 8)")
-    captions.add_argument("--channels", type=int, default=64, help="annotation size (CNN width)")
-    captions.add_argument("--initial-state", choices=["zeros", "mean"], default="zeros",
-                          help="decoder's initial LSTM state: zeros, or from the mean annotation (the paper's)")
-    captions.add_argument("--attention-reg", type=float, default=0.01,
-                          help="λ of the doubly stochastic attention regularization (0: off)")
-    train.set_defaults(handler=_train)
+    _add_train_parser(commands, "train", TrainConfig, _train,
+                      summary="train the Seq2Seq example model (the date task, or TSV files of pairs)",
+                      description="Train the Seq2Seq example model on the date task, or on --data-tsv and "
+                                  "--valid-tsv.")
 
-    translate = commands.add_parser("translate", help="decode sources with a trained checkpoint")
+    translate = commands.add_parser("translate", help="decode sources with a checkpoint of attn-fast train")
     translate.add_argument("sources", nargs="+", help="source strings, e.g. '25 июня 2009 г.'")
     translate.add_argument("--checkpoint", required=True, help="best.pt or last.pt of attn-fast train")
     translate.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
@@ -278,25 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
     translate.add_argument("--device", default="cpu")
     translate.set_defaults(handler=_translate)
 
-    evaluate = commands.add_parser("evaluate", help="exact match and character accuracy (and BLEU for TSV data); "
-                                                    "captions: exact match, BLEU, attention grounding")
-    evaluate.add_argument("--task", choices=["dates", "captions"], default="dates",
-                          help="the task the checkpoint was trained on")
-    evaluate.add_argument("--checkpoint", required=True)
+    evaluate = _add_evaluate_parser(commands, "evaluate", "train", _evaluate,
+                                    scores="exact match and character accuracy (and BLEU for TSV data)")
     evaluate.add_argument("--data-tsv", help="source<TAB>target pairs (default: the date task's test split)")
-    evaluate.add_argument("--test-size", type=int, default=1000, help="test examples (the test split's first)")
-    evaluate.add_argument("--beam", type=int, default=1, help="captions: beam size (1: greedy)")
-    evaluate.add_argument("--device", default="cpu")
-    evaluate.set_defaults(handler=_evaluate)
 
-    caption = commands.add_parser("caption", help="caption PNG images with a checkpoint of train --task captions")
+    _add_train_parser(commands, "train-captions", CaptionTrainConfig, _train_captions,
+                      summary="train the Show, Attend and Tell example model on generated scenes",
+                      description="Train the Show, Attend and Tell example model on generated scenes of coloured "
+                                  "shapes.")
+
+    caption = commands.add_parser("caption", help="caption PNG images with a checkpoint of attn-fast train-captions")
     caption.add_argument("images", nargs="*", metavar="IMAGE.png", help="images of the model's size")
-    caption.add_argument("--checkpoint", help="best.pt or last.pt of attn-fast train --task captions")
+    caption.add_argument("--checkpoint", help="best.pt or last.pt of attn-fast train-captions")
     caption.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
     caption.add_argument("--overlay", metavar="OUT.png",
                          help="save the per-word attention overlay here (numbered for several images)")
-    caption.add_argument("--attention-backend", choices=["auto", "triton", "torch", "reference"],
-                         help="override the checkpoint's attention backend")
+    caption.add_argument("--attention-backend", choices=BACKENDS, help="override the checkpoint's attention backend")
     caption.add_argument("--device", default="cpu")
     samples = caption.add_argument_group("sample images (instead of captioning)")
     samples.add_argument("--write-samples", metavar="DIR",
@@ -307,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("--image-size", type=int, default=64, help="(the checkpoint's, when one is given)")
     caption.set_defaults(handler=_caption)
 
+    evaluate_captions = _add_evaluate_parser(commands, "evaluate-captions", "train-captions", _evaluate_captions,
+                                             scores="exact match, BLEU, attention grounding")
+    evaluate_captions.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
+
     from attn_fast.tools.bench.cli import add_bench_parser  # (light: the benchmark's heavy modules load when it runs)
 
     add_bench_parser(commands)
@@ -314,9 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    args.typed_options = _typed_options(argv)
     return args.handler(args)
 
 

@@ -38,7 +38,7 @@ import torch
 
 __all__ = ["COLOURS", "KINDS", "RELATIONS", "IMAGE_SIZE", "Shape", "Scene", "SceneSplits", "relation",
            "caption_for", "sample_scene", "scene_split", "make_scene_splits", "render_scene", "render_images",
-           "WordVocab", "CaptionBatch", "batches", "save_png", "load_png"]
+           "WordVocab", "CaptionBatch", "batch_scenes", "make_batch", "batches", "save_png", "load_png"]
 
 COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.3, 1.0), "yellow": (0.95, 0.85, 0.1)}
 KINDS = ("circle", "square", "triangle")
@@ -290,23 +290,33 @@ class CaptionBatch(NamedTuple):
     tgt_out: torch.Tensor
 
 
-def batches(scenes: Sequence[Scene], vocab: WordVocab, batch_size: int, *, shuffle: bool = True,
-            generator: torch.Generator | int | None = None) -> Iterator[CaptionBatch]:
-    """Batches of rendered images and their padded captions (the last batch may be smaller). `generator` (or a
-    seed) fixes the shuffled order."""
+def batch_scenes(scenes: Sequence[Scene], batch_size: int, *, shuffle: bool = True,
+                 generator: torch.Generator | int | None = None) -> list[list[Scene]]:
+    """The scenes of each batch, in order (the last batch may be smaller): what `batches` renders, cheap to hold
+    for a whole epoch. `generator` (or a seed) fixes the shuffled order."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if isinstance(generator, int):
         generator = torch.Generator().manual_seed(generator)
-    order = torch.randperm(len(scenes), generator=generator).tolist() if shuffle else range(len(scenes))
-    order = list(order)
-    for start in range(0, len(order), batch_size):
-        chosen = [scenes[i] for i in order[start:start + batch_size]]
-        words = [vocab.encode(s.caption) for s in chosen]
-        width = max(len(w) for w in words) + 1
-        tgt_in = torch.full((len(chosen), width), vocab.PAD, dtype=torch.long)
-        tgt_out = torch.full((len(chosen), width), vocab.PAD, dtype=torch.long)
-        for row, ids in enumerate(words):
-            tgt_in[row, : len(ids) + 1] = torch.tensor([vocab.BOS, *ids])
-            tgt_out[row, : len(ids) + 1] = torch.tensor([*ids, vocab.EOS])
-        yield CaptionBatch(render_images(chosen), tgt_in, tgt_out)
+    order = torch.randperm(len(scenes), generator=generator).tolist() if shuffle else list(range(len(scenes)))
+    return [[scenes[i] for i in order[start:start + batch_size]] for start in range(0, len(order), batch_size)]
+
+
+def make_batch(chosen: Sequence[Scene], vocab: WordVocab) -> CaptionBatch:
+    """The rendered images of `chosen` (at least one scene) and their padded captions."""
+    words = [vocab.encode(s.caption) for s in chosen]
+    width = max(len(w) for w in words) + 1
+    tgt_in = torch.full((len(chosen), width), vocab.PAD, dtype=torch.long)
+    tgt_out = torch.full((len(chosen), width), vocab.PAD, dtype=torch.long)
+    for row, ids in enumerate(words):
+        tgt_in[row, : len(ids) + 1] = torch.tensor([vocab.BOS, *ids])
+        tgt_out[row, : len(ids) + 1] = torch.tensor([*ids, vocab.EOS])
+    return CaptionBatch(render_images(chosen), tgt_in, tgt_out)
+
+
+def batches(scenes: Sequence[Scene], vocab: WordVocab, batch_size: int, *, shuffle: bool = True,
+            generator: torch.Generator | int | None = None) -> Iterator[CaptionBatch]:
+    """Batches of rendered images and their padded captions (the last batch may be smaller), rendered one at a
+    time. `generator` (or a seed) fixes the shuffled order."""
+    for chosen in batch_scenes(scenes, batch_size, shuffle=shuffle, generator=generator):
+        yield make_batch(chosen, vocab)

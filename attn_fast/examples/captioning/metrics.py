@@ -1,5 +1,5 @@
-"""Caption metrics: exact match and corpus BLEU (re-exported from `seq2seq.data`), and the attention-grounding
-score of Show, Attend and Tell-style attention on the generated scenes.
+"""The attention-grounding score of Show, Attend and Tell-style attention on the generated scenes (the text metrics,
+exact match and BLEU, are the examples' shared ones: `attn_fast.examples.metrics`).
 
 Grounding. The annotation grid has `grid`² cells; cell l covers rows [s·(l // grid), +s) and columns
 [s·(l % grid), +s) of the image, s = image_size / grid (the encoder's stride). A weight α_l is spread uniformly
@@ -21,10 +21,9 @@ from typing import Sequence
 
 import torch
 
-from attn_fast.examples.seq2seq.data import bleu, exact_match
 from attn_fast.examples.captioning.data import COLOURS, KINDS, Scene
 
-__all__ = ["bleu", "exact_match", "box_coverage", "mass_in_box", "grounding_score"]
+__all__ = ["box_coverage", "mass_in_box", "grounding_score"]
 
 
 def box_coverage(bbox: tuple[int, int, int, int], grid: int, image_size: int) -> torch.Tensor:

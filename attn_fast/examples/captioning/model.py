@@ -74,7 +74,7 @@ class ImageEncoder(nn.Module):
 class CaptionDecoder(nn.Module):
     """The LSTM decoder with soft attention, f_beta gate and deep output (see the module docstring).
 
-    Step interface (what `seq2seq.decoding` uses):
+    Step interface (what `decoding` uses):
         hidden = decoder.initial_hidden(annotations)                        # [B, 2H] = [h_0; c_0]
         memory = decoder.precompute(annotations, location_counts)          # AttentionMemory, once per batch
         logits, hidden, weights = decoder.step(prev_tokens, hidden, memory, index=..., need_weights=...)
@@ -108,7 +108,7 @@ class CaptionDecoder(nn.Module):
 
     def precompute(self, annotations: torch.Tensor, location_counts: torch.Tensor | None = None) -> AttentionMemory:
         """Project the annotations [B, L, C] once per batch. `location_counts` [B] (all L) is accepted so that the
-        memory looks like a padded source to `seq2seq.decoding`; every location is visible either way."""
+        memory looks like a padded source to `decoding`; every location is visible either way."""
         return self.attention.precompute(annotations, key_lengths=location_counts)
 
     def step(self, prev_tokens: torch.Tensor, hidden: torch.Tensor, memory: AttentionMemory, *,
@@ -151,8 +151,21 @@ def doubly_stochastic_penalty(weights: torch.Tensor, step_mask: torch.Tensor) ->
     return ((1.0 - attention_per_location) ** 2).sum(dim=-1)
 
 
+def caption_loss(logits: torch.Tensor, weights: torch.Tensor | None, tgt_out: torch.Tensor, *, pad_id: int,
+                 attention_reg: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, cross-entropy) of a teacher-forced forward: logits [B, T, V], weights α [B, T, L] (None when
+    attention_reg is 0), tgt_out [B, T]. Cross-entropy: mean over the non-PAD tokens; total: plus attention_reg ·
+    the batch mean of `doubly_stochastic_penalty`. (Apart from `Captioner.loss` so that a trainer can run the
+    forward through a wrapper such as DistributedDataParallel.)"""
+    cross_entropy = F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=pad_id)
+    if attention_reg == 0.0:
+        return cross_entropy, cross_entropy
+    penalty = doubly_stochastic_penalty(weights, tgt_out != pad_id).mean()
+    return cross_entropy + attention_reg * penalty, cross_entropy
+
+
 class _DecodingView:
-    """A batch of images presented to `seq2seq.decoding` the way it sees a Seq2Seq: the "source" is the L
+    """A batch of images presented to `decoding` the way it sees a Seq2Seq: the "source" is the L
     annotation locations, a placeholder [B, L] int64 tensor that gives decoding the batch size, L, the device and
     the token dtype, with `src_lengths` = L for every row (all locations visible)."""
 
@@ -211,13 +224,8 @@ class Captioner(nn.Module):
         """(total loss, cross-entropy, logits [B, T, V]): mean cross-entropy over the non-PAD tokens of tgt_out
         [B, T] plus attention_reg · the batch mean of `doubly_stochastic_penalty` (whose gradient reaches the
         attention through the returned weights)."""
-        need_weights = attention_reg != 0.0
-        logits, weights = self(images, tgt_in, need_weights=need_weights)
-        cross_entropy = F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=self.pad_id)
-        total = cross_entropy
-        if need_weights:
-            total = total + attention_reg * doubly_stochastic_penalty(weights, tgt_out != self.pad_id).mean()
-        return total, cross_entropy, logits
+        logits, weights = self(images, tgt_in, need_weights=attention_reg != 0.0)
+        return (*caption_loss(logits, weights, tgt_out, pad_id=self.pad_id, attention_reg=attention_reg), logits)
 
     @torch.no_grad()
     def greedy(self, images: torch.Tensor, max_len: int = 20) -> decoding.Decoded:
@@ -229,7 +237,7 @@ class Captioner(nn.Module):
     def beam_search(self, images: torch.Tensor, beam_size: int = 3, max_len: int = 20,
                     length_penalty: float = 0.6, *, _copy_memory: bool = False) -> decoding.Decoded:
         """Beam search over B·beam decoder rows reading the B annotation memories through `index` (no copies);
-        `_copy_memory` (tests) copies the memory per beam instead. See `seq2seq.decoding.beam_search`."""
+        `_copy_memory` (tests) copies the memory per beam instead. See `decoding.beam_search`."""
         view = _DecodingView(self, images)
         return decoding.beam_search(view, *view.source(), beam_size=beam_size, max_len=max_len,
                                     length_penalty=length_penalty, copy_memory=_copy_memory)

@@ -1,38 +1,36 @@
-"""Train the captioning model: `attn-fast train --task captions` on the command line, `train(CaptionTrainConfig())`
-here.
+"""Train the captioning model: `attn-fast train-captions` on the command line, `train(CaptionTrainConfig())` here.
 
     result = train(CaptionTrainConfig(out_dir="runs/captions"))
     model, vocab, info = load_checkpoint("runs/captions/best.pt")
     captions, decoded = caption_images(model, images, vocab)           # decoded.attention [B, L_out, grid²]
     scores = evaluate(model, test_scenes, vocab)                        # exact match, BLEU, grounding vs chance
 
-One run: the scene splits of `data_seed` (train and valid), `Captioner`, AdamW with gradient clipping, epochs of
-shuffled batches whose order depends only on (seed, epoch), a tqdm bar (loss, token accuracy), validation after
-each epoch and when the run stops early (greedy decoding: exact match, BLEU, grounding), `best.pt` (best validation
-exact match) and `last.pt` written atomically with `seq2seq.train.save_checkpoint`. The run stops after `epochs`
-epochs, `max_steps` optimizer steps in all (then `epochs` is ignored) or `time_limit` seconds of this invocation.
-Resuming from `last.pt` restores model, optimizer, position and torch's RNG state, so that it continues as the
-uninterrupted run would have; the architecture comes from the checkpoint, everything else from the new config.
+The loop, the checkpoints, exact resume, the stopping rules and multi-process training (torchrun) are the
+examples' shared ones (`attn_fast.examples.training`). What is the captioner's (`CaptionTask`):
+  data        the scene splits of `data_seed` (train and valid) at `image_size`; the grammar's fixed vocabulary
+  model       `Captioner`
+  batches     shuffled per epoch; each batch's images are rendered when it is trained on
+  loss        teacher forcing: mean cross-entropy plus attention_reg · the doubly stochastic penalty (the
+              cross-entropy alone is reported)
+  validation  greedy decoding of the validation scenes: exact match, BLEU, grounding against chance
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-import sys
-import time
+import os
 from dataclasses import dataclass, field
-from itertools import islice
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from attn_fast.examples.seq2seq.train import RunPosition, save_checkpoint, stop_reason
-from attn_fast.examples.captioning.data import CaptionBatch, Scene, WordVocab, batches, make_scene_splits, render_images
-from attn_fast.examples.captioning.metrics import bleu, exact_match, grounding_score
-from attn_fast.examples.captioning.model import Captioner
+from attn_fast.examples.captioning.data import (Scene, WordVocab, batch_scenes, make_batch, make_scene_splits,
+                                               render_images)
+from attn_fast.examples.captioning.metrics import grounding_score
+from attn_fast.examples.captioning.model import Captioner, caption_loss
+from attn_fast.examples.checkpoints import read_checkpoint, restore_model, run_info
+from attn_fast.examples.metrics import bleu, exact_match
+from attn_fast.examples.training import BatchLoss, RunConfig, RunResult, epoch_generator, run_training
 
-__all__ = ["CaptionTrainConfig", "CaptionTrainResult", "train", "train_step", "caption_images", "evaluate",
+__all__ = ["CaptionTrainConfig", "CaptionTrainResult", "CaptionTask", "train", "caption_images", "evaluate",
            "load_checkpoint", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "attn-fast-captioning-checkpoint/1"
@@ -40,80 +38,120 @@ MAX_CAPTION_WORDS = 20  # decoding limit; the grammar's longest caption has 13 w
 
 
 @dataclass
-class CaptionTrainConfig:
-    """Everything a captioning run depends on. The defaults reach high validation exact match in a few minutes on a
-    2-core CPU (see `attn-fast train --task captions --help`). Names shared with `seq2seq.train.TrainConfig` mean
-    the same thing."""
+class CaptionTrainConfig(RunConfig):
+    """Everything a captioning run depends on: `RunConfig`'s fields (scene counts and seed, model sizes,
+    optimization, run) and the ones below. The defaults reach high validation exact match in a few minutes on a
+    2-core CPU (see `attn-fast train-captions --help`)."""
 
     # Data.
-    train_size: int = 20000
-    valid_size: int = 1000
-    data_seed: int = 0                # which scenes are drawn and which split each goes to
     image_size: int = 64              # a multiple of 8; the grid is image_size / 8 cells a side
     # Model.
-    attention_backend: str = "auto"   # "auto", "triton", "torch", "reference"
-    embed_dim: int = 64
-    hidden_dim: int = 128
-    attn_dim: int = 64
     channels: int = 64                # annotation size C (CNN width)
     initial_state: str = "zeros"      # decoder's h_0, c_0: "zeros" or "mean" (the paper's; see model.py)
-    dropout: float = 0.0
     attention_reg: float = 0.01       # λ of the doubly stochastic regularization (0: off)
-    # Optimization.
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    batch_size: int = 64
-    grad_clip: float = 1.0            # max global gradient norm; 0 = no clipping
-    epochs: int = 5
-    max_steps: int | None = None      # total optimizer steps (counting those before a resume); overrides epochs
-    time_limit: float | None = None   # seconds for this invocation
     # Run.
-    seed: int = 0                     # model initialization, batch order, dropout
-    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     out_dir: str | None = "runs/captions"  # where best.pt and last.pt go; None: write no checkpoint
-    resume: str | None = None         # a checkpoint (normally last.pt) to continue from
-    valid_batch_size: int = 256
-    quiet: bool = False               # no progress bar, no per-epoch lines (the summary line is still printed)
 
 
 @dataclass
-class CaptionTrainResult:
-    """What `train` returns. `history` holds one dict per validation (step, epoch, train_loss,
-    train_token_accuracy and the `evaluate` scores prefixed valid_); `model` is in the state of last.pt, eval
-    mode."""
+class CaptionTrainResult(RunResult):
+    """What `train` returns: `RunResult` (steps, stop reason, validation history with the `evaluate` scores
+    prefixed valid_, the checkpoints' paths, the model in eval mode) and the vocabulary."""
 
-    steps: int
-    epoch: int
-    wall_time: float
-    best_valid_exact_match: float | None
-    stop_reason: str                  # "epochs", "max_steps" or "time_limit"
-    valid: dict | None = None
-    best_checkpoint: str | None = None
-    last_checkpoint: str | None = None
-    history: list[dict] = field(default_factory=list)
     model: Captioner | None = field(default=None, repr=False)
     vocab: WordVocab | None = field(default=None, repr=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Steps, decoding, evaluation
+# The captioner's part of a run
 # ----------------------------------------------------------------------------------------------------------------
 
-def train_step(model: Captioner, optimizer: torch.optim.Optimizer, batch: CaptionBatch, *, attention_reg: float,
-               grad_clip: float, device: torch.device) -> tuple[float, int, int]:
-    """One optimizer step (teacher forcing). Returns (cross-entropy, correctly predicted tokens, tokens)."""
-    images, tgt_in, tgt_out = (t.to(device) for t in batch)
-    model.train()
-    loss, cross_entropy, logits = model.loss(images, tgt_in, tgt_out, attention_reg=attention_reg)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    real = tgt_out != model.pad_id
-    correct = ((logits.detach().argmax(-1) == tgt_out) & real).sum()
-    return cross_entropy.item(), int(correct), int(real.sum())
+def build_model(model_config: dict) -> Captioner:
+    """The `Captioner` of a checkpoint's model config (its keyword arguments)."""
+    return Captioner(**model_config)
 
+
+class CaptionTask:
+    """The captioner's part of a run (an `attn_fast.examples.training.Task`): the scenes of `config`, and the
+    vocabulary (the checkpoint's when resuming). A batch is the list of its scenes until it is trained on."""
+
+    checkpoint_format = CHECKPOINT_FORMAT
+
+    def __init__(self, config: CaptionTrainConfig, checkpoint: dict | None = None):
+        self.config = config
+        splits = make_scene_splits(config.data_seed, (config.train_size, config.valid_size, 0), config.image_size)
+        if not splits.train or not splits.valid:
+            raise ValueError(f"need training and validation scenes, got {config.train_size} and "
+                             f"{config.valid_size}")
+        self.train_scenes, self.valid_scenes = splits.train, splits.valid
+        self.vocab = WordVocab() if checkpoint is None else WordVocab.from_dict(checkpoint["vocab"])
+
+    def describe_data(self) -> str:
+        return (f"{len(self.train_scenes)} training / {len(self.valid_scenes)} validation scenes, vocabulary "
+                f"{len(self.vocab)}")
+
+    def model_config(self) -> dict:
+        config = self.config
+        return dict(vocab_size=len(self.vocab), embed_dim=config.embed_dim, hidden_dim=config.hidden_dim,
+                    attn_dim=config.attn_dim, channels=config.channels, image_size=config.image_size,
+                    attention_backend=config.attention_backend, initial_state=config.initial_state,
+                    dropout=config.dropout, pad_id=WordVocab.PAD, bos_id=WordVocab.BOS, eos_id=WordVocab.EOS)
+
+    def build_model(self, model_config: dict) -> Captioner:
+        return build_model(model_config)
+
+    def describe_model(self, model: Captioner, model_config: dict) -> str:
+        return f"grid {model.grid}x{model.grid}"
+
+    def epoch_batches(self, epoch: int) -> list[list[Scene]]:
+        # Scenes, not rendered images: a whole epoch of images would take ~1 GB at the default sizes.
+        return batch_scenes(self.train_scenes, self.config.batch_size,
+                            generator=epoch_generator(self.config.seed, epoch))
+
+    def batch_loss(self, model: torch.nn.Module, batch: list[Scene], device: torch.device) -> BatchLoss:
+        images, tgt_in, tgt_out = (t.to(device) for t in make_batch(batch, self.vocab))
+        attention_reg = self.config.attention_reg
+        logits, weights = model(images, tgt_in, need_weights=attention_reg != 0.0)
+        total, cross_entropy = caption_loss(logits, weights, tgt_out, pad_id=WordVocab.PAD,
+                                            attention_reg=attention_reg)
+        return BatchLoss(objective=total, cross_entropy=cross_entropy, logits=logits, targets=tgt_out)
+
+    def validate(self, model: Captioner, device: torch.device) -> dict:
+        return evaluate(model, self.valid_scenes, self.vocab, batch_size=self.config.valid_batch_size,
+                        device=device)
+
+    def describe_scores(self, valid: dict) -> str:
+        return f"BLEU {valid['bleu']:.1f} grounding {valid['grounding']:.3f} (chance {valid['chance']:.3f})"
+
+    def vocab_state(self) -> dict:
+        return {"vocab": self.vocab.to_dict()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training, checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+def train(config: CaptionTrainConfig) -> CaptionTrainResult:
+    """Train a `Captioner` as `config` says (see the module docstring); prints a summary line. Under torchrun every
+    process calls this; each returns its own (identical) model."""
+    checkpoint = read_checkpoint(config.resume, CHECKPOINT_FORMAT, "captioning") if config.resume else None
+    task = CaptionTask(config, checkpoint)
+    return CaptionTrainResult(**vars(run_training(config, task, checkpoint)), vocab=task.vocab)
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu", *,
+                    attention_backend: str | None = None) -> tuple[Captioner, WordVocab, dict]:
+    """(model in eval mode on `device`, vocabulary, info) from a checkpoint written by `train`. info: step, epoch,
+    batch_in_epoch, best_valid_exact_match, valid, model_config, train_config. `attention_backend` overrides the
+    stored one (e.g. "torch" for a model trained on a GPU with "triton", loaded on a CPU)."""
+    checkpoint = read_checkpoint(path, CHECKPOINT_FORMAT, "captioning")
+    model = restore_model(checkpoint, build_model, device, attention_backend)
+    return model, WordVocab.from_dict(checkpoint["vocab"]), run_info(checkpoint)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding and scores
+# ----------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def caption_images(model: Captioner, images: torch.Tensor, vocab: WordVocab, *, beam_size: int = 1,
@@ -145,146 +183,3 @@ def evaluate(model: Captioner, scenes: Sequence[Scene], vocab: WordVocab, *, bat
     return {"exact_match": exact_match(hypotheses, references), "bleu": bleu(hypotheses, references),
             **grounding_score(words, attention, scenes, model.grid),
             "colour_grounding": colours["grounding"], "colour_chance": colours["chance"]}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-
-def _model_config(config: CaptionTrainConfig, vocab: WordVocab) -> dict:
-    """Keyword arguments of `Captioner`: what a checkpoint needs to rebuild the model."""
-    return dict(vocab_size=len(vocab), embed_dim=config.embed_dim, hidden_dim=config.hidden_dim,
-                attn_dim=config.attn_dim, channels=config.channels, image_size=config.image_size,
-                attention_backend=config.attention_backend, initial_state=config.initial_state,
-                dropout=config.dropout, pad_id=WordVocab.PAD,
-                bos_id=WordVocab.BOS, eos_id=WordVocab.EOS)
-
-
-def _read_checkpoint(path) -> dict:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an attn-fast captioning checkpoint ({CHECKPOINT_FORMAT})")
-    return checkpoint
-
-
-def load_checkpoint(path, device: torch.device | str = "cpu", *,
-                    attention_backend: str | None = None) -> tuple[Captioner, WordVocab, dict]:
-    """(model in eval mode on `device`, vocabulary, info) from a checkpoint written by `train`. info: step, epoch,
-    batch_in_epoch, best_valid_exact_match, valid, model_config, train_config. `attention_backend` overrides the
-    stored one (e.g. "torch" for a model trained on a GPU with "triton", loaded on a CPU)."""
-    checkpoint = _read_checkpoint(path)
-    model_config = dict(checkpoint["model_config"])
-    if attention_backend is not None:
-        model_config["attention_backend"] = attention_backend
-    model = Captioner(**model_config)
-    model.load_state_dict(checkpoint["model"])
-    info = {key: checkpoint[key] for key in ("step", "epoch", "batch_in_epoch", "best_valid_exact_match", "valid",
-                                             "model_config", "train_config")}
-    return model.to(device).eval(), WordVocab.from_dict(checkpoint["vocab"]), info
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------------------------------
-
-def train(config: CaptionTrainConfig) -> CaptionTrainResult:
-    """Train a `Captioner` as `config` says (see the module docstring); prints a summary line."""
-    from tqdm.auto import tqdm
-
-    start = time.perf_counter()
-    device = torch.device(config.device)
-    torch.manual_seed(config.seed)
-    splits = make_scene_splits(config.data_seed, (config.train_size, config.valid_size, 0), config.image_size)
-    if not splits.train or not splits.valid:
-        raise ValueError(f"need training and validation scenes, got {config.train_size} and {config.valid_size}")
-
-    checkpoint = _read_checkpoint(config.resume) if config.resume else None
-    if checkpoint is None:
-        vocab = WordVocab()
-        model_config = _model_config(config, vocab)
-    else:  # the architecture is the checkpoint's; the backend is a runtime choice
-        vocab = WordVocab.from_dict(checkpoint["vocab"])
-        model_config = dict(checkpoint["model_config"], attention_backend=config.attention_backend)
-    model = Captioner(**model_config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    position = RunPosition()
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        position = RunPosition(checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"],
-                             checkpoint["best_valid_exact_match"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if checkpoint["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-
-    log = (lambda *args: None) if config.quiet else print
-    out_dir = Path(config.out_dir) if config.out_dir is not None else None
-    best_path = last_path = None
-    if checkpoint is not None and out_dir is not None and (out_dir / "best.pt").exists():
-        best_path = str(out_dir / "best.pt")
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"train: {len(splits.train)} training / {len(splits.valid)} validation scenes, vocabulary {len(vocab)}, "
-        f"{n_params / 1e6:.2f}M parameters, grid {model.grid}x{model.grid}, device {device}"
-        + (f", resuming at step {position.step}" if checkpoint is not None else ""))
-
-    history, valid = [], None
-    while (stop := stop_reason(config, position, time.perf_counter() - start)) is None:
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + position.epoch)
-        epoch_length = math.ceil(len(splits.train) / config.batch_size)
-        epoch_batches = batches(splits.train, vocab, config.batch_size, generator=generator)
-        loss_sum, correct, tokens, steps_here = 0.0, 0, 0, 0
-        bar = tqdm(total=epoch_length, initial=position.batch_in_epoch, desc=f"epoch {position.epoch + 1}",
-                   disable=True if config.quiet else None, leave=False, file=sys.stderr)
-        for batch in islice(epoch_batches, position.batch_in_epoch, None):
-            loss, batch_correct, batch_tokens = train_step(model, optimizer, batch, attention_reg=config.attention_reg,
-                                                           grad_clip=config.grad_clip, device=device)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"training loss is {loss} at step {position.step + 1}")
-            position.step += 1
-            position.batch_in_epoch += 1
-            loss_sum, correct, tokens, steps_here = (loss_sum + loss, correct + batch_correct,
-                                                     tokens + batch_tokens, steps_here + 1)
-            bar.update()
-            bar.set_postfix(loss=f"{loss_sum / steps_here:.4f}", tok_acc=f"{correct / max(tokens, 1):.4f}",
-                            refresh=False)
-            if stop_reason(config, position, time.perf_counter() - start) is not None:
-                break
-        bar.close()
-        if position.batch_in_epoch >= epoch_length:
-            position.epoch, position.batch_in_epoch = position.epoch + 1, 0
-
-        valid = evaluate(model, splits.valid, vocab, batch_size=config.valid_batch_size, device=device)
-        improved = (position.best_valid_exact_match is None
-                    or valid["exact_match"] > position.best_valid_exact_match)
-        if improved:
-            position.best_valid_exact_match = valid["exact_match"]
-        history.append({"step": position.step, "epoch": position.epoch, "train_loss": loss_sum / max(steps_here, 1),
-                        "train_token_accuracy": correct / max(tokens, 1),
-                        **{f"valid_{key}": value for key, value in valid.items()}})
-        if out_dir is not None:
-            state = {"format": CHECKPOINT_FORMAT, "model_config": model_config, "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "vocab": vocab.to_dict(), "step": position.step,
-                     "epoch": position.epoch, "batch_in_epoch": position.batch_in_epoch,
-                     "best_valid_exact_match": position.best_valid_exact_match, "valid": valid,
-                     "train_config": dataclasses.asdict(config),
-                     "rng": {"torch": torch.get_rng_state(),
-                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-            if improved:
-                best_path = str(out_dir / "best.pt")
-                save_checkpoint(state, best_path)
-            last_path = str(out_dir / "last.pt")
-            save_checkpoint(state, last_path)
-        epochs_done = position.epoch + position.batch_in_epoch / epoch_length
-        log(f"step {position.step}, epoch {epochs_done:.2f}: train loss {history[-1]['train_loss']:.4f} "
-            f"token acc {history[-1]['train_token_accuracy']:.4f} | valid exact match {valid['exact_match']:.4f} "
-            f"BLEU {valid['bleu']:.1f} grounding {valid['grounding']:.3f} (chance {valid['chance']:.3f})"
-            + (" (best)" if improved else ""))
-
-    wall_time = time.perf_counter() - start
-    best = position.best_valid_exact_match
-    print(f"train: {position.step} steps, {position.epoch} epochs, {wall_time:.1f} s, best valid exact match "
-          + (f"{best:.4f}" if best is not None else "n/a") + f" (stopped: {stop})"
-          + (f", best checkpoint {best_path}" if best_path else ""))
-    return CaptionTrainResult(steps=position.step, epoch=position.epoch, wall_time=wall_time,
-                              best_valid_exact_match=best, stop_reason=stop, valid=valid, best_checkpoint=best_path,
-                              last_checkpoint=last_path, history=history, model=model.eval(), vocab=vocab)

@@ -1,4 +1,4 @@
-"""Data for the Seq2Seq model: the embedded date-normalization task, TSV pairs, character vocabularies, batches, BLEU.
+"""Data for the Seq2Seq model: the embedded date-normalization task, TSV pairs, character vocabularies, batches.
 
 The embedded task needs no download: human-written dates in English, Russian, German, French and Spanish
 ("25 июня 2009 г.", "Thursday, June 25, 2009", "25/06/2009", "6/25/09", ...) are rendered from Babel's CLDR
@@ -36,13 +36,12 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 
-# Babel and sacrebleu are imported inside the functions that use them: reading TSV data, vocabularies and
-# batches work without them.
+# Babel is imported inside the functions that use it: reading TSV data, vocabularies and batches work without it.
 
 __all__ = [
     "LANGUAGES", "Pair", "DateExample", "DateSplits", "date_split", "date_patterns", "render_date",
     "sample_date_examples", "make_date_examples", "make_date_splits",
-    "CharVocab", "build_vocabs", "Batch", "batches", "read_tsv", "bleu", "exact_match",
+    "CharVocab", "build_vocabs", "Batch", "batches", "read_tsv",
 ]
 
 Pair = tuple[str, str]  # (source, target)
@@ -378,7 +377,7 @@ def batches(pairs: Sequence[Pair], src_vocab: CharVocab, tgt_vocab: CharVocab, b
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Files and metrics
+# Files
 # ----------------------------------------------------------------------------------------------------------------
 
 def read_tsv(path: str | os.PathLike) -> list[Pair]:
@@ -396,20 +395,3 @@ def read_tsv(path: str | os.PathLike) -> list[Pair]:
                                  f"got {len(fields)} tab-separated field(s): {line[:80]!r}")
             pairs.append((fields[0], fields[1]))
     return pairs
-
-
-def bleu(hypotheses: Sequence[str], references: Sequence[str], *, tokenize: str = "13a") -> float:
-    """Corpus BLEU (0..100) of `hypotheses` against one reference each, by sacrebleu. `tokenize` is sacrebleu's:
-    the default "13a" for text (TSV data); "char" for the date task, whose targets are single words."""
-    import sacrebleu
-
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
-    return sacrebleu.corpus_bleu(list(hypotheses), [list(references)], tokenize=tokenize).score
-
-
-def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """Fraction (0..1) of hypotheses equal to their reference: the date task's accuracy."""
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
-    return sum(h == r for h, r in zip(hypotheses, references)) / max(len(references), 1)
