@@ -6,9 +6,9 @@ accuracy on the date task's test split (dates never seen in training, in any for
 import argparse
 import time
 
-from attn_fast.tools.cli import main as cli_main
 from attn_fast.examples.seq2seq import load_checkpoint, make_date_splits
 from attn_fast.examples.seq2seq.train import evaluate
+from attn_fast.tools.cli import main as cli_main
 
 
 def main() -> None:

@@ -7,9 +7,23 @@ import re
 import pytest
 import torch
 
-from attn_fast.examples.captioning.data import (COLOURS, KINDS, Scene, Shape, WordVocab, batches, caption_for, load_png,
-                                       make_scene_splits, relation, render_images, render_scene, sample_scene,
-                                       save_png, scene_split)
+from attn_fast.examples.captioning.data import (
+    COLOURS,
+    KINDS,
+    Scene,
+    Shape,
+    WordVocab,
+    batches,
+    caption_for,
+    load_png,
+    make_scene_splits,
+    relation,
+    render_images,
+    render_scene,
+    sample_scene,
+    save_png,
+    scene_split,
+)
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,7 @@ def caption_run(tmp_path_factory):
     return config, train(config)
 
 
+@pytest.mark.slow
 def test_short_run_beats_chance(caption_run):
     config, result = caption_run
     splits = make_scene_splits(config.data_seed, (config.train_size, config.valid_size, 0), config.image_size)
@@ -91,6 +92,7 @@ def test_short_run_beats_chance(caption_run):
     assert result.best_valid_exact_match >= max(h["valid_exact_match"] for h in result.history)
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_gives_identical_captions(caption_run):
     config, result = caption_run
     model, vocab, info = load_checkpoint(result.last_checkpoint, "cpu")
@@ -109,6 +111,7 @@ def test_checkpoint_round_trip_gives_identical_captions(caption_run):
     assert best_info["best_valid_exact_match"] == result.best_valid_exact_match
 
 
+@pytest.mark.slow
 def test_resume_is_identical_to_an_uninterrupted_run(tmp_path):
     # 64 scenes / 16 = 4 batches an epoch: the stop at step 3 is inside epoch 1, the end (step 6) inside epoch 2.
     # Dropout on, so that the RNG state must be restored too.
@@ -143,6 +146,7 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_keeps_identical_weights(tmp_path):
     # Each rank trains on its own shard with its own dropout masks: only the gradient averaging of the forward call
     # through DistributedDataParallel keeps the weights equal.

@@ -8,12 +8,22 @@ from collections import Counter, defaultdict
 import pytest
 import torch
 
-from attn_fast.examples.seq2seq.data import (
-    LANGUAGES, CharVocab, DateSplits, batches, build_vocabs, date_patterns, date_split, make_date_examples,
-    make_date_splits, read_tsv, render_date, sample_date_examples,
-)
 from attn_fast.examples.metrics import bleu, exact_match
 from attn_fast.examples.seq2seq import data as data_module
+from attn_fast.examples.seq2seq.data import (
+    LANGUAGES,
+    CharVocab,
+    DateSplits,
+    batches,
+    build_vocabs,
+    date_patterns,
+    date_split,
+    make_date_examples,
+    make_date_splits,
+    read_tsv,
+    render_date,
+    sample_date_examples,
+)
 
 
 @pytest.fixture(scope="module")

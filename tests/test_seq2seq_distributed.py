@@ -32,6 +32,7 @@ def test_shard_gives_each_rank_an_equal_disjoint_share():
     assert shard(items, Distributed()) == items
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_keeps_identical_weights(tmp_path):
     script = tmp_path / "rank_main.py"
     script.write_text(RANK_SCRIPT)
@@ -57,6 +58,7 @@ def test_two_process_gloo_run_keeps_identical_weights(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt", "last.pt"]
 
 
+@pytest.mark.slow
 def test_mid_epoch_resume_needs_the_same_process_count(tmp_path):
     from attn_fast.examples.checkpoints import save_checkpoint
     from attn_fast.examples.seq2seq.train import TrainConfig, train

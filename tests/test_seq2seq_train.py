@@ -42,6 +42,7 @@ def date_run(tmp_path_factory):
     return config, train(config)
 
 
+@pytest.mark.slow
 def test_short_run_beats_the_frequency_baseline(date_run):
     config, result = date_run
     splits = make_date_splits(config.data_seed, (config.train_size, config.valid_size, 0))
@@ -53,6 +54,7 @@ def test_short_run_beats_the_frequency_baseline(date_run):
     assert result.best_valid_exact_match > 0.5  # the baseline guess is one fixed date: exact match ~0
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_gives_identical_greedy_outputs(date_run):
     config, result = date_run
     model, src_vocab, tgt_vocab, info = load_checkpoint(result.last_checkpoint, "cpu")

@@ -19,8 +19,9 @@ checkpoints, and sends the metrics to the others; the decision to stop (time lim
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist

@@ -9,7 +9,7 @@ differ.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["exact_match", "character_accuracy", "bleu"]
 

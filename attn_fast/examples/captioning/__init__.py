@@ -5,11 +5,27 @@ download, deterministic from a seed), an attention-grounding score against its c
 attention overlays (`plots`), and what the shared training loop needs to train it, behind `attn-fast
 train-captions` (`train`).
 """
-from attn_fast.examples.captioning.data import Scene, Shape, WordVocab, load_png, make_scene_splits, render_images, render_scene, save_png
+from attn_fast.examples.captioning.data import (
+    Scene,
+    Shape,
+    WordVocab,
+    load_png,
+    make_scene_splits,
+    render_images,
+    render_scene,
+    save_png,
+)
 from attn_fast.examples.captioning.metrics import grounding_score
 from attn_fast.examples.captioning.model import CaptionDecoder, Captioner, ImageEncoder, doubly_stochastic_penalty
 from attn_fast.examples.captioning.plots import attention_overlay
-from attn_fast.examples.captioning.train import CaptionTrainConfig, CaptionTrainResult, caption_images, evaluate, load_checkpoint, train
+from attn_fast.examples.captioning.train import (
+    CaptionTrainConfig,
+    CaptionTrainResult,
+    caption_images,
+    evaluate,
+    load_checkpoint,
+    train,
+)
 
 __all__ = ["CaptionDecoder", "CaptionTrainConfig", "CaptionTrainResult", "Captioner", "ImageEncoder", "Scene",
            "Shape", "WordVocab", "attention_overlay", "caption_images", "doubly_stochastic_penalty", "evaluate",

@@ -31,7 +31,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from typing import Iterator, NamedTuple, Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -277,7 +278,7 @@ class WordVocab:
         return {"itos": self.itos}
 
     @classmethod
-    def from_dict(cls, state: dict) -> "WordVocab":
+    def from_dict(cls, state: dict) -> WordVocab:
         return cls(state["itos"])
 
 

@@ -17,7 +17,7 @@ the step that emitted the colour.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -74,5 +74,7 @@ def grounding_score(captions: Sequence[Sequence[str]], attention: torch.Tensor |
                 continue
             masses.append(mass_in_box(weights[t], shape.bbox, grid, scene.image_size))
             chances.append(shape.size ** 2 / scene.image_size ** 2)
-    mean = (lambda xs: sum(xs) / len(xs) if xs else float("nan"))
+    def mean(values):
+        return sum(values) / len(values) if values else float("nan")
+
     return {"grounding": mean(masses), "chance": mean(chances), "matched": len(masses), "unmatched": unmatched}

@@ -30,9 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from attn_fast.nn.additive import AdditiveAttention, AttentionMemory
 from attn_fast.examples import decoding
-
+from attn_fast.nn.additive import AdditiveAttention, AttentionMemory
 
 INITIAL_STATES = ("zeros", "mean")
 
@@ -169,7 +168,7 @@ class _DecodingView:
     annotation locations, a placeholder [B, L] int64 tensor that gives decoding the batch size, L, the device and
     the token dtype, with `src_lengths` = L for every row (all locations visible)."""
 
-    def __init__(self, model: "Captioner", images: torch.Tensor):
+    def __init__(self, model: Captioner, images: torch.Tensor):
         self.decoder, self.pad_id, self.bos_id, self.eos_id = model.decoder, model.pad_id, model.bos_id, model.eos_id
         self._encoder, self._images = model.encoder, images
 

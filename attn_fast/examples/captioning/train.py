@@ -17,13 +17,19 @@ examples' shared ones (`attn_fast.examples.training`). What is the captioner's (
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
-from attn_fast.examples.captioning.data import (Scene, WordVocab, batch_scenes, make_batch, make_scene_splits,
-                                               render_images)
+from attn_fast.examples.captioning.data import (
+    Scene,
+    WordVocab,
+    batch_scenes,
+    make_batch,
+    make_scene_splits,
+    render_images,
+)
 from attn_fast.examples.captioning.metrics import grounding_score
 from attn_fast.examples.captioning.model import Captioner, caption_loss
 from attn_fast.examples.checkpoints import read_checkpoint, restore_model, run_info

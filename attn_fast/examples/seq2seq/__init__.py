@@ -5,8 +5,8 @@ embedded date-normalization task, any tab-separated file of `source<TAB>target` 
 length-bucketed batches), and what the shared training loop needs to train it, behind `attn-fast train`
 (`train`: the task, checkpoints, greedy translation and its scores).
 """
-from attn_fast.examples.seq2seq.data import CharVocab, batches, build_vocabs, make_date_splits, read_tsv
 from attn_fast.examples.decoding import Decoded, beam_search, greedy
+from attn_fast.examples.seq2seq.data import CharVocab, batches, build_vocabs, make_date_splits, read_tsv
 from attn_fast.examples.seq2seq.model import BahdanauDecoder, Encoder, ParallelDecoder, Seq2Seq
 from attn_fast.examples.seq2seq.train import TrainConfig, TrainResult, load_checkpoint, train
 

@@ -32,7 +32,8 @@ import os
 import random
 import re
 from collections import Counter
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -92,7 +93,7 @@ class DateSplits(NamedTuple):
     test: list
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def date_patterns(language: str) -> tuple[str, ...]:
     """All CLDR patterns the generator may use for `language`: Babel's short/medium/long/full formats of the
     locale, the extra patterns, and the year-first numeric ones (duplicates removed, order kept)."""
@@ -115,7 +116,7 @@ def _numeric_layout(pattern: str) -> tuple[str, frozenset[str]] | None:
     return order, frozenset(_FIELD.sub("", _QUOTED.sub("", pattern)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _order_clashing_separators() -> frozenset[str]:
     """Separators used by a day-first pattern in one language and a month-first one in another (over all
     languages, so that a subset of languages follows the same conventions as the full task)."""
@@ -138,7 +139,7 @@ def _date_traits(day: datetime.date) -> tuple[bool, bool]:
     return low <= day.year <= high, day.day > 12 or day.day == day.month
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _usable_patterns(language: str, two_digit_year_ok: bool, order_irrelevant: bool) -> tuple[str, ...]:
     """The patterns of `language` that write a date with these traits unambiguously. Cached: sampling calls it
     per example, and the pattern analysis is regex work."""
@@ -153,7 +154,7 @@ def _usable_patterns(language: str, two_digit_year_ok: bool, order_irrelevant: b
     return tuple(usable)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _locale(language: str):
     from babel import Locale
 
@@ -261,7 +262,7 @@ class CharVocab:
         self._ids = {c: i for i, c in enumerate(self.chars, start=len(self.SPECIALS))}
 
     @classmethod
-    def build(cls, texts: Iterable[str], min_count: int = 1) -> "CharVocab":
+    def build(cls, texts: Iterable[str], min_count: int = 1) -> CharVocab:
         """Vocabulary of the characters seen at least `min_count` times in `texts`, sorted (deterministic)."""
         counts = Counter(c for text in texts for c in text)
         return cls(sorted(c for c, n in counts.items() if n >= min_count))
@@ -299,7 +300,7 @@ class CharVocab:
         return {"specials": list(self.SPECIALS), "chars": list(self.chars)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "CharVocab":
+    def from_dict(cls, data: dict) -> CharVocab:
         if list(data.get("specials", [])) != list(cls.SPECIALS):
             raise ValueError(f"vocabulary specials {data.get('specials')} != {list(cls.SPECIALS)}")
         return cls(data["chars"])
@@ -309,7 +310,7 @@ class CharVocab:
             json.dump(self.to_dict(), f, ensure_ascii=False)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "CharVocab":
+    def load(cls, path: str | os.PathLike) -> CharVocab:
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
 

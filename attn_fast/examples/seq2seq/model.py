@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from attn_fast.nn.additive import AdditiveAttention, AttentionMemory
 from attn_fast.examples import decoding
+from attn_fast.nn.additive import AdditiveAttention, AttentionMemory
 
 
 class Encoder(nn.Module):

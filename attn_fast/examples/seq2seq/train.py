@@ -16,8 +16,9 @@ examples' shared ones (`attn_fast.examples.training`). What is the Seq2Seq's (`S
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
