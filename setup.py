@@ -34,7 +34,7 @@ setup(
         "seq2seq": EXAMPLES_REQUIRES,
         "captioning": EXAMPLES_REQUIRES,
         "bench": EXAMPLES_REQUIRES,
-        "test": ["pytest", "pytest-benchmark", "hypothesis", *EXAMPLES_REQUIRES],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff", *EXAMPLES_REQUIRES],
     },
     entry_points={"console_scripts": ["attn-fast = attn_fast.tools.cli:main"]},
 )

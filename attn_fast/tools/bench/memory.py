@@ -3,7 +3,7 @@
 GPU: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus what was allocated before the
 call (inputs, weights, caches): the caching allocator's own accounting of every tensor the call created.
 
-CPU: a fresh process per case, the method of tests/rss_probe.py. Peak RSS is what the operating system charges,
+CPU: a fresh process per case, the method of tests/backends/rss_probe.py. Peak RSS is what the operating system charges,
 whatever allocator or cache holds the memory. The processes are forked from a multiprocessing "forkserver" that
 has imported torch and this package but run nothing (no thread pool or allocator cache is inherited, and forking
 is safe): a fresh address space per case without paying torch's import (seconds on a loaded 2-core machine) each

@@ -1,6 +1,6 @@
 """Run one attention call in this (fresh) process and print the growth of its peak RSS, in MiB, as JSON.
 
-    python tests/rss_probe.py BACKEND B T S A D [--backward]
+    python tests/backends/rss_probe.py BACKEND B T S A D [--backward]
 
 Peak RSS is what the operating system charges the process, whatever allocator or cache holds the memory, so it
 is what users see. The baseline is the RSS after the inputs exist and every library is loaded (a tiny warm-up

@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 from attn_fast.tools.bench import roofline, shapes  # noqa: E402
 from benchmarks import static_report  # noqa: E402
 
-REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
+REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
