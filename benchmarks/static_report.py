@@ -265,6 +265,7 @@ def forward_compile_targets(shapes: list[ProblemShape], dtypes: dict[str, torch.
     """(use, launch) pairs: the `KernelLaunch`es `kernels.forward.plan_forward` plans for each shape and dtype
     (contiguous inputs, no mask, default configuration, an H100's 132 SMs), with and without `need_weights`. `use`
     is "shape/dtype", or "shape/dtype/weights" when the weights are asked for."""
+    # attn_fast.kernels is the top-level kernels/ folder, installed under that name by setup.py's package_dir mapping.
     from attn_fast.kernels.forward import plan_forward
     from attn_fast.validation import attention_call
 
@@ -292,6 +293,7 @@ def backward_compile_targets(shapes: list[ProblemShape] | None = None,
 
     Shapes with T = 1 are left out: Triton specializes T = 1 to a constant, the query loop disappears, and the
     hot-*loop* analysis finds none. Defaults: every shape of `SHAPES`, every dtype of `DTYPES`."""
+    # attn_fast.kernels is the top-level kernels/ folder, installed under that name by setup.py's package_dir mapping.
     from attn_fast.kernels.backward import grad_scores_buffer, plan_backward
 
     targets = []

@@ -16,6 +16,7 @@ import torch
 from attn_fast.tolerances import gradient_tolerance, relative_error
 from attn_fast.tools.testing import random_case
 
+# attn_fast.kernels is the top-level kernels/ folder, installed under that name by setup.py's package_dir mapping.
 forward = pytest.importorskip("attn_fast.kernels.forward")
 backward = pytest.importorskip("attn_fast.kernels.backward")
 configs = pytest.importorskip("attn_fast.kernels.configs")

@@ -15,6 +15,7 @@ from attn_fast.tolerances import forward_tolerance, relative_error
 from attn_fast.tools.testing import MASK_KINDS, random_case
 from attn_fast.validation import attention_call
 
+# attn_fast.kernels is the top-level kernels/ folder, installed under that name by setup.py's package_dir mapping.
 forward = pytest.importorskip("attn_fast.kernels.forward")
 configs = pytest.importorskip("attn_fast.kernels.configs")
 launcher = pytest.importorskip("attn_fast.kernels.launch")

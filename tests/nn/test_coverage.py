@@ -82,6 +82,7 @@ def padding_of(lengths):
 @pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
 def test_steps_equal_eager_see_et_al(backend):
     if backend == "triton":
+        # attn_fast.kernels is the top-level kernels/ folder (setup.py's package_dir mapping).
         pytest.importorskip("attn_fast.kernels.forward")
     eager = make_eager()
     layer = make_layer(backend, eager)

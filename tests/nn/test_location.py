@@ -110,6 +110,7 @@ def padding_of(lengths):
                                           ("triton", "lengths")])
 def test_steps_equal_eager_tacotron2(backend, mask):
     if backend == "triton":
+        # attn_fast.kernels is the top-level kernels/ folder (setup.py's package_dir mapping).
         pytest.importorskip("attn_fast.kernels.forward")
     eager = make_eager()
     layer = make_layer(backend, eager)
@@ -136,6 +137,7 @@ def test_gradients_through_the_sequence_equal_eager(backend, dtype):
     """The loss reads every step's context and weights; the eager side runs in float64 on the same (rounded)
     values. Triton in float32: its backward kernels take fp32/fp16/bf16 only."""
     if backend == "triton":
+        # attn_fast.kernels is the top-level kernels/ folder (setup.py's package_dir mapping).
         pytest.importorskip("attn_fast.kernels.backward")
     eager = make_eager()
     with torch.no_grad():
