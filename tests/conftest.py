@@ -18,6 +18,27 @@ from attn_fast.cpu_warmup import warm_cpu_math  # noqa: E402
 warm_cpu_math()
 
 
+#: Where the Triton kernels run in this process: the GPU when there is one, else the CPU under the interpreter.
+TRITON_DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@pytest.fixture
+def triton_device() -> torch.device:
+    """The device every Triton test builds its tensors on (see TRITON_DEVICE): one choice for the whole suite."""
+    return TRITON_DEVICE
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` check what only a GPU can (tanh.approx and tensor-core numerics, CUDA graphs, timings):
+    skipped, with the reason, where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)
