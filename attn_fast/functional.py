@@ -7,36 +7,66 @@ from attn_fast.backends import reference, torch_backend
 from attn_fast.cpu_warmup import warm_cpu_math
 from attn_fast.validation import attention_call, check_backend
 
+#: Oldest CUDA compute capability the Triton kernels are used on. fp16/bf16 evaluate tanh with the inline PTX
+#: `tanh.approx.f32` (sm_75+; ptxas rejects it on sm_70) and take bf16 tensor-core dots (sm_80+); the static report
+#: compiles every planned launch for sm_90 and sm_80 only (benchmarks/static_report.py). Older GPUs take the torch
+#: backend under "auto".
+MIN_TRITON_CAPABILITY = (8, 0)
 
-def triton_usable(device: torch.device) -> bool:
-    """Triton kernels run on CUDA tensors, and on CPU tensors only under the interpreter (TRITON_INTERPRET=1).
-    The one place that decides it; `attn-fast verify` and the benchmark ask here."""
+
+def triton_unusable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on `device` (one line), or None when they can: they run on CUDA tensors of
+    a GPU of compute capability >= MIN_TRITON_CAPABILITY, and on CPU tensors only under the interpreter
+    (TRITON_INTERPRET=1). The one place that decides it; `attn-fast verify` and the benchmark ask here."""
     if device.type not in ("cpu", "cuda"):
-        return False
+        return f"the Triton kernels take CUDA tensors, not {device.type}"
     try:
         # `attn_fast.kernels` is the repository's top-level kernels/ folder (setup.py maps it there). Importing it
         # imports triton, which is why the Triton backend is imported lazily.
         from attn_fast.kernels import launch
-    except ImportError:
-        return False
-    return device.type == "cuda" or launch.is_interpreter()
+    except ImportError as error:
+        return f"triton is not importable ({error})"
+    if device.type == "cpu":
+        if launch.is_interpreter():
+            return None
+        return ("the Triton kernels run on CUDA tensors, and on CPU tensors only with TRITON_INTERPRET=1 set before "
+                "triton is imported (slow, for testing)")
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    capability = tuple(torch.cuda.get_device_capability(device))
+    if capability < MIN_TRITON_CAPABILITY:
+        need = ".".join(map(str, MIN_TRITON_CAPABILITY))
+        return (f"{device} has compute capability {capability[0]}.{capability[1]} (sm_{capability[0]}{capability[1]}); "
+                f"the Triton kernels need {need} or newer (fp16/bf16 tanh.approx.f32 fails in ptxas before sm_75, "
+                f"and only sm_80+ is compiled and checked)")
+    return None
+
+
+def triton_usable(device: torch.device) -> bool:
+    """True when the Triton kernels can run on `device` (see `triton_unusable_reason`)."""
+    return triton_unusable_reason(device) is None
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The backend that will run: "auto" means Triton on CUDA when it is importable, else the torch backend; and
-    the torch backend for float64 inputs, which it computes in float64 (the Triton kernels compute in fp32)."""
+    """The backend that will run: "auto" means Triton on CUDA when it is importable and the GPU is sm_80 or newer,
+    else the torch backend; and the torch backend for float64 inputs, which it computes in float64 (the Triton
+    kernels compute in fp32)."""
     check_backend(backend)
     if backend == "auto":
         if dtype == torch.float64:
             return "torch"
         return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
-    if backend == "triton" and not triton_usable(device):
+    if backend == "triton":
+        reason = triton_unusable_reason(device)
+        if reason is None:
+            return backend
         if device.type == "cpu":
             raise ValueError(
                 "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported, for "
                 "testing on CPU); use backend='torch' or 'auto' for CPU tensors"
             )
-        raise ValueError(f"backend='triton' is not available for tensors on {device} (is triton installed?)")
+        raise ValueError(f"backend='triton' is not available for tensors on {device}: {reason}; "
+                         "use backend='torch' or 'auto'")
     return backend
 
 

@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from attn_fast.functional import additive_attention, triton_usable
+from attn_fast.functional import additive_attention, triton_unusable_reason, triton_usable
 from attn_fast.tolerances import forward_tolerance, gradient_tolerance
 from attn_fast.tools.testing import errors_against_reference, random_case
 
@@ -100,9 +100,6 @@ def run_verify(device: torch.device, backends: list[str], dtypes, seed: int = 0,
     return failures
 
 
-
-
-
 def parse_dtypes(names: list[str] | None, device: torch.device):
     if not names:
         return CPU_DTYPES if device.type == "cpu" else GPU_DTYPES
@@ -110,6 +107,10 @@ def parse_dtypes(names: list[str] | None, device: torch.device):
 
 
 def interpreter_note(device: torch.device) -> str | None:
-    if device.type == "cpu" and not triton_usable(device):
+    """One line saying why the Triton backend is not in the table (None when it can run on `device`)."""
+    reason = triton_unusable_reason(device)
+    if reason is None:
+        return None
+    if device.type == "cpu":
         return "(Triton kernels are checked on CUDA, or on CPU with TRITON_INTERPRET=1 set: slow, for testing)"
-    return None
+    return f"(Triton backend not used on {device}: {reason}; \"auto\" takes the torch backend there)"
