@@ -63,9 +63,33 @@ class KernelLaunch:
     num_stages: int = 1  # software pipelining of loops Triton pipelines by itself (not the A-chunk loop)
 
 
+def _shapes_only(launches: list[KernelLaunch]) -> bool:
+    """True when the launches' tensors carry no data, so that running the kernels is neither possible nor needed:
+    meta tensors, or fake tensors while torch.compile keeps the triton ops opaque.
+
+    A `triton_op` runs its launcher as its own fake kernel. On CUDA `wrap_triton` turns each launch into a traced
+    higher-order op that does nothing on fake tensors; under the interpreter the kernel is not wrapped and would run
+    on the fake tensors and fail. Skipping is only right while `torch._functorch.config.decompose_custom_triton_ops`
+    is False (the op stays one opaque node and this body only computes shapes): when it is True (torch's default)
+    AOT tracing *decomposes* the op through this very body, and a skipped launch would silently drop the kernel
+    from the compiled graph. So fake tensors are skipped only with that flag off (tests/backends/test_triton_ops.py
+    sets it; the library never does), and otherwise fail loudly as before (issue 12, point 10)."""
+    import torch._functorch.config as functorch_config
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    tensors = [value for launch in launches for value in launch.arguments.values() if isinstance(value, torch.Tensor)]
+    if any(tensor.device.type == "meta" for tensor in tensors):
+        return True
+    return (any(isinstance(tensor, FakeTensor) for tensor in tensors)
+            and not functorch_config.decompose_custom_triton_ops)
+
+
 def run_launches(launches: list[KernelLaunch], device: torch.device, wrap=None) -> None:
     """Launch `launches` in order on `device`. `wrap` (torch.library.wrap_triton inside a `triton_op`) wraps each
-    kernel so that torch.compile can trace the launch instead of treating it as opaque."""
+    kernel so that torch.compile can trace the launch instead of treating it as opaque. On tensors without data
+    (see `_shapes_only`) nothing is launched: the outputs the launcher allocated are then shapes only."""
+    if _shapes_only(launches):
+        return
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for launch in launches:
             kernel = launch.kernel if wrap is None else wrap(launch.kernel)
