@@ -1,0 +1,57 @@
+"""benchmarks/gpu_acceptance.sh, the first GPU's acceptance run, as far as a machine without a GPU can check it: it
+parses, finds no GPU, says so in one line and exits 0 (a dry run); its Python helper's environment record and
+summary work. (On a GPU machine the run itself is the check: `bash benchmarks/gpu_acceptance.sh`.)"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+SCRIPT = REPOSITORY / "benchmarks" / "gpu_acceptance.sh"
+HELPER = REPOSITORY / "benchmarks" / "gpu_acceptance.py"
+
+
+def without_gpu() -> dict:
+    """The environment of a machine without a GPU, even when this one has one."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+
+
+def test_script_parses():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True).returncode == 0
+
+
+def test_dry_run_without_gpu_says_so_and_exits_0():
+    before = set((REPOSITORY / "benchmarks" / "results").glob("gpu-acceptance-*"))
+    finished = subprocess.run(["bash", str(SCRIPT)], cwd="/", env=without_gpu(), capture_output=True, text=True,
+                              timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    lines = finished.stdout.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA GPU" in lines[0] and "dry run" in lines[0], finished.stdout
+    assert set((REPOSITORY / "benchmarks" / "results").glob("gpu-acceptance-*")) == before, "a dry run writes nothing"
+
+
+def test_helper_records_the_environment_and_summarizes(tmp_path):
+    finished = subprocess.run([sys.executable, str(HELPER), "env", str(tmp_path / "environment.json")],
+                              env=without_gpu(), capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    environment = json.loads((tmp_path / "environment.json").read_text())
+    assert environment["cuda"] is False and {"torch", "triton", "date_utc", "driver"} <= set(environment)
+
+    (tmp_path / "steps.jsonl").write_text('{"step": "verify", "rc": 0, "seconds": 3, "limit_s": 40}\n')
+    for name, ok in (("numerics", True), ("determinism", True), ("graphs", False)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"ok": ok, "error": None if ok else "capture failed"}))
+    finished = subprocess.run([sys.executable, str(HELPER), "summary", str(tmp_path)], capture_output=True,
+                              text=True, timeout=120)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert finished.returncode == 1 and "FAIL" in finished.stdout and "graphs" in finished.stdout
+    assert summary["ok"] is False and summary["checks"] == {"numerics": True, "determinism": True, "graphs": False}
+    assert summary["environment"]["torch"] == environment["torch"]
+
+
+def test_gpu_checks_refuse_to_run_without_gpu(tmp_path):
+    finished = subprocess.run([sys.executable, str(HELPER), "graphs", str(tmp_path / "graphs.json")],
+                              env=without_gpu(), capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 2 and "no CUDA GPU" in finished.stderr
