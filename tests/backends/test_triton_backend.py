@@ -29,9 +29,9 @@ def grid(count, seed) -> list:
     ]
 
 
-def test_float64_runs_the_fp32_kernels_forward_and_backward():
+def test_float64_runs_the_fp32_kernels_forward_and_backward(triton_device):
     """Explicit backend="triton" on float64: fp32 kernels, results and gradients in float64 at fp32 accuracy."""
-    case = random_case(2, 3, 9, 8, 5, mask="lengths", beam=2, extra_key_term=True, seed=4)
+    case = random_case(2, 3, 9, 8, 5, mask="lengths", beam=2, extra_key_term=True, seed=4, device=triton_device)
     errors = errors_against_reference(case, torch.float64, functools.partial(additive_attention, backend="triton"),
                                       seed=4)
     for name, error in errors.items():
@@ -46,10 +46,10 @@ def test_auto_sends_float64_to_the_torch_backend():
     assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
 
 @pytest.mark.parametrize("params", grid(18, seed=7))
-def test_forward_and_gradients_match_reference(params):
+def test_forward_and_gradients_match_reference(params, triton_device):
     case = random_case(*params["shape"], mask=params["mask"], fully_masked_rows=params["fully_masked_rows"],
                        beam=params["beam"], extra_key_term=params["extra"], noncontiguous=params["noncontiguous"],
-                       seed=params["seed"])
+                       seed=params["seed"], device=triton_device)
     errors = errors_against_reference(case, params["dtype"], functools.partial(additive_attention, backend="triton"),
                                       seed=params["seed"])
     for name, error in errors.items():
@@ -58,15 +58,15 @@ def test_forward_and_gradients_match_reference(params):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_saturated_inputs(dtype):
-    case = random_case(2, 5, 9, 10, 4, mask="lengths", saturate=3e3, seed=4)
+def test_saturated_inputs(dtype, triton_device):
+    case = random_case(2, 5, 9, 10, 4, mask="lengths", saturate=3e3, seed=4, device=triton_device)
     errors = errors_against_reference(case, dtype, functools.partial(additive_attention, backend="triton"))
     assert errors["context"] <= forward_tolerance(dtype) and errors["weights"] <= forward_tolerance(dtype), errors
     assert max(v for k, v in errors.items() if k.startswith("grad_")) <= gradient_tolerance(dtype), errors
 
 
-def test_weights_only_when_asked():
-    case = random_case(2, 3, 5, 4, 6, seed=1)
+def test_weights_only_when_asked(triton_device):
+    case = random_case(2, 3, 5, 4, 6, seed=1, device=triton_device)
     context, weights = additive_attention(*case.inputs(), backend="triton")
     assert weights is None and context.dtype == torch.float32
     half = case.cast(torch.float16)
@@ -89,14 +89,14 @@ class TinySeq2SeqHead(nn.Module):
         return logits.logsumexp(-1).mean() + 0.1 * weights.square().sum(-1).mean()
 
 
-def test_training_step_equals_torch_backend():
+def test_training_step_equals_torch_backend(triton_device):
     generator = torch.Generator().manual_seed(3)
-    states = torch.randn(3, 7, 6, generator=generator)
-    encoder_states = torch.randn(3, 9, 5, generator=generator)
-    lengths = torch.tensor([9, 4, 1])
+    states = torch.randn(3, 7, 6, generator=generator).to(triton_device)
+    encoder_states = torch.randn(3, 9, 5, generator=generator).to(triton_device)
+    lengths = torch.tensor([9, 4, 1], device=triton_device)
     parameters = {}
     for backend in ("torch", "triton"):
-        model = TinySeq2SeqHead(backend)
+        model = TinySeq2SeqHead(backend).to(triton_device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         model(states, encoder_states, lengths).backward()
         optimizer.step()
@@ -105,8 +105,8 @@ def test_training_step_equals_torch_backend():
         torch.testing.assert_close(parameters["triton"][name], value, rtol=1e-5, atol=1e-6)
 
 
-def test_deterministic_mode_is_bit_identical():
-    case = random_case(2, 9, 21, 10, 6, mask="lengths", beam=2, extra_key_term=True, seed=5)
+def test_deterministic_mode_is_bit_identical(triton_device):
+    case = random_case(2, 9, 21, 10, 6, mask="lengths", beam=2, extra_key_term=True, seed=5, device=triton_device)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -123,8 +123,8 @@ def test_deterministic_mode_is_bit_identical():
         assert torch.equal(first, second)
 
 
-def test_only_requested_gradients_are_computed():
-    case = random_case(2, 4, 6, 5, 3, seed=6)
+def test_only_requested_gradients_are_computed(triton_device):
+    case = random_case(2, 4, 6, 5, 3, seed=6, device=triton_device)
     query = case.query_proj.clone().requires_grad_()
     context, _ = additive_attention(query, case.key_proj, case.value, case.v, backend="triton")
     context.sum().backward()
@@ -135,10 +135,10 @@ def test_only_requested_gradients_are_computed():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_saved_for_backward_is_never_of_tanh_size(backend):
+def test_saved_for_backward_is_never_of_tanh_size(backend, triton_device):
     """The autograd graph keeps the inputs and P [B, T, S] only, never anything of size B*T*S*A."""
     batch, tgt_len, src_len, attn_dim, value_dim = 2, 6, 7, 16, 3
-    case = random_case(batch, tgt_len, src_len, attn_dim, value_dim, mask="lengths", seed=8)
+    case = random_case(batch, tgt_len, src_len, attn_dim, value_dim, mask="lengths", seed=8, device=triton_device)
     leaves = case.cast(torch.float32, requires_grad=True)
     saved = []
 
@@ -154,16 +154,13 @@ def test_saved_for_backward_is_never_of_tanh_size(backend):
     assert max(saved) <= max(batch * tgt_len * src_len, largest_input) < batch * tgt_len * src_len * attn_dim
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@needs_cuda
-def test_opcheck_triton_ops_on_cuda():
+@pytest.mark.gpu
+def test_opcheck_triton_ops_on_cuda(triton_device):
     from torch.library import opcheck
 
     from attn_fast.backends.triton_backend import _forward_op
 
-    case = random_case(3, 9, 40, 16, 8, mask="mixed", beam=2, extra_key_term=True, device="cuda", seed=2)
+    case = random_case(3, 9, 40, 16, 8, mask="mixed", beam=2, extra_key_term=True, device=triton_device, seed=2)
     leaves = case.cast(torch.float32, requires_grad=True)
     arguments = (*leaves.inputs(), leaves.extra_key_term, leaves.key_lengths, leaves.key_padding_mask, leaves.index,
                  True, True)
@@ -171,17 +168,17 @@ def test_opcheck_triton_ops_on_cuda():
     assert set(results.values()) == {"SUCCESS"}, results
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"], ids=["fullgraph", "cuda-graphs"])
-def test_compiled_cuda_training_step_matches_eager(mode):
+def test_compiled_cuda_training_step_matches_eager(mode, triton_device):
     """torch.compile(fullgraph=True) traces the Triton launches without graph breaks; "reduce-overhead" captures
     forward and backward in CUDA graphs, which fails on any host sync or data-dependent allocation."""
     generator = torch.Generator().manual_seed(3)
-    states = torch.randn(4, 20, 6, generator=generator).cuda()
-    encoder_states = torch.randn(4, 33, 5, generator=generator).cuda()
-    lengths = torch.tensor([33, 20, 7, 1]).cuda()
-    eager = TinySeq2SeqHead("triton").cuda()
-    compiled_model = TinySeq2SeqHead("triton").cuda()
+    states = torch.randn(4, 20, 6, generator=generator).to(triton_device)
+    encoder_states = torch.randn(4, 33, 5, generator=generator).to(triton_device)
+    lengths = torch.tensor([33, 20, 7, 1]).to(triton_device)
+    eager = TinySeq2SeqHead("triton").to(triton_device)
+    compiled_model = TinySeq2SeqHead("triton").to(triton_device)
     compiled = torch.compile(compiled_model, fullgraph=True, mode=mode)
     eager(states, encoder_states, lengths).backward()
     for _ in range(3):  # warm-up runs, then the captured graph replays

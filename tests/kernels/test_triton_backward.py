@@ -24,7 +24,6 @@ launcher = pytest.importorskip("attn_fast.kernels.launch")
 BackwardConfig = configs.BackwardConfig
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # The reciprocal tanh forms overflow to +-inf on purpose for saturated inputs (1 / inf = 0 is the limit); the
 # interpreter computes with numpy, which reports each such overflow.
@@ -42,7 +41,7 @@ def poisoned_buffers(poison):
 # helpers
 
 
-def random_grad_scores(query_rows, tgt_len, src_len, *, causal=False, seed=0) -> torch.Tensor:
+def random_grad_scores(query_rows, tgt_len, src_len, *, device, causal=False, seed=0) -> torch.Tensor:
     """dE as the backend hands it over: random fp32, zero at random hidden positions, in one fully hidden row
     (when there are two or more), and above the diagonal with causal."""
     generator = torch.Generator().manual_seed(seed)
@@ -53,7 +52,7 @@ def random_grad_scores(query_rows, tgt_len, src_len, *, causal=False, seed=0) ->
     if causal:
         keys = torch.arange(src_len)
         grad_scores[:, keys[None, :] > torch.arange(tgt_len)[:, None]] = 0.0
-    return grad_scores.to(DEVICE)
+    return grad_scores.to(device)
 
 
 def expected_gradients(case, grad_scores):
@@ -103,10 +102,10 @@ SHAPES = [
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_default_config_matches_float64(shape, dtype):
+def test_default_config_matches_float64(shape, dtype, triton_device):
     batch, tgt_len, src_len, attn_dim = shape
-    case = random_case(batch, tgt_len, src_len, attn_dim, 2, dtype=dtype, device=DEVICE, seed=sum(shape))
-    check(case, random_grad_scores(batch, tgt_len, src_len, seed=len(shape)))
+    case = random_case(batch, tgt_len, src_len, attn_dim, 2, dtype=dtype, device=triton_device, seed=sum(shape))
+    check(case, random_grad_scores(batch, tgt_len, src_len, seed=len(shape), device=triton_device))
 
 
 # Small explicit tiles: several key tiles (full and partial), A-chunks (full and partial) and 2-row query steps
@@ -124,38 +123,39 @@ def config_id(config):
 
 @pytest.mark.parametrize("config", SMALL_CONFIGS, ids=config_id)
 @pytest.mark.parametrize("shape", [(2, 5, 11, 7), (1, 4, 8, 8)], ids=lambda s: "x".join(map(str, s)))
-def test_small_tiles_cross_every_edge(config, shape):
+def test_small_tiles_cross_every_edge(config, shape, triton_device):
     batch, tgt_len, src_len, attn_dim = shape
-    case = random_case(batch, tgt_len, src_len, attn_dim, 2, device=DEVICE, seed=3)
-    check(case, random_grad_scores(batch, tgt_len, src_len, seed=4), config=config)
+    case = random_case(batch, tgt_len, src_len, attn_dim, 2, device=triton_device, seed=3)
+    check(case, random_grad_scores(batch, tgt_len, src_len, seed=4, device=triton_device), config=config)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_beam_index_extra_key_term_and_noncontiguous_inputs(dtype):
+def test_beam_index_extra_key_term_and_noncontiguous_inputs(dtype, triton_device):
     """index maps 6 query rows onto 2 memory rows; every float input (and dE) is strided and non-contiguous."""
-    case = random_case(2, 3, 35, 10, 2, beam=3, extra_key_term=True, noncontiguous=True, dtype=dtype, device=DEVICE,
-                       seed=11)
+    case = random_case(2, 3, 35, 10, 2, beam=3, extra_key_term=True, noncontiguous=True, dtype=dtype,
+                       device=triton_device, seed=11)
     assert not case.query_proj.is_contiguous() and not case.key_proj.is_contiguous()
-    grad_scores = random_grad_scores(6, 3, 35, seed=12).transpose(1, 2).contiguous().transpose(1, 2)
+    grad_scores = random_grad_scores(6, 3, 35, seed=12, device=triton_device)
+    grad_scores = grad_scores.transpose(1, 2).contiguous().transpose(1, 2)
     assert not grad_scores.is_contiguous()
     check(case, grad_scores)
 
 
 @pytest.mark.parametrize("option", ["index", "extra_key_term"])
-def test_index_and_extra_key_term_alone(option):
+def test_index_and_extra_key_term_alone(option, triton_device):
     if option == "index":
-        case = random_case(3, 4, 9, 6, 2, beam=2, device=DEVICE, seed=13)
+        case = random_case(3, 4, 9, 6, 2, beam=2, device=triton_device, seed=13)
     else:
-        case = random_case(3, 4, 9, 6, 2, extra_key_term=True, device=DEVICE, seed=13)
-    check(case, random_grad_scores(case.query_proj.shape[0], 4, 9, seed=14),
+        case = random_case(3, 4, 9, 6, 2, extra_key_term=True, device=triton_device, seed=13)
+    check(case, random_grad_scores(case.query_proj.shape[0], 4, 9, seed=14, device=triton_device),
           config=SMALL_CONFIGS[0])
 
 
-def test_padded_grad_scores_rows_from_the_buffer_helper():
+def test_padded_grad_scores_rows_from_the_buffer_helper(triton_device):
     """dE written into `grad_scores_buffer` (row stride padded to 16) gives the same gradients as contiguous dE."""
-    case = random_case(2, 3, 21, 6, 2, device=DEVICE, seed=15)
-    grad_scores = random_grad_scores(2, 3, 21, seed=16)
-    padded = backward.grad_scores_buffer(2, 3, 21, DEVICE)
+    case = random_case(2, 3, 21, 6, 2, device=triton_device, seed=15)
+    grad_scores = random_grad_scores(2, 3, 21, seed=16, device=triton_device)
+    padded = backward.grad_scores_buffer(2, 3, 21, triton_device)
     padded.copy_(grad_scores)
     assert padded.shape == (2, 3, 21) and padded.stride(1) % backward.GRAD_SCORES_ROW_ALIGN == 0
     contiguous_grads = run_backward(case, grad_scores, deterministic=True)
@@ -169,45 +169,45 @@ def test_padded_grad_scores_rows_from_the_buffer_helper():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_saturated_inputs_stay_finite_and_accurate(dtype):
+def test_saturated_inputs_stay_finite_and_accurate(dtype, triton_device):
     """Every other attention unit has |q + k| up to ~1e4: the fp32 factorized form must fall back (e^{2x} would
     overflow), and no form may produce NaN/inf (1 - t^2 = 0 there, t = +-1)."""
-    case = random_case(2, 5, 34, 12, 2, saturate=3e3, dtype=dtype, device=DEVICE, seed=17)
+    case = random_case(2, 5, 34, 12, 2, saturate=3e3, dtype=dtype, device=triton_device, seed=17)
     assert float(case.query_proj.abs().max()) > 1e3
-    check(case, random_grad_scores(2, 5, 34, seed=18))
+    check(case, random_grad_scores(2, 5, 34, seed=18, device=triton_device))
 
 
 @pytest.mark.parametrize("tanh_form", configs.BACKWARD_TANH_FORMS)
-def test_every_tanh_form_meets_the_fp32_tolerance(tanh_form):
+def test_every_tanh_form_meets_the_fp32_tolerance(tanh_form, triton_device):
     """Under the interpreter "approx" runs the portable formula, so it meets fp32's tolerance too; on a GPU only
     the reciprocal forms are held to it ("approx" is the half-precision choice)."""
-    if tanh_form == "approx" and DEVICE == "cuda":
+    if tanh_form == "approx" and triton_device.type == "cuda":
         pytest.skip("tanh.approx.f32 is for fp16/bf16")
-    case = random_case(2, 4, 19, 7, 2, scale=3.0, device=DEVICE, seed=19)
-    check(case, random_grad_scores(2, 4, 19, seed=20), tanh_form=tanh_form)
+    case = random_case(2, 4, 19, 7, 2, scale=3.0, device=triton_device, seed=19)
+    check(case, random_grad_scores(2, 4, 19, seed=20, device=triton_device), tanh_form=tanh_form)
 
 
-def test_large_projections_with_small_sums_take_the_exact_form():
+def test_large_projections_with_small_sums_take_the_exact_form(triton_device):
     """|q|, |k| ~ 30 (beyond the factorized form's range of 20, where e^{2q} e^{2k} leaves fp32) but q + k ~ 1 in
     key tile 0: the program must notice and take the exp form, or those gradients are garbage. Key tile 1 keeps
     |k| ~ 1 (q + k ~ -30, saturated)."""
-    case = random_case(1, 3, 8, 4, 2, device=DEVICE, seed=21)
+    case = random_case(1, 3, 8, 4, 2, device=triton_device, seed=21)
     case.query_proj.data -= 30.0
     case.key_proj.data[0, :4] += 30.0
     config = BackwardConfig(block_t=1, block_s=4, block_a=4, num_warps=1, num_stages=1, tanh_form="factorized")
-    check(case, random_grad_scores(1, 3, 8, seed=22), config=config)
+    check(case, random_grad_scores(1, 3, 8, seed=22, device=triton_device), config=config)
 
 
-def test_keys_past_the_last_tile_add_nothing_at_the_edge_of_the_factorized_range():
+def test_keys_past_the_last_tile_add_nothing_at_the_edge_of_the_factorized_range(triton_device):
     """The last key tile's keys past S are set to +inf, so that 1 - t^2 = 0 there in every form. q ~ -18 and
     k ~ +18 (q + k ~ 0, still in the factorized range): a padded key that got any finite e^{2k} instead (up to
     e^{40}) would give r = 1 / (1 + e^{-36} e^{40}), far from 0, and its (duplicated) dE would leak into
     grad_query_proj."""
-    case = random_case(1, 3, 6, 4, 2, scale=0.5, device=DEVICE, seed=51)
+    case = random_case(1, 3, 6, 4, 2, scale=0.5, device=triton_device, seed=51)
     case.query_proj.data -= 18.0
     case.key_proj.data += 18.0
     config = BackwardConfig(block_t=1, block_s=4, block_a=4, num_warps=1, num_stages=1, tanh_form="factorized")
-    check(case, random_grad_scores(1, 3, 6, seed=52), config=config)
+    check(case, random_grad_scores(1, 3, 6, seed=52, device=triton_device), config=config)
 
 
 def test_default_tanh_forms_per_dtype():
@@ -228,22 +228,22 @@ def test_default_tanh_forms_per_dtype():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_causal_matches_float64(dtype):
-    case = random_case(2, 9, 9, 5, 2, dtype=dtype, device=DEVICE, seed=23)
-    grad_scores = random_grad_scores(2, 9, 9, causal=True, seed=24)
+def test_causal_matches_float64(dtype, triton_device):
+    case = random_case(2, 9, 9, 5, 2, dtype=dtype, device=triton_device, seed=23)
+    grad_scores = random_grad_scores(2, 9, 9, causal=True, seed=24, device=triton_device)
     check(case, grad_scores, causal=True, config=SMALL_CONFIGS[0] if dtype == torch.float32 else None)
 
 
-def test_causal_skips_exactly_the_query_steps_before_each_key_tile():
+def test_causal_skips_exactly_the_query_steps_before_each_key_tile(triton_device):
     """With causal=True the kernel must not visit (query step, key tile) pairs that lie before the tile: fed a dE
     that is NOT zero above the diagonal, it must give the gradients of dE with exactly those pairs removed (and
     not the gradients of the full dE). Key tiles of 4, query steps of 2 rows: row i sees tile k iff
     i >= floor(4k / 2) * 2."""
     config = BackwardConfig(block_t=2, block_s=4, block_a=4, num_warps=1, num_stages=1, tanh_form="factorized")
-    case = random_case(1, 7, 12, 6, 2, device=DEVICE, seed=25)
-    grad_scores = random_grad_scores(1, 7, 12, seed=26)
-    rows = torch.arange(7)[:, None]
-    tile_start = (torch.arange(12) // 4 * 4)[None, :]
+    case = random_case(1, 7, 12, 6, 2, device=triton_device, seed=25)
+    grad_scores = random_grad_scores(1, 7, 12, seed=26, device=triton_device)
+    rows = torch.arange(7, device=triton_device)[:, None]
+    tile_start = (torch.arange(12, device=triton_device) // 4 * 4)[None, :]
     visited = rows >= tile_start // 2 * 2
     assert not visited.all() and visited.any()
     grads = run_backward(case, grad_scores, causal=True, config=config)
@@ -254,12 +254,12 @@ def test_causal_skips_exactly_the_query_steps_before_each_key_tile():
         assert relative_error(grad, reference_full) > 1e-3
 
 
-def test_key_tiles_after_the_last_query_row_write_zeros():
+def test_key_tiles_after_the_last_query_row_write_zeros(triton_device):
     """S > T with causal: key tiles past the last query row are never visited, yet their grad_row_keys must be
     written (as zeros), not left uninitialized (NaN under poisoned_buffers)."""
     config = BackwardConfig(block_t=1, block_s=4, block_a=4, num_warps=1, num_stages=1, tanh_form="factorized")
-    case = random_case(2, 3, 13, 5, 2, device=DEVICE, seed=27)
-    grad_scores = random_grad_scores(2, 3, 13, causal=True, seed=28)
+    case = random_case(2, 3, 13, 5, 2, device=triton_device, seed=27)
+    grad_scores = random_grad_scores(2, 3, 13, causal=True, seed=28, device=triton_device)
     _, grad_row_keys, _ = check(case, grad_scores, causal=True, config=config)
     assert (grad_row_keys[:, 4:] == 0).all()
 
@@ -268,11 +268,11 @@ def test_key_tiles_after_the_last_query_row_write_zeros():
 # determinism
 
 
-def test_deterministic_mode_is_bit_identical_on_repeat():
+def test_deterministic_mode_is_bit_identical_on_repeat(triton_device):
     """Under torch.use_deterministic_algorithms(True), grad_query_proj comes from per-key-tile partials summed in a
     fixed order: two calls give the same bits (several key tiles, so atomics would have had an order to vary)."""
-    case = random_case(1, 5, 10, 6, 2, beam=2, extra_key_term=True, device=DEVICE, seed=29)
-    grad_scores = random_grad_scores(2, 5, 10, seed=30)
+    case = random_case(1, 5, 10, 6, 2, beam=2, extra_key_term=True, device=triton_device, seed=29)
+    grad_scores = random_grad_scores(2, 5, 10, seed=30, device=triton_device)
     config = BackwardConfig(block_t=2, block_s=4, block_a=4, num_warps=1, num_stages=1, tanh_form="factorized")
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -286,9 +286,9 @@ def test_deterministic_mode_is_bit_identical_on_repeat():
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_deterministic_flag_selects_partials_or_atomics(deterministic):
-    case = random_case(2, 3, 10, 6, 2, device=DEVICE, seed=31)
-    grad_scores = random_grad_scores(2, 3, 10, seed=32)
+def test_deterministic_flag_selects_partials_or_atomics(deterministic, triton_device):
+    case = random_case(2, 3, 10, 6, 2, device=triton_device, seed=31)
+    grad_scores = random_grad_scores(2, 3, 10, seed=32, device=triton_device)
     config = BackwardConfig(block_t=1, block_s=4, block_a=4, num_warps=1, num_stages=1, tanh_form="factorized")
     plan = backward.plan_backward(case.query_proj, case.key_proj, case.v, grad_scores, deterministic=deterministic,
                                   config=config)
@@ -296,17 +296,17 @@ def test_deterministic_flag_selects_partials_or_atomics(deterministic):
     check(case, grad_scores, deterministic=deterministic, config=config)
 
 
-def test_each_key_tile_writes_only_its_own_partial():
+def test_each_key_tile_writes_only_its_own_partial(triton_device):
     """The deterministic contract: partial k holds exactly key tile k's share of grad_query_proj (so that no two
     programs ever add into one element, and the fixed-order sum decides the result alone)."""
-    case = random_case(2, 3, 10, 6, 2, device=DEVICE, seed=45)
-    grad_scores = random_grad_scores(2, 3, 10, seed=46)
+    case = random_case(2, 3, 10, 6, 2, device=triton_device, seed=45)
+    grad_scores = random_grad_scores(2, 3, 10, seed=46, device=triton_device)
     config = BackwardConfig(block_t=1, block_s=4, block_a=4, num_warps=1, num_stages=1, tanh_form="factorized")
     plan = backward.plan_backward(case.query_proj, case.key_proj, case.v, grad_scores, deterministic=True,
                                   interpret=launcher.is_interpreter(), config=config)
     for launch in plan.launches:
         launch.kernel[launch.grid](**launch.arguments, num_warps=launch.num_warps, num_stages=launch.num_stages)
-    keys = torch.arange(10, device=DEVICE)
+    keys = torch.arange(10, device=triton_device)
     for tile in range(3):
         in_tile = ((keys >= 4 * tile) & (keys < 4 * tile + 4)).to(grad_scores.dtype)
         expected_query, _, _ = expected_gradients(case, grad_scores * in_tile)
@@ -314,11 +314,11 @@ def test_each_key_tile_writes_only_its_own_partial():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_split_query_rows_bit_identical_in_deterministic_mode(causal):
+def test_split_query_rows_bit_identical_in_deterministic_mode(causal, triton_device):
     """Query rows split across programs: grad_row_keys is then added by several programs (atomics, or per-split
     partials in deterministic mode, summed in a fixed order)."""
-    case = random_case(1, 9, 10, 6, 2, extra_key_term=True, device=DEVICE, seed=47)
-    grad_scores = random_grad_scores(1, 9, 10, causal=causal, seed=48)
+    case = random_case(1, 9, 10, 6, 2, extra_key_term=True, device=triton_device, seed=47)
+    grad_scores = random_grad_scores(1, 9, 10, causal=causal, seed=48, device=triton_device)
     config = BackwardConfig(block_t=2, block_s=4, block_a=4, num_warps=1, num_stages=1, tanh_form="factorized",
                             num_splits=3)
     plan = backward.plan_backward(case.query_proj, case.key_proj, case.v, grad_scores, deterministic=True,
@@ -331,16 +331,16 @@ def test_split_query_rows_bit_identical_in_deterministic_mode(causal):
     check(case, grad_scores, causal=causal, deterministic=False, config=config)
 
 
-def test_each_split_writes_only_its_own_rows_keys_partial():
-    case = random_case(1, 7, 6, 4, 2, device=DEVICE, seed=49)
-    grad_scores = random_grad_scores(1, 7, 6, seed=50)
+def test_each_split_writes_only_its_own_rows_keys_partial(triton_device):
+    case = random_case(1, 7, 6, 4, 2, device=triton_device, seed=49)
+    grad_scores = random_grad_scores(1, 7, 6, seed=50, device=triton_device)
     config = BackwardConfig(block_t=1, block_s=4, block_a=4, num_warps=1, num_stages=1, tanh_form="factorized",
                             num_splits=2)
     plan = backward.plan_backward(case.query_proj, case.key_proj, case.v, grad_scores, deterministic=True,
                                   interpret=launcher.is_interpreter(), config=config)
     for launch in plan.launches:
         launch.kernel[launch.grid](**launch.arguments, num_warps=launch.num_warps, num_stages=launch.num_stages)
-    rows = torch.arange(7, device=DEVICE)[:, None]
+    rows = torch.arange(7, device=triton_device)[:, None]
     for split, (start, stop) in enumerate(((0, 4), (4, 7))):
         in_split = ((rows >= start) & (rows < stop)).to(grad_scores.dtype)
         _, expected_keys, _ = expected_gradients(case, grad_scores * in_split)
@@ -363,9 +363,9 @@ def test_heuristic_splits_query_rows_only_for_small_grids():
 # contract
 
 
-def test_inputs_are_not_modified():
-    case = random_case(2, 3, 9, 5, 2, beam=2, extra_key_term=True, device=DEVICE, seed=33)
-    grad_scores = random_grad_scores(4, 3, 9, seed=34)
+def test_inputs_are_not_modified(triton_device):
+    case = random_case(2, 3, 9, 5, 2, beam=2, extra_key_term=True, device=triton_device, seed=33)
+    grad_scores = random_grad_scores(4, 3, 9, seed=34, device=triton_device)
     before = [t.clone() for t in (*case.float_tensors().values(), grad_scores, case.index)]
     run_backward(case, grad_scores)
     after = [*case.float_tensors().values(), grad_scores, case.index]
@@ -373,29 +373,29 @@ def test_inputs_are_not_modified():
         assert torch.equal(a, b)
 
 
-def test_no_buffer_of_size_b_t_s_a(poisoned_buffers):
+def test_no_buffer_of_size_b_t_s_a(poisoned_buffers, triton_device):
     batch, tgt_len, src_len, attn_dim = 2, 5, 9, 6
-    case = random_case(batch, tgt_len, src_len, attn_dim, 2, device=DEVICE, seed=35)
-    run_backward(case, random_grad_scores(batch, tgt_len, src_len, seed=36), deterministic=True)
+    case = random_case(batch, tgt_len, src_len, attn_dim, 2, device=triton_device, seed=35)
+    run_backward(case, random_grad_scores(batch, tgt_len, src_len, seed=36, device=triton_device), deterministic=True)
     assert poisoned_buffers, "the launcher should allocate through launcher.empty_buffer"
     assert max(buffer.numel() for buffer in poisoned_buffers) < batch * tgt_len * src_len * attn_dim
 
 
-def test_empty_steps_and_keys_give_zero_gradients():
+def test_empty_steps_and_keys_give_zero_gradients(triton_device):
     for tgt_len, src_len in ((0, 5), (3, 0)):
-        case = random_case(2, max(tgt_len, 1), max(src_len, 1), 4, 2, device=DEVICE, seed=37)
+        case = random_case(2, max(tgt_len, 1), max(src_len, 1), 4, 2, device=triton_device, seed=37)
         query_proj = case.query_proj[:, :tgt_len]
         key_proj = case.key_proj[:, :src_len]
-        grad_scores = torch.zeros(2, tgt_len, src_len, device=DEVICE)
+        grad_scores = torch.zeros(2, tgt_len, src_len, device=triton_device)
         grad_query, grad_row_keys, grad_v = backward.attention_backward_tanh_pass(query_proj, key_proj, case.v,
                                                                                   grad_scores)
         assert grad_query.shape == (2, tgt_len, 4) and grad_row_keys.shape == (2, src_len, 4)
         assert (grad_query == 0).all() and (grad_row_keys == 0).all() and (grad_v == 0).all()
 
 
-def test_invalid_arguments_are_rejected():
-    case = random_case(2, 3, 5, 4, 2, device=DEVICE, seed=39)
-    grad_scores = random_grad_scores(2, 3, 5)
+def test_invalid_arguments_are_rejected(triton_device):
+    case = random_case(2, 3, 5, 4, 2, device=triton_device, seed=39)
+    grad_scores = random_grad_scores(2, 3, 5, device=triton_device)
     with pytest.raises(ValueError, match="grad_scores"):
         backward.attention_backward_tanh_pass(case.query_proj, case.key_proj, case.v, grad_scores.double())
     with pytest.raises(ValueError, match="grad_scores"):
@@ -404,12 +404,12 @@ def test_invalid_arguments_are_rejected():
         backward.attention_backward_tanh_pass(case.query_proj, case.key_proj.half(), case.v, grad_scores)
     with pytest.raises(ValueError, match="index"):
         backward.attention_backward_tanh_pass(case.query_proj, case.key_proj, case.v, grad_scores,
-                                              index=torch.zeros(2, device=DEVICE))
+                                              index=torch.zeros(2, device=triton_device))
 
 
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
     monkeypatch.setattr(launcher, "is_interpreter", lambda: False)
-    case = random_case(1, 2, 3, 4, 2, seed=41)
+    case = random_case(1, 2, 3, 4, 2, seed=41, device="cpu")  # CPU on purpose, whatever the Triton device
     with pytest.raises(RuntimeError, match="CUDA"):
         backward.attention_backward_tanh_pass(case.query_proj, case.key_proj, case.v, torch.zeros(1, 2, 3))
 
@@ -443,9 +443,9 @@ def test_static_report_backward_targets_are_the_default_launches():
 # GPU only
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_benchmark_shapes(dtype):
+def test_gpu_benchmark_shapes(dtype, triton_device):
     """The real tanh forms at the default configurations. Besides accuracy, fp16/bf16 here check what only a GPU
     can: with tanh.approx, keys past S in the last tile have t = tanh(inf) = 1, so grad_v must mask them out."""
     from attn_fast.tools.bench.shapes import NAMED_SHAPES
@@ -454,7 +454,8 @@ def test_gpu_benchmark_shapes(dtype):
         if shape.tgt_len == 1:  # decode steps are covered by the small-shape tests
             continue
         causal = shape.name == "long"
-        case = random_case(shape.batch, shape.tgt_len, shape.src_len, shape.attn_dim, 2, dtype=dtype, device="cuda",
-                           seed=43)
-        check(case, random_grad_scores(shape.batch, shape.tgt_len, shape.src_len, causal=causal, seed=44),
-              causal=causal)
+        case = random_case(shape.batch, shape.tgt_len, shape.src_len, shape.attn_dim, 2, dtype=dtype,
+                           device=triton_device, seed=43)
+        grad_scores = random_grad_scores(shape.batch, shape.tgt_len, shape.src_len, causal=causal, seed=44,
+                                         device=triton_device)
+        check(case, grad_scores, causal=causal)

@@ -125,25 +125,25 @@ SHAPES = [
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("mask", MASK_KINDS)
-def test_fp32_matches_reference(shape, mask):
+def test_fp32_matches_reference(shape, mask, triton_device):
     batch, tgt_len, src_len, attn_dim, value_dim = shape
     seed = SHAPES.index(shape) * 10 + MASK_KINDS.index(mask)
-    case = random_case(batch, tgt_len, src_len, attn_dim, value_dim, mask=mask, seed=seed)
+    case = random_case(batch, tgt_len, src_len, attn_dim, value_dim, mask=mask, seed=seed, device=triton_device)
     check_against_reference(case, need_weights=seed % 2 == 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("need_weights", [False, True])
 @pytest.mark.parametrize("shape", [(2, 1, 37, 13, 7), (2, 17, 33, 9, 17)], ids=["decode", "all_steps"])
-def test_dtypes(dtype, need_weights, shape):
-    case = random_case(*shape, mask="mixed", dtype=dtype, seed=3)
+def test_dtypes(dtype, need_weights, shape, triton_device):
+    case = random_case(*shape, mask="mixed", dtype=dtype, seed=3, device=triton_device)
     check_against_reference(case, need_weights=need_weights)
 
 
 @pytest.mark.parametrize("mask", [m for m in MASK_KINDS if m != "none"])
 @pytest.mark.parametrize("tgt_len", [1, 18])
-def test_fully_masked_rows_give_zeros_and_infinite_lse(mask, tgt_len):
-    case = random_case(3, tgt_len, 21, 6, 5, mask=mask, fully_masked_rows=True, seed=tgt_len)
+def test_fully_masked_rows_give_zeros_and_infinite_lse(mask, tgt_len, triton_device):
+    case = random_case(3, tgt_len, 21, 6, 5, mask=mask, fully_masked_rows=True, seed=tgt_len, device=triton_device)
     context, lse, weights = check_against_reference(case, need_weights=True)
     empty_rows = ~visible_keys(case).any(dim=-1)
     if mask != "causal" or case.key_lengths is not None:
@@ -154,8 +154,9 @@ def test_fully_masked_rows_give_zeros_and_infinite_lse(mask, tgt_len):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mask", ["lengths", "padding_per_query", "causal", "mixed"])
-def test_noncontiguous_inputs(dtype, mask):
-    case = random_case(2, 17, 35, 10, 9, mask=mask, noncontiguous=True, extra_key_term=True, dtype=dtype, seed=5)
+def test_noncontiguous_inputs(dtype, mask, triton_device):
+    case = random_case(2, 17, 35, 10, 9, mask=mask, noncontiguous=True, extra_key_term=True, dtype=dtype, seed=5,
+                       device=triton_device)
     assert not case.query_proj.is_contiguous() and not case.v.is_contiguous()
     check_against_reference(case, need_weights=True)
 
@@ -163,27 +164,28 @@ def test_noncontiguous_inputs(dtype, mask):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mask", ["lengths", "padding", "padding_per_query", "mixed"])
 @pytest.mark.parametrize("tgt_len", [1, 17])
-def test_beam_index_and_extra_key_term(dtype, mask, tgt_len):
+def test_beam_index_and_extra_key_term(dtype, mask, tgt_len, triton_device):
     """index maps query rows to memory rows (key_proj, value, key_lengths and a 2-D mask follow it; query_proj, a
     3-D mask and extra_key_term do not)."""
-    case = random_case(2, tgt_len, 19, 7, 6, mask=mask, beam=3, extra_key_term=True, dtype=dtype, seed=tgt_len)
+    case = random_case(2, tgt_len, 19, 7, 6, mask=mask, beam=3, extra_key_term=True, dtype=dtype, seed=tgt_len,
+                       device=triton_device)
     assert case.index is not None and case.query_proj.shape[0] == 6 and case.key_proj.shape[0] == 2
     check_against_reference(case, need_weights=tgt_len == 1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(2, 1, 40, 11, 5), (2, 20, 40, 11, 5)], ids=["decode", "all_steps"])
-def test_saturated_inputs(dtype, shape):
+def test_saturated_inputs(dtype, shape, triton_device):
     """|query_proj + key_proj| up to ~1e4: every tanh is +-1 up to rounding, scores are sums of +-v."""
-    case = random_case(*shape, mask="mixed", scale=1e4, extra_key_term=True, dtype=dtype, seed=11)
+    case = random_case(*shape, mask="mixed", scale=1e4, extra_key_term=True, dtype=dtype, seed=11, device=triton_device)
     context, _, weights = check_against_reference(case, need_weights=True)
     assert torch.isfinite(context).all() and torch.isfinite(weights).all()
 
 
-def test_large_but_finite_arguments_cross_the_factorized_range():
+def test_large_but_finite_arguments_cross_the_factorized_range(triton_device):
     """Query tiles and key chunks on both sides of FACTORIZED_LIMIT: the factorized tanh and its exp fallback mix
     within one call and must both stay fp32-accurate."""
-    case = random_case(2, 40, 70, 16, 4, mask="padding", seed=13)
+    case = random_case(2, 40, 70, 16, 4, mask="padding", seed=13, device=triton_device)
     limit = forward.FACTORIZED_LIMIT.value
     with torch.no_grad():
         case.query_proj[0] *= 8.0  # batch row 0: many |q| > limit; row 1: in range
@@ -194,10 +196,10 @@ def test_large_but_finite_arguments_cross_the_factorized_range():
 
 
 @pytest.mark.parametrize("tgt_len", [1, 20])
-def test_huge_projections_with_small_sums_keep_fp32_accuracy(tgt_len):
+def test_huge_projections_with_small_sums_keep_fp32_accuracy(tgt_len, triton_device):
     """|q|, |k| ~ 1e4 but q + k ~ 1: tanh(q + k) must come from the (exact) fp32 sum, not from e^{2q} e^{2k} or
     q * 2log2(e) + k * 2log2(e), which lose ~1e-3 to rounding at that magnitude."""
-    case = random_case(2, tgt_len, 30, 12, 5, mask="lengths", seed=67)
+    case = random_case(2, tgt_len, 30, 12, 5, mask="lengths", seed=67, device=triton_device)
     with torch.no_grad():
         case.query_proj.mul_(1e4).round_()  # integers: exactly representable, and so are their negations
         case.key_proj.copy_(-case.query_proj[:, :1, :] + case.key_proj)
@@ -205,8 +207,8 @@ def test_huge_projections_with_small_sums_keep_fp32_accuracy(tgt_len):
     check_against_reference(case, need_weights=True)
 
 
-def test_v_with_zeros_tiny_and_huge_entries():
-    case = random_case(2, 20, 33, 9, 4, seed=17)
+def test_v_with_zeros_tiny_and_huge_entries(triton_device):
+    case = random_case(2, 20, 33, 9, 4, seed=17, device=triton_device)
     with torch.no_grad():
         case.v[0] = 0.0
         case.v[1] = -0.0
@@ -221,17 +223,17 @@ def test_v_with_zeros_tiny_and_huge_entries():
 
 @pytest.mark.parametrize("tanh_form", ["exp", "factorized", "approx", "libdevice"])
 @pytest.mark.parametrize("tgt_len", [1, 20])
-def test_every_tanh_form_is_selectable(tanh_form, tgt_len):
+def test_every_tanh_form_is_selectable(tanh_form, tgt_len, triton_device):
     """Under the interpreter "approx" and "libdevice" run the portable formula; on a GPU they are what they say
     (the fp16 tolerance is what tanh.approx is held to)."""
-    case = random_case(2, tgt_len, 30, 10, 6, mask="lengths", seed=19)
+    case = random_case(2, tgt_len, 30, 10, 6, mask="lengths", seed=19, device=triton_device)
     tolerance = None if tanh_form in ("exp", "factorized") or launcher.is_interpreter() else 2e-3
     check_against_reference(case, need_weights=False, tanh_form=tanh_form, tolerance=tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_weights_in_fp32_for_half_inputs(dtype):
-    case = random_case(2, 17, 20, 6, 5, mask="mixed", dtype=dtype, seed=71)
+def test_weights_in_fp32_for_half_inputs(dtype, triton_device):
+    case = random_case(2, 17, 20, 6, 5, mask="mixed", dtype=dtype, seed=71, device=triton_device)
     context, _, weights = attention_forward(*case.inputs(), **case.options(), need_weights=True,
                                                     weights_dtype=torch.float32)
     _, half_weights = check_against_reference(case, need_weights=True)[::2]
@@ -242,8 +244,8 @@ def test_weights_in_fp32_for_half_inputs(dtype):
     assert relative_error(weights, expected) < relative_error(half_weights, expected)
 
 
-def test_unknown_tanh_form_is_rejected():
-    case = random_case(1, 2, 3, 4, 5)
+def test_unknown_tanh_form_is_rejected(triton_device):
+    case = random_case(1, 2, 3, 4, 5, device=triton_device)
     with pytest.raises(ValueError, match="tanh_form"):
         attention_forward(*case.inputs(), tanh_form="fast")
 
@@ -254,20 +256,21 @@ def test_unknown_tanh_form_is_rejected():
 
 @pytest.mark.parametrize("mask", ["none", "lengths", "padding", "mixed"])
 @pytest.mark.parametrize("need_weights", [False, True])
-def test_split_keys_match_reference(mask, need_weights):
-    case = random_case(2, 1, 300, 6, 5, mask=mask, fully_masked_rows=True, seed=23)
+def test_split_keys_match_reference(mask, need_weights, triton_device):
+    case = random_case(2, 1, 300, 6, 5, mask=mask, fully_masked_rows=True, seed=23, device=triton_device)
     check_against_reference(case, need_weights=need_weights, num_splits=3)
 
 
-def test_split_keys_with_causal_steps():
-    case = random_case(2, 10, 140, 5, 4, mask="mixed", seed=29)
+def test_split_keys_with_causal_steps(triton_device):
+    case = random_case(2, 10, 140, 5, 4, mask="mixed", seed=29, device=triton_device)
     check_against_reference(case, need_weights=False, num_splits=4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_split_with_index_equals_all_steps_on_repeated_memory(dtype):
+def test_split_with_index_equals_all_steps_on_repeated_memory(dtype, triton_device):
     """Single-step decoding with beam index and key splits = the unsplit kernel on memory repeated per beam."""
-    case = random_case(2, 1, 280, 7, 6, mask="mixed", beam=3, extra_key_term=True, dtype=dtype, seed=31)
+    case = random_case(2, 1, 280, 7, 6, mask="mixed", beam=3, extra_key_term=True, dtype=dtype, seed=31,
+                       device=triton_device)
     split = attention_forward(*case.inputs(), **case.options(), need_weights=True, num_splits=4)
     repeated = dict(case.options(), index=None, key_lengths=case.key_lengths[case.index],
                     key_padding_mask=case.key_padding_mask[case.index])
@@ -280,7 +283,7 @@ def test_split_with_index_equals_all_steps_on_repeated_memory(dtype):
     assert torch.equal(split[1].isinf(), unsplit[1].isinf())
 
 
-def test_heuristic_splits_small_batches_with_long_keys():
+def test_heuristic_splits_small_batches_with_long_keys(triton_device):
     config = configs.forward_config(query_rows=2, tgt_len=1, src_len=2000, attn_dim=128, value_dim=64,
                                     dtype=torch.float32, need_weights=False, sm_count=132)
     assert config.num_splits > 1 and config.block_t == 1
@@ -288,7 +291,7 @@ def test_heuristic_splits_small_batches_with_long_keys():
                                        dtype=torch.float32, need_weights=False, sm_count=132)
     assert big_batch.num_splits == 1
     # The launcher's default path on such a problem: split, and correct.
-    case = random_case(1, 1, 600, 5, 3, mask="lengths", seed=37)
+    case = random_case(1, 1, 600, 5, 3, mask="lengths", seed=37, device=triton_device)
     plan = plan_forward(*case.inputs(), **case.options())
     assert plan.launches[1].grid[1] > 1
     check_against_reference(case, need_weights=False)
@@ -308,8 +311,8 @@ def test_default_tanh_forms_per_dtype():
     assert form(torch.float16, 50) == form(torch.bfloat16, 1) == "approx"
 
 
-def test_large_value_dim_takes_the_two_kernel_path():
-    case = random_case(1, 18, 20, 6, 300, mask="causal", seed=41)
+def test_large_value_dim_takes_the_two_kernel_path(triton_device):
+    case = random_case(1, 18, 20, 6, 300, mask="causal", seed=41, device=triton_device)
     plan = plan_forward(*case.inputs(), **case.options())
     assert not plan.config.fuse_context
     assert [launch.kernel.__name__ for launch in plan.launches][-1] == "_context_from_scores_kernel"
@@ -317,15 +320,16 @@ def test_large_value_dim_takes_the_two_kernel_path():
 
 
 @pytest.mark.parametrize("lengths_dtype", [torch.int32, torch.int16, torch.uint8])
-def test_integer_dtypes_of_lengths_and_index(lengths_dtype):
-    case = random_case(2, 3, 9, 4, 3, mask="lengths", beam=2, seed=43)
+def test_integer_dtypes_of_lengths_and_index(lengths_dtype, triton_device):
+    case = random_case(2, 3, 9, 4, 3, mask="lengths", beam=2, seed=43, device=triton_device)
     case.key_lengths = case.key_lengths.to(lengths_dtype)
     case.index = case.index.to(torch.int32)
     check_against_reference(case, need_weights=True)
 
 
-def test_inputs_are_not_modified():
-    case = random_case(2, 17, 21, 6, 5, mask="mixed", beam=2, extra_key_term=True, noncontiguous=True, seed=47)
+def test_inputs_are_not_modified(triton_device):
+    case = random_case(2, 17, 21, 6, 5, mask="mixed", beam=2, extra_key_term=True, noncontiguous=True, seed=47,
+                       device=triton_device)
     tensors = {**case.float_tensors(), "key_lengths": case.key_lengths, "key_padding_mask": case.key_padding_mask,
                "index": case.index}
     before = {name: tensor.clone() for name, tensor in tensors.items()}
@@ -334,17 +338,17 @@ def test_inputs_are_not_modified():
         assert torch.equal(tensor, before[name]), name
 
 
-def test_no_buffer_of_size_b_t_s_a(poisoned_buffers):
+def test_no_buffer_of_size_b_t_s_a(poisoned_buffers, triton_device):
     batch, tgt_len, src_len, attn_dim, value_dim = 2, 17, 21, 6, 5
-    case = random_case(batch, tgt_len, src_len, attn_dim, value_dim, mask="lengths", seed=53)
+    case = random_case(batch, tgt_len, src_len, attn_dim, value_dim, mask="lengths", seed=53, device=triton_device)
     attention_forward(*case.inputs(), **case.options(), need_weights=True)
     assert poisoned_buffers, "the launcher must allocate through empty_buffer"
     assert max(buffer.numel() for buffer in poisoned_buffers) < batch * tgt_len * src_len * attn_dim
 
 
-def test_empty_batch_and_empty_steps():
+def test_empty_batch_and_empty_steps(triton_device):
     for batch, tgt_len in [(0, 3), (2, 0)]:
-        case = random_case(max(batch, 1), max(tgt_len, 1), 4, 3, 2)
+        case = random_case(max(batch, 1), max(tgt_len, 1), 4, 3, 2, device=triton_device)
         query_proj = case.query_proj[:batch, :tgt_len]
         key_proj, value = case.key_proj[:batch], case.value[:batch]
         context, lse, weights = attention_forward(query_proj, key_proj, value, case.v, need_weights=True)
@@ -352,11 +356,12 @@ def test_empty_batch_and_empty_steps():
         assert weights.shape == (batch, tgt_len, 4)
 
 
-def test_no_keys_and_no_value_dims():
-    case = random_case(2, 3, 4, 5, 6, seed=61)
+def test_no_keys_and_no_value_dims(triton_device):
+    case = random_case(2, 3, 4, 5, 6, seed=61, device=triton_device)
     context, lse, weights = attention_forward(case.query_proj, case.key_proj[:, :0], case.value[:, :0],
                                                       case.v, need_weights=True)
-    assert torch.equal(context, torch.zeros(2, 3, 6)) and torch.isposinf(lse).all() and weights.shape == (2, 3, 0)
+    assert torch.equal(context, torch.zeros(2, 3, 6, device=triton_device))
+    assert torch.isposinf(lse).all() and weights.shape == (2, 3, 0)
     context, lse, _ = attention_forward(case.query_proj, case.key_proj, case.value[:, :, :0], case.v)
     assert context.shape == (2, 3, 0)
     assert relative_error(lse, reference_lse(case.cast(torch.float64))) <= forward_tolerance(torch.float32)
@@ -364,17 +369,17 @@ def test_no_keys_and_no_value_dims():
 
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    case = random_case(1, 2, 3, 4, 5)
+    case = random_case(1, 2, 3, 4, 5, device="cpu")  # CPU on purpose, whatever the Triton device
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         attention_forward(*case.inputs())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_benchmark_shapes(dtype):
+def test_gpu_benchmark_shapes(dtype, triton_device):
     """On a GPU, the real fast paths (MUFU forms, tensor cores) on the benchmark shapes, scaled down in batch."""
     for shape in [(4, 50, 50, 256, 512), (4, 1, 200, 128, 512), (2, 20, 196, 512, 128), (2, 100, 120, 256, 256)]:
-        case = random_case(*shape, mask="mixed", dtype=dtype, device="cuda", seed=59)
+        case = random_case(*shape, mask="mixed", dtype=dtype, device=triton_device, seed=59)
         check_against_reference(case, need_weights=True)
         check_against_reference(case, need_weights=False)
 
