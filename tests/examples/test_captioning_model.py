@@ -39,7 +39,8 @@ def decoding_captioner(backend):
 
 def images_like(model, batch):
     size = model.encoder.image_size
-    return torch.rand(batch, 3, size, size, dtype=model.decoder.output.weight.dtype)
+    weight = model.decoder.output.weight
+    return torch.rand(batch, 3, size, size, dtype=weight.dtype).to(weight.device)
 
 
 def captions_in(batch, length):
@@ -144,7 +145,7 @@ def assert_matches_teacher_forcing(model, images, decoded):
     for b in range(images.shape[0]):
         length = int(decoded.lengths[b])
         tokens = decoded.tokens[b, :length]
-        tgt_in = torch.cat([torch.tensor([BOS]), tokens[:-1]])[None]
+        tgt_in = torch.cat([torch.tensor([BOS], device=tokens.device), tokens[:-1]])[None]
         logits, weights = model(images[b:b + 1], tgt_in, need_weights=True)
         log_probs = torch.log_softmax(logits[0].double(), -1).gather(1, tokens[:, None]).sum()
         torch.testing.assert_close(log_probs, decoded.log_probs[b].double(), rtol=1e-5, atol=1e-5)
@@ -152,8 +153,9 @@ def assert_matches_teacher_forcing(model, images, decoded):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_greedy_and_beam_match_teacher_forcing_and_beam_one_is_greedy(backend):
-    model = sharpen(decoding_captioner(backend))
+def test_greedy_and_beam_match_teacher_forcing_and_beam_one_is_greedy(backend, triton_device):
+    # Drawn on the CPU, then moved: the Triton runs use the triton_device fixture (the GPU when there is one).
+    model = sharpen(decoding_captioner(backend)).to(triton_device if backend == "triton" else "cpu")
     images = images_like(model, 4)
     greedy = model.greedy(images, max_len=6)
     assert greedy.attention.shape == (4, greedy.tokens.shape[1], 9)
@@ -166,8 +168,9 @@ def test_greedy_and_beam_match_teacher_forcing_and_beam_one_is_greedy(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_beam_search_with_index_equals_copied_memory(backend, monkeypatch):
-    model = sharpen(decoding_captioner(backend))
+def test_beam_search_with_index_equals_copied_memory(backend, monkeypatch, triton_device):
+    # Drawn on the CPU, then moved: the Triton runs use the triton_device fixture (the GPU when there is one).
+    model = sharpen(decoding_captioner(backend)).to(triton_device if backend == "triton" else "cpu")
     images = images_like(model, 3)
     assert len(set(model.beam_search(images, beam_size=3, max_len=6).lengths.tolist())) > 1
     calls = []  # (memory rows, index rows or None) of every attention step
@@ -190,8 +193,8 @@ def test_beam_search_with_index_equals_copied_memory(backend, monkeypatch):
     assert_matches_teacher_forcing(model, images, shared)
 
 
-def test_triton_decoding_equals_torch_decoding():
-    model = sharpen(tiny_captioner(dtype=torch.float32, backend="torch"))
+def test_triton_decoding_equals_torch_decoding(triton_device):
+    model = sharpen(tiny_captioner(dtype=torch.float32, backend="torch")).to(triton_device)
     on_triton = copy.deepcopy(model)
     on_triton.decoder.attention.backend = "triton"
     images = images_like(model, 3)

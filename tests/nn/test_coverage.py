@@ -80,18 +80,21 @@ def padding_of(lengths):
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
-def test_steps_equal_eager_see_et_al(backend):
+def test_steps_equal_eager_see_et_al(backend, triton_device):
+    device = torch.device("cpu")
     if backend == "triton":
         # attn_fast.kernels is the top-level kernels/ folder (setup.py's package_dir mapping).
         pytest.importorskip("attn_fast.kernels.forward")
+        device = triton_device  # the GPU when there is one, else the CPU under the interpreter
     eager = make_eager()
-    layer = make_layer(backend, eager)
+    layer = make_layer(backend, eager).to(device)
     queries, encoder_states = make_inputs()
     # Triton accumulates in fp32 whatever the input dtype; the other backends compute in float64.
     tolerance = forward_tolerance(torch.float32) if backend == "triton" else forward_tolerance(torch.float64)
     with torch.no_grad():
         expected = eager_decode(eager, queries, encoder_states, padding_of(LENGTHS))
-        actual = layer_decode(layer, queries, encoder_states, key_lengths=LENGTHS)
+        actual = layer_decode(layer, queries.to(device), encoder_states.to(device), key_lengths=LENGTHS.to(device))
+    actual = [tuple(tensor.cpu() for tensor in outputs) for outputs in actual]
     for step, (got, want) in enumerate(zip(actual, expected)):
         for name, a, b in zip(("context", "weights", "coverage", "coverage loss"), got, want):
             assert relative_error(a, b) <= tolerance, (step, name, relative_error(a, b))
