@@ -108,12 +108,14 @@ def padding_of(lengths):
 
 @pytest.mark.parametrize("backend,mask", [("torch", "lengths"), ("torch", "padding"), ("reference", "lengths"),
                                           ("triton", "lengths")])
-def test_steps_equal_eager_tacotron2(backend, mask):
+def test_steps_equal_eager_tacotron2(backend, mask, triton_device):
+    device = torch.device("cpu")
     if backend == "triton":
         # attn_fast.kernels is the top-level kernels/ folder (setup.py's package_dir mapping).
         pytest.importorskip("attn_fast.kernels.forward")
+        device = triton_device  # the GPU when there is one, else the CPU under the interpreter
     eager = make_eager()
-    layer = make_layer(backend, eager)
+    layer = make_layer(backend, eager).to(device)
     queries, memory = make_inputs()
     padding = padding_of(LENGTHS)
     if mask == "padding":  # holes inside the sequence too, not only a padded tail
@@ -124,7 +126,9 @@ def test_steps_equal_eager_tacotron2(backend, mask):
     tolerance = forward_tolerance(torch.float32) if backend == "triton" else forward_tolerance(torch.float64)
     with torch.no_grad():
         expected = eager_decode(eager, queries, memory, padding)
-        actual = layer_decode(layer, queries, memory, **masks)
+        actual = layer_decode(layer, queries.to(device), memory.to(device),
+                              **{name: mask.to(device) for name, mask in masks.items()})
+    actual = [tuple(tensor.cpu() for tensor in outputs) for outputs in actual]
     for step, (got, want) in enumerate(zip(actual, expected)):
         for name, a, b in zip(("context", "weights", "cumulative"), got, want):
             assert relative_error(a, b) <= tolerance, (step, name, relative_error(a, b))
@@ -133,36 +137,38 @@ def test_steps_equal_eager_tacotron2(backend, mask):
 
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("reference", torch.float64),
                                            ("triton", torch.float32)], ids=["torch", "reference", "triton"])
-def test_gradients_through_the_sequence_equal_eager(backend, dtype):
+def test_gradients_through_the_sequence_equal_eager(backend, dtype, triton_device):
     """The loss reads every step's context and weights; the eager side runs in float64 on the same (rounded)
     values. Triton in float32: its backward kernels take fp32/fp16/bf16 only."""
+    device = torch.device("cpu")
     if backend == "triton":
         # attn_fast.kernels is the top-level kernels/ folder (setup.py's package_dir mapping).
         pytest.importorskip("attn_fast.kernels.backward")
+        device = triton_device  # the GPU when there is one, else the CPU under the interpreter
     eager = make_eager()
     with torch.no_grad():
         for parameter in eager.parameters():
             parameter.copy_(parameter.to(dtype))
-    layer = make_layer(backend, eager).to(dtype)
+    layer = make_layer(backend, eager).to(dtype).to(device)
     queries, memory = (tensor.to(dtype).double() for tensor in make_inputs())
     generator = torch.Generator().manual_seed(7)
     grads_in = [(torch.randn(BATCH, KEY_DIM, generator=generator, dtype=torch.float64),
                  torch.randn(BATCH, SRC_LEN, generator=generator, dtype=torch.float64)) for _ in range(STEPS)]
 
     def loss_and_input_grads(outputs, inputs):
-        loss = sum((c * gc.to(c.dtype)).sum() + (w * gw.to(w.dtype)).sum()
+        loss = sum((c * gc.to(c)).sum() + (w * gw.to(w)).sum()
                    for (c, w, _), (gc, gw) in zip(outputs, grads_in))
         return torch.autograd.grad(loss, inputs, retain_graph=True), loss
 
     q1, m1 = queries.clone().requires_grad_(), memory.clone().requires_grad_()
-    q2, m2 = queries.to(dtype).requires_grad_(), memory.to(dtype).requires_grad_()
+    q2, m2 = queries.to(dtype).to(device).requires_grad_(), memory.to(dtype).to(device).requires_grad_()
     (dq_eager, dm_eager), eager_loss = loss_and_input_grads(eager_decode(eager, q1, m1, padding_of(LENGTHS)), (q1, m1))
-    (dq, dm), loss = loss_and_input_grads(layer_decode(layer, q2, m2, key_lengths=LENGTHS), (q2, m2))
+    (dq, dm), loss = loss_and_input_grads(layer_decode(layer, q2, m2, key_lengths=LENGTHS.to(device)), (q2, m2))
     eager_loss.backward()
     loss.backward()
     tolerance = gradient_tolerance(dtype)
-    assert relative_error(dq, dq_eager) <= tolerance
-    assert relative_error(dm, dm_eager) <= tolerance
+    assert relative_error(dq.cpu(), dq_eager) <= tolerance
+    assert relative_error(dm.cpu(), dm_eager) <= tolerance
     pairs = {
         layer.attention.query_layer.weight: eager.query_layer.linear_layer.weight,
         layer.attention.key_layer.weight: eager.memory_layer.linear_layer.weight,
@@ -170,8 +176,8 @@ def test_gradients_through_the_sequence_equal_eager(backend, dtype):
         layer.location_dense.weight: eager.location_layer.location_dense.linear_layer.weight,
     }
     for ours, theirs in pairs.items():
-        assert relative_error(ours.grad, theirs.grad) <= tolerance
-    assert relative_error(layer.attention.v.grad, eager.v.linear_layer.weight.grad[0]) <= tolerance
+        assert relative_error(ours.grad.cpu(), theirs.grad) <= tolerance
+    assert relative_error(layer.attention.v.grad.cpu(), eager.v.linear_layer.weight.grad[0]) <= tolerance
     # The location parameters get their gradient only through the weights fed back from earlier steps.
     assert layer.location_conv.weight.grad.abs().sum() > 0
 
