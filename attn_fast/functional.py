@@ -5,7 +5,7 @@ import torch
 
 from attn_fast.backends import reference, torch_backend
 from attn_fast.cpu_warmup import warm_cpu_math
-from attn_fast.validation import attention_call, check_backend
+from attn_fast.validation import AttentionCall, attention_call, can_read_values, check_backend
 
 #: Oldest CUDA compute capability the Triton kernels are used on. fp16/bf16 evaluate tanh with the inline PTX
 #: `tanh.approx.f32` (sm_75+; ptxas rejects it on sm_70) and take bf16 tensor-core dots (sm_80+); the static report
@@ -109,19 +109,129 @@ def additive_attention(
     Returns:
         context [B, T, D] and weights [B, T, S] (None unless `need_weights`), in the input dtype. A row with no
         visible key gets context 0 and weights 0 (never NaN). Inputs are never modified.
+
+    Autocast: inside `torch.autocast` enabled for the inputs' device type, every fp16/bf16/fp32 input (query_proj,
+    key_proj, value, v, extra_key_term) is first cast, differentiably, to the autocast dtype
+    (`torch.get_autocast_dtype`), as `F.scaled_dot_product_attention` does; float64 inputs are left alone, as
+    autocast leaves them. The op then runs with autocast disabled inside (accumulating in fp32 as for any fp16/bf16
+    call), outputs come in the autocast dtype, and gradients flow back through the casts to fp32 parameters.
+    Outside autocast, inputs of different dtypes are a TypeError.
     """
-    check_backend(backend)
-    call = attention_call(
+    return _attention(
         query_proj, key_proj, value, v, key_lengths=key_lengths, key_padding_mask=key_padding_mask, causal=causal,
-        need_weights=need_weights, index=index, extra_key_term=extra_key_term,
+        need_weights=need_weights, index=index, extra_key_term=extra_key_term, backend=backend, check_values=True,
+        tanh_form="auto",
     )
+
+
+def additive_attention_on_memory(
+    query_proj: torch.Tensor,
+    key_proj: torch.Tensor,
+    value: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_lengths: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    need_weights: bool = False,
+    index: torch.Tensor | None = None,
+    extra_key_term: torch.Tensor | None = None,
+    backend: str = "auto",
+    tanh_form: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`additive_attention` for a decode step against a memory already checked by `check_memory`: the same
+    arguments and results (no `causal`), but only metadata is validated (types, shapes, dtypes, devices), never a
+    value: nothing here reads a tensor back to the host, so a step can be captured in a CUDA graph (eagerly too).
+
+    The caller vouches for the values: key_lengths in [0, S] (checked once by `check_memory`) and `index` in
+    [0, B_m) (an out-of-range index fails in the backends' gathers: IndexError on CPU, a device-side assert on
+    CUDA). `tanh_form` is the torch backend's block tanh form ("auto", "direct", "factorized"), as `check_memory`
+    chose it: anything but "auto" spares the torch backend its per-call magnitude scan (a host read); the other
+    backends ignore it. Autocast as in `additive_attention`.
+    """
+    if tanh_form not in torch_backend.BLOCK_TANH_FORMS:
+        raise ValueError(f"tanh_form must be one of {torch_backend.BLOCK_TANH_FORMS}, got {tanh_form!r}")
+    return _attention(
+        query_proj, key_proj, value, v, key_lengths=key_lengths, key_padding_mask=key_padding_mask, causal=False,
+        need_weights=need_weights, index=index, extra_key_term=extra_key_term, backend=backend, check_values=False,
+        tanh_form=tanh_form,
+    )
+
+
+def check_memory(key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor, *,
+                 key_lengths: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
+                 index: torch.Tensor | None = None) -> str:
+    """Validate a decoding memory once, values included (key_lengths in [0, S], `index` in [0, B_m)), as every
+    later step against it would be validated (autocast casts included), and choose the torch backend's tanh form
+    for steps without an extra key term. Returns "factorized" when max |key_proj| is within the factorized
+    form's range (then e^{2k} is finite and nonzero, and the form is exact for *any* query: e^{2q} = inf or 0
+    still gives tanh = +-1), else "direct"; "auto" where values cannot be read (compiling, meta tensors, CUDA
+    graph capture). Reads values back to the host: call it once per memory, not per step.
+    """
+    rows = index.shape[0] if isinstance(index, torch.Tensor) and index.dim() == 1 else None
+    if rows is None:
+        rows = key_proj.shape[0] if isinstance(key_proj, torch.Tensor) and key_proj.dim() == 3 else 0
+    attn_dim = key_proj.shape[-1] if isinstance(key_proj, torch.Tensor) and key_proj.dim() == 3 else 0
+    empty_query = key_proj.new_empty(rows, 0, attn_dim) if isinstance(key_proj, torch.Tensor) else key_proj
+    call = _validated_call(empty_query, key_proj, value, v, key_lengths=key_lengths,
+                           key_padding_mask=key_padding_mask, causal=False, need_weights=False, index=index,
+                           extra_key_term=None, check_values=True)[0]
+    if not can_read_values(call.key_proj):
+        return "auto"
+    return torch_backend.resolve_tanh_form("auto", call.key_proj[:0], call.key_proj, None)  # the keys alone
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype `torch.autocast` computes in on this device's type, or None when autocast is off there (or the
+    device type has no autocast)."""
+    try:
+        if not torch.is_autocast_enabled(device.type):
+            return None
+    except RuntimeError:  # e.g. "meta": no autocast for this device type
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def _autocast_cast(tensor, dtype: torch.dtype):
+    """As autocast casts an op's inputs: fp16/bf16/fp32 tensors to `dtype` (differentiably); anything else (float64,
+    integers, non-tensors, left to validation) unchanged."""
+    if isinstance(tensor, torch.Tensor) and tensor.dtype in _AUTOCAST_ELIGIBLE and tensor.dtype != dtype:
+        return tensor.to(dtype)
+    return tensor
+
+
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _validated_call(query_proj, key_proj, value, v, *, check_values: bool, **options):
+    """Autocast casts (when autocast is on for query_proj's device), then validation: (call, autocast dtype)."""
+    cast_to = autocast_dtype(query_proj.device) if isinstance(query_proj, torch.Tensor) else None
+    extra_key_term = options.pop("extra_key_term")
+    if cast_to is not None:
+        query_proj, key_proj, value, v, extra_key_term = (
+            _autocast_cast(tensor, cast_to) for tensor in (query_proj, key_proj, value, v, extra_key_term))
+    call = attention_call(query_proj, key_proj, value, v, extra_key_term=extra_key_term, check_values=check_values,
+                          **options)
+    return call, cast_to
+
+
+def _attention(query_proj, key_proj, value, v, *, backend: str, tanh_form: str, check_values: bool, **options):
+    check_backend(backend)
+    call, cast_to = _validated_call(query_proj, key_proj, value, v, check_values=check_values, **options)
     if call.device.type == "cpu" and not torch.compiler.is_compiling():
         warm_cpu_math()  # a compiled region cannot run it; the first eager call (or the tests) already did
+    if cast_to is None:
+        return _dispatch(call, backend, tanh_form)
+    # The inputs are cast already; nothing inside the op is re-cast (its fp32 accumulation stays fp32).
+    with torch.autocast(call.device.type, enabled=False):
+        return _dispatch(call, backend, tanh_form)
+
+
+def _dispatch(call: AttentionCall, backend: str, tanh_form: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     chosen = resolve_backend(backend, call.device, call.dtype)
     if chosen == "reference":
         return reference.attend(call)
     if chosen == "torch" or call.is_empty:  # an empty problem has a trivial answer; no kernel launch for it
-        return torch_backend.attend(call)
+        return torch_backend.attend(call, tanh_form=tanh_form)
     from attn_fast.backends import triton_backend
 
     return triton_backend.attend(call)

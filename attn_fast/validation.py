@@ -105,8 +105,9 @@ class AttentionCall:
                    causal=causal, need_weights=need_weights, index=index, extra_key_term=extra_key_term)
 
 
-def _can_read_values(tensor: torch.Tensor) -> bool:
-    """Checking tensor *values* needs a host sync on CUDA; skip it where a sync is not allowed."""
+def can_read_values(tensor: torch.Tensor) -> bool:
+    """Checking tensor *values* needs a host sync on CUDA; skip it where a sync is not allowed (compiling, CUDA
+    graph capture, meta tensors)."""
     if torch.compiler.is_compiling():
         return False
     if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -148,12 +149,18 @@ def attention_call(
     need_weights=False,
     index=None,
     extra_key_term=None,
+    check_values: bool = True,
 ) -> AttentionCall:
     """Validate the arguments of `additive_attention` and return them as one `AttentionCall`.
 
     Expected: query_proj [B_q, T, A], key_proj [B_m, S, A], value [B_m, S, D], v [A], all of one floating dtype
     on one device; key_lengths [B_m] integer in [0, S]; key_padding_mask bool [B_m, S] or [B_q, T, S];
     index [B_q] integer in [0, B_m); extra_key_term [B_q, S, A]. B_q == B_m unless `index` is given.
+
+    `check_values=False` checks metadata only (types, shapes, dtypes, devices) and never reads a value back to the
+    host: the ranges of key_lengths and index are then the caller's word. Decode steps use it against a memory
+    whose values were checked once (`attn_fast.functional.check_memory`, run by the layers' `precompute`), so that
+    a step does not sync with the GPU (up to 4 reads per call otherwise) and can be captured in a CUDA graph.
     """
     tensors = {
         "query_proj": _require_tensor("query_proj", query_proj),
@@ -213,7 +220,7 @@ def attention_call(
         if index.dim() != 1 or index.shape[0] != query_rows:
             raise ValueError(f"index must be [B_q] = [{query_rows}] (one memory row per query row), "
                              f"got shape {tuple(index.shape)}")
-        if index.numel() and _can_read_values(index):
+        if check_values and index.numel() and can_read_values(index):
             if int(index.min()) < 0 or int(index.max()) >= memory_rows:
                 raise ValueError(
                     f"index values must lie in [0, {memory_rows}) (memory rows of key_proj), "
@@ -231,7 +238,7 @@ def attention_call(
         _require_integer("key_lengths", key_lengths)
         if key_lengths.dim() != 1 or key_lengths.shape[0] != memory_rows:
             raise ValueError(f"key_lengths must be [B] = [{memory_rows}], got shape {tuple(key_lengths.shape)}")
-        if key_lengths.numel() and _can_read_values(key_lengths):
+        if check_values and key_lengths.numel() and can_read_values(key_lengths):
             low, high = int(key_lengths.min()), int(key_lengths.max())
             if low < 0 or high > src_len:
                 raise ValueError(f"key_lengths values must lie in [0, S] = [0, {src_len}], got min {low}, max {high}")

@@ -120,6 +120,9 @@ def test_unknown_backend(inputs, backend):
 
 
 def test_triton_backend_on_cpu_without_interpreter(inputs, monkeypatch):
+    # triton reads TRITON_INTERPRET when first imported: import it (with the interpreter on) before taking the
+    # variable away, or a later Triton test of the same process finds no driver ("0 active drivers").
+    pytest.importorskip("attn_fast.kernels.launch")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors"):
         call(inputs, backend="triton")
@@ -147,3 +150,24 @@ def test_inputs_are_not_modified(inputs, backend):
         assert torch.equal(tensor, snapshot[name]), name
     assert torch.equal(lengths, torch.tensor([4, 0]))
     assert torch.equal(mask, torch.tensor([[False, True, False, False], [False, False, False, True]]))
+
+
+def test_metadata_only_validation_reads_no_value_but_checks_everything_else(inputs, monkeypatch):
+    """`check_values=False` (decode steps against a memory checked once): shapes, dtypes and devices are still
+    checked, but key_lengths and index values are not read back to the host."""
+    from attn_fast.validation import attention_call
+
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
+    lengths, index = torch.tensor([9, 1]), torch.tensor([0, 5])
+    call_record = attention_call(*inputs.values(), key_lengths=lengths, index=index, check_values=False)
+    assert reads == [] and call_record.key_lengths is lengths and call_record.index is index
+    with pytest.raises(ValueError, match=r"key_lengths must be \[B\] = \[2\]"):
+        attention_call(*inputs.values(), key_lengths=torch.tensor([1, 2, 3]), check_values=False)
+    with pytest.raises(TypeError, match="all inputs must share one dtype"):
+        attention_call(*(t.double() if n == "v" else t for n, t in inputs.items()), check_values=False)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"key_lengths values must lie in \[0, S\]"):
+        attention_call(*inputs.values(), key_lengths=lengths)

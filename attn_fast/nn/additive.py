@@ -4,12 +4,12 @@ decoding, where the key projection is computed once per source batch and reused 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from attn_fast.functional import additive_attention
+from attn_fast.functional import additive_attention, additive_attention_on_memory, check_memory
 from attn_fast.validation import check_backend
 
 
@@ -18,12 +18,24 @@ class AttentionMemory:
     """Encoder side of the attention, prepared once per source batch by `AdditiveAttention.precompute`.
 
     key_proj [B, S, A], value [B, S, D], key_lengths [B] or None, key_padding_mask [B, S] or None.
+
+    checked: True when `precompute` validated this memory, values included (key_lengths within [0, S]); a step
+        against it then checks metadata only (shapes, dtypes, devices) and reads no value back to the host, so
+        it neither syncs with the GPU nor breaks a CUDA-graph capture. A memory built by hand (False) is fully
+        validated at every step. Replacing a tensor of a checked memory by one with other values voids the check:
+        build a new memory with `precompute` instead.
+    tanh_form: the torch backend's tanh form for steps without an extra key term, chosen once from
+        max |key_proj| by `precompute` ("factorized" or "direct"; "auto" when it could not read the values, e.g.
+        compiling, and the backend then decides per call). Steps with an extra key term (location, coverage)
+        use "direct", whose range is unlimited, since their features' magnitude is only known per step.
     """
 
     key_proj: torch.Tensor
     value: torch.Tensor
     key_lengths: torch.Tensor | None = None
     key_padding_mask: torch.Tensor | None = None
+    checked: bool = False
+    tanh_form: str = "auto"
 
 
 class AdditiveAttention(nn.Module):
@@ -106,24 +118,40 @@ class AdditiveAttention(nn.Module):
         if self.query_layer.bias is not None:
             self.query_layer.bias.copy_(sum(b.reshape(-1) for b in biases) if biases else 0.0)
 
-    def precompute(self, key: torch.Tensor, value: torch.Tensor | None = None, key_lengths=None,
-                   key_padding_mask=None) -> AttentionMemory:
-        """Project the keys once per source batch. key [B, S, Dk], value [B, S, D] (default: key)."""
+    def _project(self, key: torch.Tensor, value: torch.Tensor | None, key_lengths,
+                 key_padding_mask) -> AttentionMemory:
+        """The memory, not yet validated (`forward` validates it with the call)."""
         if not isinstance(key, torch.Tensor) or key.dim() != 3 or key.shape[-1] != self.key_dim:
             shape = tuple(key.shape) if isinstance(key, torch.Tensor) else type(key).__name__
             raise ValueError(f"key must be [B, S, key_dim={self.key_dim}], got {shape}")
         return AttentionMemory(self.key_layer(key), key if value is None else value, key_lengths, key_padding_mask)
 
+    def precompute(self, key: torch.Tensor, value: torch.Tensor | None = None, key_lengths=None,
+                   key_padding_mask=None) -> AttentionMemory:
+        """Project the keys once per source batch. key [B, S, Dk], value [B, S, D] (default: key).
+
+        The memory is validated here, once, values included (key_lengths within [0, S]: a host read), and the
+        torch backend's tanh form for its steps is chosen from max |key_proj|; `step` then checks only
+        metadata and reads nothing back to the host (see `AttentionMemory`)."""
+        memory = self._project(key, value, key_lengths, key_padding_mask)
+        tanh_form = check_memory(memory.key_proj, memory.value, self.v.detach(), key_lengths=key_lengths,
+                                 key_padding_mask=key_padding_mask)
+        return replace(memory, checked=True, tanh_form=tanh_form)
+
     def _attend(self, query: torch.Tensor, memory: AttentionMemory, *, causal=False, extra_key_term=None,
                 index=None, need_weights=False):
         """query [B_q, T, Dq] -> context [B_q, T, D], weights [B_q, T, S] or None."""
         apply_dropout = self.training and self.dropout > 0.0
-        context, weights = additive_attention(
-            self.query_layer(query), memory.key_proj, memory.value, self.score_vector(),
-            key_lengths=memory.key_lengths, key_padding_mask=memory.key_padding_mask, causal=causal,
-            need_weights=need_weights or apply_dropout, index=index, extra_key_term=extra_key_term,
-            backend=self.backend,
-        )
+        arguments = (self.query_layer(query), memory.key_proj, memory.value, self.score_vector())
+        options = dict(key_lengths=memory.key_lengths, key_padding_mask=memory.key_padding_mask,
+                       need_weights=need_weights or apply_dropout, index=index, extra_key_term=extra_key_term,
+                       backend=self.backend)
+        if memory.checked and not causal:
+            # A step against a memory `precompute` validated: metadata checks only, no host read (AttentionMemory).
+            tanh_form = memory.tanh_form if extra_key_term is None or memory.tanh_form == "auto" else "direct"
+            context, weights = additive_attention_on_memory(*arguments, tanh_form=tanh_form, **options)
+        else:
+            context, weights = additive_attention(*arguments, causal=causal, **options)
         if apply_dropout:
             values = memory.value if index is None else memory.value.index_select(0, index)
             context = torch.bmm(nn.functional.dropout(weights, self.dropout, training=True), values)
@@ -139,7 +167,7 @@ class AdditiveAttention(nn.Module):
         """query [B, T, Dq] (all decoder steps) or [B, Dq] (one step); key [B, S, Dk]; value [B, S, D] or None
         (= key). Returns context [B, T, D] (or [B, D]) and weights [B, T, S] (or [B, S]) or None."""
         self._check_query(query)
-        memory = self.precompute(key, value, key_lengths, key_padding_mask)
+        memory = self._project(key, value, key_lengths, key_padding_mask)  # validated with the call
         single_step = query.dim() == 2
         context, weights = self._attend(query.unsqueeze(1) if single_step else query, memory, causal=causal,
                                         need_weights=need_weights)
@@ -154,6 +182,10 @@ class AdditiveAttention(nn.Module):
         query [B', Dq]; extra_key_term [B', S, A] added to the key projection (location / coverage features);
         index [B'] maps each query row to its memory row (beam search: B' = B * beam, no memory copies).
         Returns context [B', D] and weights [B', S] or None.
+
+        Against a memory from `precompute`, a step validates metadata only and reads no value back to the host
+        (no GPU sync; capturable in a CUDA graph, eagerly or compiled): `index` values are the caller's word (an
+        out-of-range one fails in the backends' gathers: IndexError on CPU, a device-side assert on CUDA).
         """
         if not isinstance(memory, AttentionMemory):
             raise TypeError(f"memory must be an AttentionMemory (from precompute), got {type(memory).__name__}")

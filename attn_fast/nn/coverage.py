@@ -109,7 +109,7 @@ class CoverageAttention(nn.Module):
         (True = padding); index [B'] integer: decoder row b reads memory row index[b] (beam search), None: B' = B.
         """
         memory, visible = prepare_memory(self.attention, key, value, key_lengths, key_padding_mask, index)
-        return CoverageState(memory, torch.zeros(visible.shape, dtype=key.dtype, device=key.device), index)
+        return CoverageState(memory, torch.zeros(visible.shape, dtype=self.dtype, device=key.device), index)
 
     def coverage_features(self, coverage: torch.Tensor) -> torch.Tensor:
         """coverage [B', S] -> w_c c[i], the term [B', S, A] added to the key projection."""
@@ -117,7 +117,10 @@ class CoverageAttention(nn.Module):
 
     def step(self, query: torch.Tensor, state: CoverageState):
         """One decoder step. query [B', Dq] -> context [B', D], weights [B', S], and the next state (coverage +
-        weights). The weights keep their graph, so losses over several steps reach every parameter."""
+        weights). The weights keep their graph, so losses over several steps reach every parameter. No value is
+        read back to the host (see `AdditiveAttention.step`), nor in `CoverageState.reorder`. Inside
+        `torch.autocast` the context and weights come in the autocast dtype and the coverage stays in the layer's
+        dtype (the sum promotes)."""
         if not isinstance(state, CoverageState):
             raise TypeError(f"state must be a CoverageState (from precompute), got {type(state).__name__}")
         check_step_query(query, state.rows, self.query_dim, self.dtype)

@@ -120,7 +120,7 @@ class LocationSensitiveAttention(nn.Module):
         if initial_weights not in INITIAL_WEIGHTS:
             raise ValueError(f"initial_weights must be one of {INITIAL_WEIGHTS}, got {initial_weights!r}")
         memory, visible = prepare_memory(self.attention, key, value, key_lengths, key_padding_mask, index)
-        prev = uniform_weights(visible, key.dtype)
+        prev = uniform_weights(visible, self.dtype)  # the state stays in the layer's dtype, also under autocast
         if initial_weights == "zeros":
             prev = torch.zeros_like(prev)
         return LocationState(memory, prev, torch.zeros_like(prev), index)
@@ -134,7 +134,9 @@ class LocationSensitiveAttention(nn.Module):
         """One decoder step. query [B', Dq] -> context [B', D], weights [B', S], and the next state.
 
         The weights keep their graph (they feed the next step's location term), so a loss over a sequence of
-        steps back-propagates through the whole recurrence.
+        steps back-propagates through the whole recurrence. No value is read back to the host (see
+        `AdditiveAttention.step`), nor in `LocationState.reorder`. Inside `torch.autocast` the context and weights
+        come in the autocast dtype and the state stays in the layer's dtype.
         """
         if not isinstance(state, LocationState):
             raise TypeError(f"state must be a LocationState (from precompute), got {type(state).__name__}")
@@ -142,7 +144,8 @@ class LocationSensitiveAttention(nn.Module):
         location = self.location_features(state.prev_weights, state.cumulative_weights)
         context, weights = self.attention.step(query, state.memory, extra_key_term=location, index=state.index,
                                                need_weights=True)
-        return context, weights, replace(state, prev_weights=weights,
+        # Under autocast the weights come in the autocast dtype; the state keeps its own (the layer's) dtype.
+        return context, weights, replace(state, prev_weights=weights.to(state.prev_weights.dtype),
                                          cumulative_weights=state.cumulative_weights + weights)
 
     def forward(self, query: torch.Tensor, state: LocationState):

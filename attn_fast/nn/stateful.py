@@ -8,34 +8,38 @@ from __future__ import annotations
 
 import torch
 
+from attn_fast.functional import autocast_dtype, check_memory
 from attn_fast.masking import visible_keys
 from attn_fast.nn.additive import AdditiveAttention, AttentionMemory
-from attn_fast.validation import attention_call
 
 
 def prepare_memory(attention: AdditiveAttention, key: torch.Tensor, value: torch.Tensor | None,
                    key_lengths: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
                    index: torch.Tensor | None) -> tuple[AttentionMemory, torch.Tensor]:
-    """Project the keys once and validate everything a step will read.
+    """Project the keys once and validate everything a step will read, values included (once, here: the steps
+    then read nothing back to the host).
 
-    key [B, S, Dk] in the layer's dtype; value [B, S, D] or None (= key); key_lengths [B] integer;
-    key_padding_mask [B, S] bool (True = padding); index [B'] integer in [0, B) or None (B' = B).
-    Returns the memory (memory rows) and `visible` [B', S] bool, True where decoder row b may attend key j.
+    key [B, S, Dk] in the layer's dtype (any floating dtype inside `torch.autocast`); value [B, S, D] or None
+    (= key); key_lengths [B] integer; key_padding_mask [B, S] bool (True = padding); index [B'] integer in [0, B)
+    or None (B' = B). Returns the memory (memory rows) and `visible` [B', S] bool, True where decoder row b may
+    attend key j.
     """
     dtype = attention.key_layer.weight.dtype
-    if isinstance(key, torch.Tensor) and key.dtype != dtype:
+    autocast = isinstance(key, torch.Tensor) and autocast_dtype(key.device) is not None
+    if isinstance(key, torch.Tensor) and key.dtype != dtype and not autocast:
         raise TypeError(f"key must have the layer's dtype {dtype}, got {key.dtype}")
     # A per-decoder-step [B, T, S] mask has no meaning for a state that is advanced one step at a time.
     if key_padding_mask is not None and (not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dim() != 2):
         shape = (tuple(key_padding_mask.shape) if isinstance(key_padding_mask, torch.Tensor)
                  else type(key_padding_mask).__name__)
         raise ValueError(f"key_padding_mask must be [B, S] (one mask per source sequence), got {shape}")
+    # precompute runs the library's own checks (lengths within [0, S], mask shape and dtype, value shape) on an
+    # empty query, so that a malformed memory fails here rather than at the first step; the index range too.
     memory = attention.precompute(key, value, key_lengths, key_padding_mask)
+    if index is not None:
+        check_memory(memory.key_proj, memory.value, attention.v.detach(), key_lengths=key_lengths,
+                     key_padding_mask=key_padding_mask, index=index)
     rows = index.shape[0] if isinstance(index, torch.Tensor) and index.dim() == 1 else key.shape[0]
-    # The library's own checks (lengths within [0, S], mask shape and dtype, index range, value shape), run on an
-    # empty query [B', 0, A] so that a malformed memory fails here rather than at the first step.
-    attention_call(memory.key_proj.new_empty(rows, 0, attention.attn_dim), memory.key_proj, memory.value,
-                   attention.v.detach(), key_lengths=key_lengths, key_padding_mask=key_padding_mask, index=index)
     src_len = key.shape[1]
     visible = visible_keys(rows, 1, src_len, key_lengths=key_lengths, key_padding_mask=key_padding_mask,
                            index=index, device=key.device)
@@ -55,6 +59,11 @@ def reordered_index(index: torch.Tensor | None, backpointers: torch.Tensor, rows
     """The memory row of each new decoder row: new row r continues old row backpointers[r].
 
     index [B'] or None (old row b reads memory row b); backpointers [B''] integer in [0, B'). Returns [B''].
+
+    Only the type, dtype and shape of `backpointers` are checked here: reading their values back to the host
+    would sync with the GPU at every beam step and break a CUDA-graph capture. An out-of-range backpointer is the
+    caller's bug, and it does not pass silently: the gathers of the reorder fail on it (IndexError on CPU, a
+    device-side assert on CUDA).
     """
     if not isinstance(backpointers, torch.Tensor):
         raise TypeError(f"backpointers must be a torch.Tensor, got {type(backpointers).__name__}")
@@ -63,20 +72,19 @@ def reordered_index(index: torch.Tensor | None, backpointers: torch.Tensor, rows
     if backpointers.dim() != 1:
         raise ValueError(f"backpointers must be [B''] (one old decoder row per new row), "
                          f"got {tuple(backpointers.shape)}")
-    if backpointers.numel() and not torch.compiler.is_compiling():
-        low, high = int(backpointers.min()), int(backpointers.max())
-        if low < 0 or high >= rows:
-            raise ValueError(f"backpointers must lie in [0, {rows}) (rows of the state), got min {low}, max {high}")
+    if index is not None and index.shape[0] != rows:
+        raise ValueError(f"index must be [B'] = [{rows}] (one memory row per state row), got {tuple(index.shape)}")
     backpointers = backpointers.long()
     return backpointers if index is None else index.index_select(0, backpointers)
 
 
 def check_step_query(query, rows: int, query_dim: int, dtype: torch.dtype) -> None:
-    """query must be [B', Dq] with B' the state's decoder rows, in the layer's dtype."""
+    """query must be [B', Dq] with B' the state's decoder rows, in the layer's dtype (any floating dtype inside
+    `torch.autocast`, which casts it)."""
     if not isinstance(query, torch.Tensor):
         raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
     if query.dim() != 2 or query.shape != (rows, query_dim):
         raise ValueError(f"query must be [B', query_dim] = [{rows}, {query_dim}] (one row per state row), "
                          f"got {tuple(query.shape)}")
-    if query.dtype != dtype:
+    if query.dtype != dtype and autocast_dtype(query.device) is None:
         raise TypeError(f"query must have the layer's dtype {dtype}, got {query.dtype}")
