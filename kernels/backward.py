@@ -28,7 +28,8 @@ keeps the keys in each thread's registers (kernels/configs.py: one unit and all 
   the latency of each step's loads.
 
 With causal=True, dE is zero for j > i, so a key tile starting at key s0 skips every query step that ends before
-row s0: the tanh work is halved for T = S.
+row s0: the tanh work is halved for T = S. With key_lengths, dE is zero at keys j >= key_lengths[m]: a key tile
+lying entirely there walks no query step (its outputs are written as zeros).
 
 tanh forms (kernels/tanh.py): the kernel evaluates one MUFU op per element on the fast path and never a second one
 for the derivative.
@@ -156,8 +157,9 @@ def _walk_query_rows(
 @triton.jit
 def _attention_backward_kernel(
     # inputs: query_proj [B_q, T, A], key_proj [B_m, S, A], v [A], extra_key_term [B_q, S, A] (placeholder without
-    # HAS_EXTRA), index [B_q] (placeholder without HAS_INDEX), grad_scores dE [B_q, T, S] fp32
-    query_proj, key_proj, v, extra_key_term, index, grad_scores,
+    # HAS_EXTRA), index [B_q] (placeholder without HAS_INDEX), key_lengths [B_m] (placeholder without HAS_LENGTHS),
+    # grad_scores dE [B_q, T, S] fp32
+    query_proj, key_proj, v, extra_key_term, index, key_lengths, grad_scores,
     # outputs, fp32, contiguous: grad_query [B_q, T, A] or its per-key-tile partials [num_key_tiles, B_q, T, A]
     # (deterministic mode; stride_gq_tile = B_q * T * A, else 0), zero-initialized; grad_row_keys [B_q, S, A],
     # or with SPLIT_ROWS zero-initialized and, in deterministic mode, per-split partials [num_splits, B_q, S, A]
@@ -167,9 +169,10 @@ def _attention_backward_kernel(
     stride_kb, stride_ks, stride_ka,
     stride_xb, stride_xs, stride_xa,
     stride_eb, stride_et, stride_es,
-    stride_va, stride_index, stride_gq_tile, stride_gk_split,
+    stride_va, stride_index, stride_lengths, stride_gq_tile, stride_gk_split,
     T, S, A, rows_per_split, num_splits,
-    HAS_EXTRA: tl.constexpr, HAS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, SPLIT_ROWS: tl.constexpr,
+    HAS_EXTRA: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
+    SPLIT_ROWS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
     TANH_FORM: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -217,6 +220,11 @@ def _attention_backward_kernel(
     t_end = tl.minimum(t_begin + rows_per_split, T)
     if CAUSAL:
         t_begin = tl.maximum(t_begin, (key_tile * BLOCK_S) // BLOCK_T * BLOCK_T)
+    if HAS_LENGTHS:
+        # dE[b, :, j] = 0 for keys at or beyond the memory row's length: a key tile lying entirely there walks no
+        # query row (no tanh work); its outputs are still written below, as zeros.
+        key_length = tl.load(key_lengths + memory * stride_lengths).to(tl.int32)
+        t_end = tl.where(key_tile * BLOCK_S >= key_length, t_begin, t_end)
 
     # The factorized form needs |q|, |k| <= FACTORIZED_LIMIT (kernels/tanh.py): checked once for the whole program
     # (its key chunk and every query row it visits), so the hot loop branches on a program-uniform flag.
@@ -313,8 +321,9 @@ class BackwardPlan:
     launches: list[launch.KernelLaunch]
 
 
-def plan_backward(query_proj, key_proj, v, grad_scores, *, index=None, extra_key_term=None, causal=False,
-                  deterministic=False, interpret=False, tanh_form=None, num_splits=None, config=None) -> BackwardPlan:
+def plan_backward(query_proj, key_proj, v, grad_scores, *, index=None, extra_key_term=None, key_lengths=None,
+                  causal=False, deterministic=False, interpret=False, tanh_form=None, num_splits=None,
+                  config=None) -> BackwardPlan:
     """Allocate the outputs of `attention_backward_tanh_pass` and list its launch (works on meta tensors, which
     is how benchmarks/static_report.py gets real launch arguments without a GPU). `config` replaces the heuristic."""
     query_rows, tgt_len, attn_dim = query_proj.shape
@@ -361,6 +370,7 @@ def plan_backward(query_proj, key_proj, v, grad_scores, *, index=None, extra_key
             query_proj=query_proj, key_proj=key_proj, v=v,
             extra_key_term=query_proj if extra_key_term is None else extra_key_term,
             index=query_proj if index is None else index,
+            key_lengths=query_proj if key_lengths is None else key_lengths,
             grad_scores=grad_scores,
             grad_query=grad_query, grad_row_keys=grad_row_keys, grad_v_partial=grad_v_partial,
             **dict(zip(("stride_qb", "stride_qt", "stride_qa"), query_proj.stride())),
@@ -368,10 +378,12 @@ def plan_backward(query_proj, key_proj, v, grad_scores, *, index=None, extra_key
             **dict(zip(("stride_xb", "stride_xs", "stride_xa"), strides(extra_key_term))),
             **dict(zip(("stride_eb", "stride_et", "stride_es"), grad_scores.stride())),
             stride_va=v.stride(0), stride_index=0 if index is None else index.stride(0),
+            stride_lengths=0 if key_lengths is None else key_lengths.stride(0),
             stride_gq_tile=query_rows * tgt_len * attn_dim if deterministic else 0,
             stride_gk_split=query_rows * src_len * attn_dim if deterministic and split_rows else 0,
             T=tgt_len, S=src_len, A=attn_dim, rows_per_split=rows_per_split, num_splits=num_splits,
-            HAS_EXTRA=extra_key_term is not None, HAS_INDEX=index is not None, CAUSAL=causal, SPLIT_ROWS=split_rows,
+            HAS_EXTRA=extra_key_term is not None, HAS_INDEX=index is not None, HAS_LENGTHS=key_lengths is not None,
+            CAUSAL=causal, SPLIT_ROWS=split_rows,
             BLOCK_T=config.block_t, BLOCK_S=config.block_s, BLOCK_A=config.block_a,
             TANH_FORM=config.tanh_form, INTERPRET=interpret,
         ),
@@ -396,7 +408,7 @@ def grad_scores_buffer(query_rows: int, tgt_len: int, src_len: int, device) -> t
     return launch.empty_buffer((query_rows, tgt_len, padded), torch.float32, device)[:, :, :src_len]
 
 
-def _check_inputs(query_proj, key_proj, v, grad_scores, index, extra_key_term):
+def _check_inputs(query_proj, key_proj, v, grad_scores, index, extra_key_term, key_lengths=None):
     query_rows, tgt_len, attn_dim = query_proj.shape
     if key_proj.dim() != 3 or key_proj.shape[2] != attn_dim:
         raise ValueError(f"key_proj must be [B_m, S, {attn_dim}], got {tuple(key_proj.shape)}")
@@ -419,17 +431,23 @@ def _check_inputs(query_proj, key_proj, v, grad_scores, index, extra_key_term):
             raise ValueError("without index, key_proj must have one row per query row")
     elif index.shape != (query_rows,) or index.dtype.is_floating_point or index.dtype == torch.bool:
         raise ValueError(f"index must be an integer tensor [{query_rows}], got {index.dtype} {tuple(index.shape)}")
+    if key_lengths is not None and (key_lengths.shape != (key_proj.shape[0],) or key_lengths.dtype.is_floating_point
+                                    or key_lengths.dtype == torch.bool):
+        raise ValueError(f"key_lengths must be an integer tensor [{key_proj.shape[0]}], "
+                         f"got {key_lengths.dtype} {tuple(key_lengths.shape)}")
 
 
 def attention_backward_tanh_pass(query_proj, key_proj, v, grad_scores, *, index=None, extra_key_term=None,
-                                 causal=False, deterministic=None, tanh_form=None, num_splits=None, config=None,
-                                 wrap=None):
+                                 key_lengths=None, causal=False, deterministic=None, tanh_form=None, num_splits=None,
+                                 config=None, wrap=None):
     """The one tanh pass of the backward: gradients through t = tanh(query_proj + key_proj (+ extra_key_term)).
 
     query_proj [B_q, T, A], key_proj [B_m, S, A], v [A], extra_key_term [B_q, S, A] or None: one dtype among
     fp32/fp16/bf16, any strides. index [B_q] integer or None: query row b reads key row index[b].
     grad_scores dE [B_q, T, S] fp32, any strides, already 0 at hidden positions and in rows without visible key.
-    causal=True promises dE[b, i, j] = 0 for j > i, and skips that work.
+    causal=True promises dE[b, i, j] = 0 for j > i, and skips that work. key_lengths [B_m] integer or None promises
+    dE[b, :, j] = 0 for j >= key_lengths[m] (m = index[b] or b): key tiles lying entirely there are skipped (their
+    outputs are zeros, whatever dE holds there).
     deterministic: None follows `torch.are_deterministic_algorithms_enabled()`. True: each key tile adds into its
     own zeroed partial of grad_query_proj (one add per element: exact) and the partials are summed in a fixed
     order, so results are bit-identical on repeat; False: all key tiles add into one buffer with fp32 atomics.
@@ -440,14 +458,14 @@ def attention_backward_tanh_pass(query_proj, key_proj, v, grad_scores, *, index=
     docstring for the formulas. grad_row_keys is per query row: the caller scatters it into the memory rows
     (index_add) and uses it as the gradient of extra_key_term. Nothing of size B*T*S*A is allocated.
     """
-    _check_inputs(query_proj, key_proj, v, grad_scores, index, extra_key_term)
+    _check_inputs(query_proj, key_proj, v, grad_scores, index, extra_key_term, key_lengths)
     device = query_proj.device
     interpret = launch.require_runnable(device)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     plan = plan_backward(query_proj, key_proj, v, grad_scores, index=index, extra_key_term=extra_key_term,
-                         causal=causal, deterministic=deterministic, interpret=interpret, tanh_form=tanh_form,
-                         num_splits=num_splits, config=config)
+                         key_lengths=key_lengths, causal=causal, deterministic=deterministic, interpret=interpret,
+                         tanh_form=tanh_form, num_splits=num_splits, config=config)
     launch.run_launches(plan.launches, device, wrap)
     # Fixed-order sums (deterministic on every device) of the partials; a single partial is just unwrapped.
     def total(partials):

@@ -12,8 +12,9 @@ Kernels (see DESIGN.md, "Forward kernel"):
     scores mode:  stores the raw scores E (-inf where hidden) and only the softmax statistics.
   With one split it writes the final context and lse; with several it writes partial (m, l, acc) per split.
 - `_combine_splits_kernel`: merges the partial (m, l, acc) of the key splits (flash-decoding).
-- `_context_from_scores_kernel`: scores mode's second pass, without tanh: P = exp(E - lse), context = P @ value
-  tiled over D, and the weights P when asked for.
+- `_context_from_scores_kernel`: scores mode's second pass, without tanh: P = exp(E - max) / sum (the row's
+  softmax statistics, exact at any score magnitude), context = P @ value tiled over D, and the weights P when asked
+  for.
 """
 from __future__ import annotations
 
@@ -73,12 +74,55 @@ def memory_row(batch64, index, stride_index, HAS_INDEX: tl.constexpr):
 
 
 @triton.jit
+def _load_key_chunk(key_base, extra_base, a_start, key_rows_offset, offs_s, s_valid, A, stride_ka, stride_xa,
+                    stride_xs, HAS_EXTRA: tl.constexpr, BLOCK_A: tl.constexpr):
+    """The key tile's A-chunk [BLOCK_A, BLOCK_S] fp32, with extra_key_term added (0 past A and past the keys)."""
+    offs_a64 = (a_start + tl.arange(0, BLOCK_A)).to(tl.int64)
+    a_valid = offs_a64 < A
+    key_chunk = tl.load(
+        key_base + offs_a64[:, None] * stride_ka + key_rows_offset[None, :],
+        mask=a_valid[:, None] & s_valid[None, :], other=0.0,
+    ).to(tl.float32)  # [BA, BS]
+    if HAS_EXTRA:
+        # Location/coverage term, added in registers: key_proj is shared by the beams, this is not.
+        key_chunk += tl.load(
+            extra_base + offs_a64[:, None] * stride_xa + offs_s.to(tl.int64)[None, :] * stride_xs,
+            mask=a_valid[:, None] & s_valid[None, :], other=0.0,
+        ).to(tl.float32)
+    return key_chunk
+
+
+@triton.jit
+def _key_tile_scores(
+    tile_scores, query_base, key_base, extra_base, score_vector, query_rows_offset, t_valid,
+    key_rows_offset, offs_s, s_valid, A, stride_qa, stride_ka, stride_xa, stride_xs,
+    HAS_EXTRA: tl.constexpr, NUM_STAGES: tl.constexpr, FORM: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+):
+    """The hot loop: tile_scores [BLOCK_T, BLOCK_S] + the scores of one (query tile, key tile) pair, chunk by chunk
+    over A in one tanh form (the caller checked the factorized form's ranges)."""
+    for a_start in tl.range(0, A, BLOCK_A, num_stages=NUM_STAGES):
+        offs_a = a_start + tl.arange(0, BLOCK_A)
+        a_valid = offs_a < A
+        query_chunk = tl.load(
+            query_base + offs_a.to(tl.int64)[:, None] * stride_qa + query_rows_offset[None, :],
+            mask=a_valid[:, None] & t_valid[None, :], other=0.0,
+        ).to(tl.float32)  # [BA, BT]
+        key_chunk = _load_key_chunk(key_base, extra_base, a_start, key_rows_offset, offs_s, s_valid, A,
+                                    stride_ka, stride_xa, stride_xs, HAS_EXTRA, BLOCK_A)
+        weight_chunk = tl.load(score_vector + offs_a)  # [BA] fp32, padded to whole chunks
+        tile_scores += chunk_scores(query_chunk, key_chunk, weight_chunk, FORM, INTERPRET)
+    return tile_scores
+
+
+@triton.jit
 def _attention_forward_kernel(
     # inputs (placeholders where the HAS_* flag is off); score_vector [A] and score_scalars [2] come from
     # _score_vector_kernel
     query_proj, key_proj, value, score_vector, score_scalars, extra_key_term, key_lengths, key_padding_mask, index,
     # outputs: context [B_q, T, D] and lse [B_q, T] (one split) or, with splits, fp32 partials
-    # context [splits, B_q, T, D] (unnormalized), row_max / row_sum [splits, B_q, T]; scores [B_q, T, S] fp32
+    # context [splits, B_q, T, D] (unnormalized), row_max / row_sum [splits, B_q, T]; scores [B_q, T, S] fp32, and
+    # in scores mode row_max / row_sum [splits (1 without), B_q, T] for the second pass
     context, lse, row_max, row_sum, scores,
     stride_qb, stride_qt, stride_qa,
     stride_kb, stride_ks, stride_ka,
@@ -131,7 +175,7 @@ def _attention_forward_kernel(
     key_end = tl.minimum(key_end, key_begin + keys_per_split)
 
     # The factorized tanh needs |q|, |k| and |v| within range (tanh.py): v and this query tile are checked once
-    # here, the keys per chunk in the loop.
+    # here, each key tile once before its A loop.
     if TANH_FORM == "factorized":
         query_absmax = tl.zeros([BLOCK_A, BLOCK_T], dtype=tl.float32)
         for a_start in range(0, A, BLOCK_A):
@@ -157,34 +201,31 @@ def _attention_forward_kernel(
         # scores[i, j] = sum over A-chunks of sum_a v[a] tanh(q[a, i] + k[a, j]); A-major tiles, reduced over axis
         # 0, so the reduction stays in each thread's registers (no cross-lane shuffles).
         tile_scores = tl.zeros([BLOCK_T, BLOCK_S], dtype=tl.float32) + bias
-        for a_start in tl.range(0, A, BLOCK_A, num_stages=NUM_STAGES):
-            offs_a = a_start + tl.arange(0, BLOCK_A)
-            a_valid = offs_a < A
-            offs_a64 = offs_a.to(tl.int64)
-            query_chunk = tl.load(
-                query_base + offs_a64[:, None] * stride_qa + query_rows_offset[None, :],
-                mask=a_valid[:, None] & t_valid[None, :], other=0.0,
-            ).to(tl.float32)  # [BA, BT]
-            key_chunk = tl.load(
-                key_base + offs_a64[:, None] * stride_ka + key_rows_offset[None, :],
-                mask=a_valid[:, None] & s_valid[None, :], other=0.0,
-            ).to(tl.float32)  # [BA, BS]
-            if HAS_EXTRA:
-                # Location/coverage term, added in registers: key_proj is shared by the beams, this is not.
-                key_chunk += tl.load(
-                    extra_base + offs_a64[:, None] * stride_xa + offs_s.to(tl.int64)[None, :] * stride_xs,
-                    mask=a_valid[:, None] & s_valid[None, :], other=0.0,
-                ).to(tl.float32)
-            weight_chunk = tl.load(score_vector + offs_a)  # [BA] fp32, padded to whole chunks
-            if TANH_FORM == "factorized":
-                # The factorized form needs |q|, |k| <= FACTORIZED_LIMIT; saturated inputs take the exp form.
-                key_in_range = tl.max(tl.max(tl.abs(key_chunk), axis=1), axis=0) <= FACTORIZED_LIMIT
-                if query_in_range & key_in_range:
-                    tile_scores += chunk_scores(query_chunk, key_chunk, weight_chunk, "factorized", INTERPRET)
-                else:
-                    tile_scores += chunk_scores(query_chunk, key_chunk, weight_chunk, "exp", INTERPRET)
+        if TANH_FORM == "factorized":
+            # The factorized form needs |q|, |k| <= FACTORIZED_LIMIT; saturated inputs take the exp form. The key
+            # tile is checked once, before the A loop (a block-wide max inside it cost SHFL and BAR.SYNC per chunk),
+            # and the branch is taken once per key tile: neither A loop has a reduction or a branch.
+            key_absmax = tl.zeros([BLOCK_A, BLOCK_S], dtype=tl.float32)
+            for a_start in range(0, A, BLOCK_A):
+                key_chunk = _load_key_chunk(key_base, extra_base, a_start, key_rows_offset, offs_s, s_valid, A,
+                                            stride_ka, stride_xa, stride_xs, HAS_EXTRA, BLOCK_A)
+                key_absmax = tl.maximum(key_absmax, tl.abs(key_chunk))
+            key_in_range = tl.max(tl.max(key_absmax, axis=1), axis=0) <= FACTORIZED_LIMIT
+            if query_in_range & key_in_range:
+                tile_scores = _key_tile_scores(
+                    tile_scores, query_base, key_base, extra_base, score_vector, query_rows_offset, t_valid,
+                    key_rows_offset, offs_s, s_valid, A, stride_qa, stride_ka, stride_xa, stride_xs,
+                    HAS_EXTRA, NUM_STAGES, "factorized", INTERPRET, BLOCK_A)
             else:
-                tile_scores += chunk_scores(query_chunk, key_chunk, weight_chunk, TANH_FORM, INTERPRET)
+                tile_scores = _key_tile_scores(
+                    tile_scores, query_base, key_base, extra_base, score_vector, query_rows_offset, t_valid,
+                    key_rows_offset, offs_s, s_valid, A, stride_qa, stride_ka, stride_xa, stride_xs,
+                    HAS_EXTRA, NUM_STAGES, "exp", INTERPRET, BLOCK_A)
+        else:
+            tile_scores = _key_tile_scores(
+                tile_scores, query_base, key_base, extra_base, score_vector, query_rows_offset, t_valid,
+                key_rows_offset, offs_s, s_valid, A, stride_qa, stride_ka, stride_xa, stride_xs,
+                HAS_EXTRA, NUM_STAGES, TANH_FORM, INTERPRET, BLOCK_A)
 
         visible = t_valid[:, None] & s_valid[None, :]
         if CAUSAL:
@@ -218,10 +259,13 @@ def _attention_forward_kernel(
             acc = _probs_times_value(probs, value_tile, acc * rescale[:, None], INTERPRET)
 
     out_rows = batch64 * T + offs_t  # [BT] row of [B_q, T]
-    if SPLIT:
-        part_rows = split.to(tl.int64) * query_rows * T + out_rows
+    if SPLIT or WRITE_SCORES:
+        # The softmax statistics themselves, not only their log-sum-exp: the second pass normalizes by the row sum
+        # (exp(score - max) / sum), which stays exact at any score magnitude where an fp32 lse would not.
+        part_rows = split.to(tl.int64) * query_rows * T + out_rows  # split = 0 without splits
         tl.store(row_max + part_rows, row_max_run, mask=t_valid)
         tl.store(row_sum + part_rows, row_sum_run, mask=t_valid)
+    if SPLIT:
         if FUSE_CONTEXT:
             tl.store(context + part_rows[:, None] * D + offs_d[None, :], acc,
                      mask=t_valid[:, None] & d_valid[None, :])
@@ -241,9 +285,12 @@ def _combine_splits_kernel(
     row_max, row_sum, partial_context,  # [splits, rows], [splits, rows], [splits, rows, D] fp32
     context, lse,  # [rows, D] in the input dtype, [rows] fp32
     rows, D, NUM_SPLITS,
-    FUSE_CONTEXT: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+    FUSE_CONTEXT: tl.constexpr, WRITE_STATS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per (query row, step): lse = log sum_s l_s e^{m_s}, context = sum_s e^{m_s} acc_s / that."""
+    """One program per (query row, step): lse = log sum_s l_s e^{m_s}, context = sum_s e^{m_s} acc_s / that.
+
+    WRITE_STATS (scores mode): the merged max and sum overwrite split 0's row_max / row_sum, in place (each program
+    reads every split of its own row before it writes), for `_context_from_scores_kernel` to normalize by."""
     row = tl.program_id(0).to(tl.int64)
     offs_split = tl.arange(0, BLOCK_SPLITS)
     split_valid = offs_split < NUM_SPLITS
@@ -256,6 +303,9 @@ def _combine_splits_kernel(
     total_sum = tl.sum(split_sum * split_weight, axis=0)
     has_keys = total_sum > 0.0
     tl.store(lse + row, tl.where(has_keys, base + tl.log(tl.where(has_keys, total_sum, 1.0)), float("inf")))
+    if WRITE_STATS:
+        tl.store(row_max + row, base)
+        tl.store(row_sum + row, total_sum)
     if FUSE_CONTEXT:
         offs_d = tl.arange(0, BLOCK_D)
         d_valid = offs_d < D
@@ -267,14 +317,17 @@ def _combine_splits_kernel(
 
 @triton.jit
 def _context_from_scores_kernel(
-    scores, lse, value, key_lengths, index,  # scores [B_q, T, S] fp32 (-inf where hidden), lse [B_q, T] fp32
+    # scores [B_q, T, S] fp32 (-inf where hidden); row_max, row_sum [B_q, T] fp32: the softmax statistics
+    scores, row_max, row_sum, value, key_lengths, index,
     context, weights,  # [B_q, T, D], [B_q, T, S] in the input dtype
     stride_vb, stride_vs, stride_vd, stride_lengths, stride_index,
     T, S, D,
     HAS_LENGTHS: tl.constexpr, HAS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, WRITE_WEIGHTS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Program = (query row b, tile of query rows, tile of D): weights = exp(scores - lse), context = weights @ value.
+    """Program = (query row b, tile of query rows, tile of D): weights = exp(scores - max) / sum (normalized by the
+    row sum itself: exp(scores - lse) with an fp32 lse is off by lse's rounding, 3e-5 relative at |score| ~ 300),
+    context = weights @ value.
 
     The score kernel stored every position of the key tiles it visited; keys beyond the key length or (causal)
     after the query are hidden elementwise here, so the two kernels may tile T differently."""
@@ -294,7 +347,11 @@ def _context_from_scores_kernel(
     rows = batch64 * T + offs_t
     offs_d = d_tile * BLOCK_D + tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
-    row_lse = tl.load(lse + rows, mask=t_valid, other=float("inf"))  # +inf: row without visible key -> P = 0
+    # A row without visible key has sum 0 (and max -inf, or 0 from the combine kernel): P = 0 there.
+    row_base = tl.load(row_max + rows, mask=t_valid, other=0.0)
+    row_base = tl.where(row_base == float("-inf"), 0.0, row_base)
+    row_total = tl.load(row_sum + rows, mask=t_valid, other=0.0)
+    row_scale = tl.where(row_total > 0.0, 1.0 / tl.where(row_total > 0.0, row_total, 1.0), 0.0)
     first_d_tile = d_tile == 0  # the one D-tile that writes the weights
 
     key_end = S
@@ -310,7 +367,7 @@ def _context_from_scores_kernel(
         if CAUSAL:
             stored = stored & (offs_s[None, :] <= offs_t[:, None])
         tile_scores = tl.load(scores + rows[:, None] * S + offs_s[None, :], mask=stored, other=float("-inf"))
-        probs = tl.exp(tile_scores - row_lse[:, None])
+        probs = tl.exp(tile_scores - row_base[:, None]) * row_scale[:, None]
         if WRITE_WEIGHTS:
             if first_d_tile:
                 tl.store(weights + rows[:, None] * S + offs_s[None, :], probs.to(weights.dtype.element_ty),
@@ -402,9 +459,13 @@ def plan_forward(
     split = splits > 1
     rows = query_rows * tgt_len
     scores = None if config.fuse_context else launch.empty_buffer((query_rows, tgt_len, src_len), torch.float32, device)
-    if split:
+    # Softmax statistics: partials of the splits, and in scores mode the (merged) row max and sum that the second
+    # pass normalizes by.
+    keep_stats = split or not config.fuse_context
+    if keep_stats:
         row_max = launch.empty_buffer((splits, rows), torch.float32, device)
         row_sum = launch.empty_buffer((splits, rows), torch.float32, device)
+    if split:
         partial_context = (
             launch.empty_buffer((splits, rows, value_dim), torch.float32, device) if config.fuse_context else None
         )
@@ -440,8 +501,8 @@ def plan_forward(
             index=pointer(index, query_proj),
             context=partial_context if split and config.fuse_context else context,
             lse=lse,
-            row_max=row_max if split else lse,
-            row_sum=row_sum if split else lse,
+            row_max=row_max if keep_stats else lse,
+            row_sum=row_sum if keep_stats else lse,
             scores=pointer(scores, lse),
             **dict(zip(("stride_qb", "stride_qt", "stride_qa"), query_proj.stride())),
             **dict(zip(("stride_kb", "stride_ks", "stride_ka"), key_proj.stride())),
@@ -474,7 +535,7 @@ def plan_forward(
             arguments=dict(
                 row_max=row_max, row_sum=row_sum, partial_context=pointer(partial_context, row_max),
                 context=context, lse=lse, rows=rows, D=value_dim, NUM_SPLITS=splits,
-                FUSE_CONTEXT=config.fuse_context,
+                FUSE_CONTEXT=config.fuse_context, WRITE_STATS=not config.fuse_context,
                 BLOCK_SPLITS=next_power_of_2(splits), BLOCK_D=config.block_d,
             ),
             num_warps=4 if config.block_d >= 256 else 1,
@@ -485,7 +546,7 @@ def plan_forward(
             kernel=_context_from_scores_kernel,
             grid=(query_rows * triton.cdiv(tgt_len, second.block_t), max(1, triton.cdiv(value_dim, second.block_d))),
             arguments=dict(
-                scores=scores, lse=lse, value=value,
+                scores=scores, row_max=row_max, row_sum=row_sum, value=value,
                 key_lengths=pointer(key_lengths, lse), index=pointer(index, lse),
                 context=context, weights=pointer(weights, context),
                 stride_vb=value.stride(0), stride_vs=value.stride(1), stride_vd=value.stride(2),

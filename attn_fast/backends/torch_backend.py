@@ -183,6 +183,7 @@ class _Operands:
         self.v = call.v.to(self.dtype)
         self.extra = None if call.extra_key_term is None else call.extra_key_term.to(self.dtype)
         self.index = call.index
+        self.key_lengths = call.key_lengths
         self.causal = call.causal
         self.query_rows, self.tgt_len, self.attn_dim = call.query_rows, call.tgt_len, call.attn_dim
         self.src_len = call.src_len
@@ -206,23 +207,37 @@ class _Operands:
         """The one buffer the tanh blocks are computed in, for a whole forward or backward call."""
         return common.empty_buffer(self.blocks.elements_per_attn_dim * self.attn_dim, self.dtype, self.query.device)
 
-    def walk(self):
+    def key_limits(self) -> list[int]:
+        """Per query row, the number of keys its key length leaves visible (S without key_lengths): one host read
+        per call."""
+        if self.key_lengths is None:
+            return [self.src_len] * self.query_rows
+        lengths = self.key_lengths if self.index is None else self.key_lengths[self.index]
+        return [min(max(int(length), 0), self.src_len) for length in lengths.tolist()]
+
+    def walk(self, *, skip_padded_keys: bool = False):
         """Yield (rows, steps, keys, prepared query [r, t, A], prepared keys [r, s, A]) block by block.
 
         With `causal`, blocks whose keys all lie after the block's last decoder step are skipped: every score
-        there is masked out, and in the backward its dE is zero.
+        there is masked out, and in the backward its dE is zero. With `skip_padded_keys` (the backward, where dE is
+        zero at keys beyond the key length) each block's keys stop at the longest key length of its rows; this
+        reads the lengths on the host once, which is why the forward (decoding steps among its callers) does not.
         """
         prepared_query = self.form.prepare(self.query)
         blocks = self.blocks
+        limits = self.key_limits() if skip_padded_keys and self.key_lengths is not None else None
         for row_start in range(0, self.query_rows, blocks.rows):
             rows = slice(row_start, min(row_start + blocks.rows, self.query_rows))
-            prepared_keys = self.form.prepare(self.row_keys(rows))
+            key_end = self.src_len if limits is None else max(limits[rows], default=0)
+            if key_end == 0:
+                continue
+            prepared_keys = self.form.prepare(self.row_keys(rows)[:, :key_end])
             for step_start in range(0, self.tgt_len, blocks.steps):
                 steps = slice(step_start, min(step_start + blocks.steps, self.tgt_len))
-                for key_start in range(0, self.src_len, blocks.keys):
+                for key_start in range(0, key_end, blocks.keys):
                     if self.causal and key_start > steps.stop - 1:
                         break
-                    keys = slice(key_start, min(key_start + blocks.keys, self.src_len))
+                    keys = slice(key_start, min(key_start + blocks.keys, key_end))
                     yield rows, steps, keys, prepared_query[rows, steps], prepared_keys[:, keys]
 
 
@@ -281,7 +296,8 @@ def _backward(ops: _Operands, probs, grad_context, grad_weights, chunk_elements,
     grad_row_keys = torch.zeros(ops.query_rows, ops.src_len, ops.attn_dim, dtype=ops.dtype, device=probs.device)
     grad_v = torch.zeros_like(ops.v)
     scratch = ops.scratch()
-    for rows, steps, keys, query, key_block in ops.walk():
+    # dE is zero at keys beyond the key length: each block stops at the longest length of its rows.
+    for rows, steps, keys, query, key_block in ops.walk(skip_padded_keys=True):
         block = _block_view(scratch, query, key_block)
         ops.form.fill(block, query[:, :, None, :], key_block[:, None, :, :])
         weights = grad_scores[rows, steps, keys]
@@ -341,9 +357,11 @@ def _(query_proj, key_proj, value, v, *_options):
 def _backward_op(grad_context: torch.Tensor | None, grad_probs: torch.Tensor | None, query_proj: torch.Tensor,
                  key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor, extra_key_term: torch.Tensor | None,
                  index: torch.Tensor | None, probs: torch.Tensor, causal: bool, tanh_form: str,
-                 chunk_elements: int) -> list[torch.Tensor]:
-    """-> gradients of query_proj, key_proj, value, v and extra_key_term (an empty tensor when there is none)."""
-    call = AttentionCall(query_proj, key_proj, value, v, causal=causal, index=index, extra_key_term=extra_key_term)
+                 chunk_elements: int, key_lengths: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """-> gradients of query_proj, key_proj, value, v and extra_key_term (an empty tensor when there is none).
+    With `key_lengths`, the tanh pass skips the keys beyond the longest length of each block's rows."""
+    call = AttentionCall(query_proj, key_proj, value, v, causal=causal, index=index, extra_key_term=extra_key_term,
+                         key_lengths=key_lengths)
     ops = _Operands(call, tanh_form, chunk_elements)
     grads = _backward(ops, probs.to(ops.dtype), grad_context, grad_probs, chunk_elements, need_value_grad=True)
     inputs = (query_proj, key_proj, value, v, extra_key_term)
@@ -358,15 +376,15 @@ def _(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, 
 
 
 def _setup_context(ctx, inputs, output):
-    query_proj, key_proj, value, v, extra_key_term, _, _, index, causal, tanh_form, chunk_elements = inputs
-    ctx.save_for_backward(query_proj, key_proj, value, v, extra_key_term, index, output[1])
+    query_proj, key_proj, value, v, extra_key_term, key_lengths, _, index, causal, tanh_form, chunk_elements = inputs
+    ctx.save_for_backward(query_proj, key_proj, value, v, extra_key_term, index, output[1], key_lengths)
     ctx.options = (causal, tanh_form, chunk_elements)
 
 
 def _autograd_backward(ctx, grad_context, grad_probs):
-    query_proj, key_proj, value, v, extra_key_term, index, probs = ctx.saved_tensors
+    query_proj, key_proj, value, v, extra_key_term, index, probs, key_lengths = ctx.saved_tensors
     grads = _backward_op(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, index, probs,
-                         *ctx.options)
+                         *ctx.options, key_lengths)
     if extra_key_term is None:
         grads = [*grads[:4], None]
     return (*grads, None, None, None, None, None, None)

@@ -7,7 +7,9 @@ Backward (docs/DESIGN.md, "Backward"):
      dP = dO value^T (+ dWeights), dE = P (dP - rowsum(P dP));
   2. one fused tanh pass (`attn_fast::triton_tanh_pass`, `kernels.backward`) for d_query_proj, d_key_proj per
      query row and d_v; rows of d_key_proj are summed into memory rows through `index`, and they are
-     d_extra_key_term.
+     d_extra_key_term. It gets `key_lengths` (saved from the forward): key tiles lying entirely beyond a row's
+     length, where dE is 0, do no tanh work.
+The forward's P is normalized by the row sum itself (exp(E - max) / sum), so rows sum to 1 at any score magnitude.
 Both ops are `torch.library.triton_op`s whose kernels launch through `wrap_triton`, and autograd goes through
 `register_autograd`: torch.compile can trace the launches (no graph break), and nothing in either pass syncs with
 the host or allocates data-dependent shapes, so a compiled CUDA step can be captured in a CUDA graph.
@@ -44,11 +46,13 @@ def _forward_op(query_proj: torch.Tensor, key_proj: torch.Tensor, value: torch.T
 @triton_op("attn_fast::triton_tanh_pass", mutates_args=())
 def _tanh_pass_op(query_proj: torch.Tensor, key_proj: torch.Tensor, v: torch.Tensor, grad_scores: torch.Tensor,
                   index: torch.Tensor | None, extra_key_term: torch.Tensor | None, causal: bool,
-                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> grad_query_proj [B_q, T, A], grad_row_keys [B_q, S, A], grad_v [A], all fp32."""
+                  deterministic: bool, key_lengths: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> grad_query_proj [B_q, T, A], grad_row_keys [B_q, S, A], grad_v [A], all fp32. With `key_lengths`, key tiles
+    at or beyond a row's length (where dE is 0) are skipped."""
     grad_query, grad_row_keys, grad_v = attention_backward_tanh_pass(
-        query_proj, key_proj, v, grad_scores, index=index, extra_key_term=extra_key_term, causal=causal,
-        deterministic=deterministic, wrap=wrap_triton,
+        query_proj, key_proj, v, grad_scores, index=index, extra_key_term=extra_key_term, key_lengths=key_lengths,
+        causal=causal, deterministic=deterministic, wrap=wrap_triton,
     )
     return _own_storage(grad_query), _own_storage(grad_row_keys), grad_v
 
@@ -59,13 +63,13 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    query_proj, key_proj, value, v, extra_key_term, _, _, index, causal, _ = inputs
-    ctx.save_for_backward(query_proj, key_proj, value, v, extra_key_term, index, output[1])
+    query_proj, key_proj, value, v, extra_key_term, key_lengths, _, index, causal, _ = inputs
+    ctx.save_for_backward(query_proj, key_proj, value, v, extra_key_term, index, output[1], key_lengths)
     ctx.causal = causal
 
 
 def _backward(ctx, grad_context, grad_probs):
-    query_proj, key_proj, value, v, extra_key_term, index, probs = ctx.saved_tensors
+    query_proj, key_proj, value, v, extra_key_term, index, probs, key_lengths = ctx.saved_tensors
     need_query, need_key, need_value, need_v, need_extra = ctx.needs_input_grad[:5]
     grad_scores, grad_value = grad_of_scores(probs, value, index, grad_context, grad_probs,
                                              need_value_grad=need_value)
@@ -75,7 +79,7 @@ def _backward(ctx, grad_context, grad_probs):
         aligned_grad_scores = grad_scores_buffer(*grad_scores.shape, grad_scores.device).copy_(grad_scores)
         grad_query, grad_row_keys, grad_v = _tanh_pass_op(
             query_proj, key_proj, v, aligned_grad_scores, index, extra_key_term, ctx.causal,
-            torch.are_deterministic_algorithms_enabled(),
+            torch.are_deterministic_algorithms_enabled(), key_lengths,
         )
         if need_extra:
             grad_extra = grad_row_keys.to(extra_key_term.dtype, copy=True)  # never shared with grad_key
