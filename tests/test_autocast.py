@@ -222,3 +222,30 @@ def test_compiled_step_under_autocast_matches_eager():
     for a, b in zip(got, expected):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a, b)
+
+
+#: Known gap, outside this test's files: the torch and Triton backends' autograd backward functions (torch_backend
+#: `_autograd_backward`, triton_backend `_backward`) run under the caller's autocast when backward() is called inside
+#: the autocast context: the torch backend then fails in addmv (bf16 vs fp32) and the Triton one computes
+#: grad_of_scores in bf16. Each needs autocast disabled in its backward.
+BACKWARD_UNDER_AUTOCAST = pytest.mark.xfail(strict=False, reason="backend backward runs under the caller's autocast")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("torch", marks=BACKWARD_UNDER_AUTOCAST),
+                                     pytest.param("triton", marks=BACKWARD_UNDER_AUTOCAST)])
+def test_backward_called_inside_autocast_equals_backward_outside(backend, device):
+    torch.manual_seed(0)
+    layer = AdditiveAttention(5, 6, A, backend=backend, device=device)
+    query, key = torch.randn(B, T, 5, device=device), torch.randn(B, S, 6, device=device)
+    grads = []
+    for inside in (False, True):
+        layer.zero_grad()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            context, _ = layer(query, key)
+            if inside:  # not what PyTorch recommends, but common
+                context.float().square().sum().backward()
+        if not inside:
+            context.float().square().sum().backward()
+        grads.append([parameter.grad.clone() for parameter in layer.parameters()])
+    for outside_grad, inside_grad in zip(*grads):
+        torch.testing.assert_close(inside_grad, outside_grad)
