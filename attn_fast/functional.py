@@ -125,21 +125,12 @@ def additive_attention(
 
 
 def additive_attention_on_memory(
-    query_proj: torch.Tensor,
-    key_proj: torch.Tensor,
-    value: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    key_lengths: torch.Tensor | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    need_weights: bool = False,
-    index: torch.Tensor | None = None,
-    extra_key_term: torch.Tensor | None = None,
-    backend: str = "auto",
-    tanh_form: str = "auto",
+    query_proj: torch.Tensor, key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor, *,
+    backend: str = "auto", tanh_form: str = "auto", **options,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`additive_attention` for a decode step against a memory already checked by `check_memory`: the same
-    arguments and results (no `causal`), but only metadata is validated (types, shapes, dtypes, devices), never a
+    arguments (`options`: key_lengths, key_padding_mask, need_weights, index, extra_key_term; no `causal`) and
+    results, but only metadata is validated (types, shapes, dtypes, devices), never a
     value: nothing here reads a tensor back to the host, so a step can be captured in a CUDA graph (eagerly too).
 
     The caller vouches for the values: key_lengths in [0, S] (checked once by `check_memory`) and `index` in
@@ -150,11 +141,11 @@ def additive_attention_on_memory(
     """
     if tanh_form not in torch_backend.BLOCK_TANH_FORMS:
         raise ValueError(f"tanh_form must be one of {torch_backend.BLOCK_TANH_FORMS}, got {tanh_form!r}")
-    return _attention(
-        query_proj, key_proj, value, v, key_lengths=key_lengths, key_padding_mask=key_padding_mask, causal=False,
-        need_weights=need_weights, index=index, extra_key_term=extra_key_term, backend=backend, check_values=False,
-        tanh_form=tanh_form,
-    )
+    if "causal" in options:
+        raise TypeError("a decode step has no causal option (one query step per call)")
+    options.setdefault("extra_key_term", None)
+    return _attention(query_proj, key_proj, value, v, backend=backend, check_values=False, tanh_form=tanh_form,
+                      **options)
 
 
 def check_memory(key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor, *,
