@@ -224,16 +224,10 @@ def test_compiled_step_under_autocast_matches_eager():
         torch.testing.assert_close(a, b)
 
 
-#: Known gap, outside this test's files: the torch and Triton backends' autograd backward functions (torch_backend
-#: `_autograd_backward`, triton_backend `_backward`) run under the caller's autocast when backward() is called inside
-#: the autocast context: the torch backend then fails in addmv (bf16 vs fp32) and the Triton one computes
-#: grad_of_scores in bf16. Each needs autocast disabled in its backward.
-BACKWARD_UNDER_AUTOCAST = pytest.mark.xfail(strict=False, reason="backend backward runs under the caller's autocast")
-
-
-@pytest.mark.parametrize("backend", ["reference", pytest.param("torch", marks=BACKWARD_UNDER_AUTOCAST),
-                                     pytest.param("triton", marks=BACKWARD_UNDER_AUTOCAST)])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 def test_backward_called_inside_autocast_equals_backward_outside(backend, device):
+    """The backends' autograd backward functions turn autocast off: backward() inside the autocast block (common,
+    though PyTorch recommends outside) gives the same gradients."""
     torch.manual_seed(0)
     layer = AdditiveAttention(5, 6, A, backend=backend, device=device)
     query, key = torch.randn(B, T, 5, device=device), torch.randn(B, S, 6, device=device)

@@ -383,8 +383,11 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, grad_context, grad_probs):
     query_proj, key_proj, value, v, extra_key_term, index, probs, key_lengths = ctx.saved_tensors
-    grads = _backward_op(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, index, probs,
-                         *ctx.options, key_lengths)
+    # backward() may be called inside the caller's torch.autocast: the gradients are computed in the dtypes the
+    # forward saved, never re-cast (the forward ran with autocast off too, attn_fast.functional).
+    with torch.autocast(query_proj.device.type, enabled=False):
+        grads = _backward_op(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, index, probs,
+                             *ctx.options, key_lengths)
     if extra_key_term is None:
         grads = [*grads[:4], None]
     return (*grads, None, None, None, None, None, None)

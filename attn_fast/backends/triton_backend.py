@@ -69,6 +69,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_context, grad_probs):
+    # backward() may be called inside the caller's torch.autocast: the gradients are computed in the dtypes the
+    # forward saved, never re-cast (the forward ran with autocast off too, attn_fast.functional).
+    with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+        return _backward_in_saved_dtypes(ctx, grad_context, grad_probs)
+
+
+def _backward_in_saved_dtypes(ctx, grad_context, grad_probs):
     query_proj, key_proj, value, v, extra_key_term, index, probs, key_lengths = ctx.saved_tensors
     need_query, need_key, need_value, need_v, need_extra = ctx.needs_input_grad[:5]
     grad_scores, grad_value = grad_of_scores(probs, value, index, grad_context, grad_probs,
