@@ -8,7 +8,7 @@ from contextlib import redirect_stdout
 import pytest
 import torch
 
-from attn_fast.tools.bench import cases, memory, report, roofline, runner, targets
+from attn_fast.tools.bench import cases, memory, ragged, report, roofline, runner, targets
 from attn_fast.tools.bench.cases import CaseSpec
 from attn_fast.tools.bench.cli import add_bench_parser
 from attn_fast.tools.cli import main
@@ -47,6 +47,8 @@ def test_runner_end_to_end_on_tiny_shape(tmp_path):
     assert torch_forward["targets"] == {}  # tiny is not one of the shapes the CPU targets name
     assert [r["status"] for r in saved["model"]["results"]] == ["ok"] * 4
     assert all(r["greedy_sentences_per_s"] > 0 and r["beam_sentences_per_s"] > 0 for r in saved["model"]["results"])
+    [ragged_row] = saved["ragged"]["rows"]  # the fast backends only: torch here
+    assert ragged_row["backend"] == "torch" and "saving" in ragged_row and "Ragged batches" in printed
     png = (tmp_path / result["files"]["png"].split("/")[-1]).read_bytes()
     assert png.startswith(b"\x89PNG")
 
@@ -191,3 +193,32 @@ def test_cli_handler_runs_and_returns_exit_codes(tmp_path, capsys):
     if not torch.cuda.is_available():
         args = parser.parse_args(["bench", "--device", "cuda", "--no-model"])
         assert args.handler(args) == 2
+
+
+def test_ragged_lengths_lie_in_the_upper_half():
+    lengths = ragged.ragged_lengths(1000, 7, seed=3)
+    assert lengths.dtype == torch.int64 and lengths.min() == 4 and lengths.max() == 7  # ceil(7 / 2) .. S
+
+
+def test_ragged_rows_are_checked_then_timed_and_skip_decode_shapes():
+    result = ragged.run_ragged_bench(["tiny", "tts_step"], "fp32", ["torch"], torch.device("cpu"), target_s=0.01)
+    [row] = result["rows"]  # tts_step (T = 1) has no row
+    assert row["shape"] == "tiny" and 0.5 <= row["visible_fraction"] <= 1.0
+    for variant in ("full", "ragged"):
+        assert row[variant]["status"] == "ok" and row[variant]["median_s"] > 0, row
+        assert all(error < 1e-5 for error in row[variant]["errors"].values())
+    assert row["saving"] == 1 - row["ragged"]["median_s"] / row["full"]["median_s"]
+    assert "tiny" in report.ragged_table(result)
+
+
+def test_a_ragged_variant_that_does_not_match_the_reference_is_failed_not_timed(monkeypatch):
+    monkeypatch.setattr(ragged, "time_cpu", lambda *args, **kwargs: pytest.fail("a failed check must not be timed"))
+    real_run = cases.PreparedCase.run
+
+    def wrong(self):
+        real_run(self)
+        self.last_context = self.last_context + 1.0
+
+    monkeypatch.setattr(cases.PreparedCase, "run", wrong)
+    [row] = ragged.run_ragged_bench(["tiny"], "fp32", ["torch"], torch.device("cpu"), target_s=0.01)["rows"]
+    assert row["full"]["status"] == row["ragged"]["status"] == "failed" and "saving" not in row

@@ -39,10 +39,13 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     result = run_bench(full=args.full, device=device, out_dir=args.out_dir, shapes=args.shape, dtypes=args.dtype,
                        modes=args.mode, backends=args.backend, model=not args.no_model, model_config=args.model_size,
-                       memory=not args.no_memory, threads=args.threads, seed=args.seed, progress=not args.quiet)
+                       memory=not args.no_memory, ragged_batches=not args.no_ragged, threads=args.threads,
+                       seed=args.seed, progress=not args.quiet)
     failed = result["summary"]["failed"]
     failed_models = sum(entry["status"] != "ok" for entry in (result["model"] or {}).get("results", []))
-    return 1 if failed or failed_models else 0
+    failed_ragged = sum(row["full"]["status"] != "ok" or row["ragged"]["status"] != "ok"
+                        for row in (result["ragged"] or {}).get("rows", []))
+    return 1 if failed or failed_models or failed_ragged else 0
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -69,6 +72,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                        help="Seq2Seq size (default: 'date' quick, 'nmt' with --full)")
     bench.add_argument("--no-model", action="store_true", help="skip the Seq2Seq model benchmark")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    bench.add_argument("--no-ragged", action="store_true",
+                       help="skip the ragged-batch rows (forward + backward with lengths in [S/2, S] vs all S)")
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own setting)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")

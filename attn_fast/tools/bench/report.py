@@ -98,6 +98,23 @@ def model_table(model: dict) -> str:
     return "\n".join(lines)
 
 
+def ragged_table(ragged: dict) -> str:
+    """The ragged-batch rows (`ragged.run_ragged_bench`) as a text table."""
+    header = (f"{'shape':<10} {'dtype':<5} {'backend':<8} {'full ms':>9} {'ragged ms':>10} {'saving':>7} "
+              f"{'visible keys':>12}")
+    lines = [f"Ragged batches, forward + backward (lengths {ragged['lengths']} vs all S visible)", header,
+             "-" * len(header)]
+    for row in ragged["rows"]:
+        full, short = row["full"], row["ragged"]
+        if full["status"] != "ok" or short["status"] != "ok":
+            reason = full.get("error") if full["status"] != "ok" else short.get("error")
+            lines.append(f"{row['shape']:<10} {row['dtype']:<5} {row['backend']:<8} failed ({reason})")
+            continue
+        lines.append(f"{row['shape']:<10} {row['dtype']:<5} {row['backend']:<8} {full['median_s'] * 1e3:>9.2f} "
+                     f"{short['median_s'] * 1e3:>10.2f} {row['saving']:>7.0%} {row['visible_fraction']:>12.0%}")
+    return "\n".join(lines)
+
+
 def _load_note(machine: dict) -> str:
     """The load average at the start, and a warning when other work likely competed for the cores the run used."""
     load = machine.get("load_average_1m_start")
@@ -126,6 +143,8 @@ def format_report(result: dict) -> str:
         lines += ["", roofline_table(roofline["rows"]), roofline["note"]]
     if result.get("model"):
         lines += ["", model_table(result["model"])]
+    if result.get("ragged"):
+        lines += ["", ragged_table(result["ragged"])]
     summary = result["summary"]
     lines += ["", f"{summary['cases']} cases: {summary['ok']} ok, {summary['failed']} failed; targets "
                   f"{summary['targets_met']} met, {summary['targets_missed']} missed, "

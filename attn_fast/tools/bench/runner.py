@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from attn_fast.cpu_warmup import warm_cpu_math
 from attn_fast.tools.bench import memory as memory_module
-from attn_fast.tools.bench import model_bench, report, roofline, targets
+from attn_fast.tools.bench import model_bench, ragged, report, roofline, targets
 from attn_fast.tools.bench.cases import MODES, CaseSpec, PreparedCase, backends_for, case_specs, check_case
 from attn_fast.tools.bench.shapes import get_shape
 from attn_fast.tools.bench.timing import input_sets_for_l2, time_cpu, time_cuda
@@ -171,8 +171,8 @@ def _summary(records: list[dict]) -> dict:
 def run_bench(*, full: bool = False, device: str | torch.device | None = None,
               out_dir: str | os.PathLike | None = DEFAULT_OUT_DIR, shapes=None, dtypes=None, modes=None,
               backends=None, model: bool = True, model_config: str | None = None, memory: bool = True,
-              threads: int | None = None, seed: int = 0, progress: bool = True, static_predictions_path=None,
-              out=None) -> dict:
+              ragged_batches: bool = True, threads: int | None = None, seed: int = 0, progress: bool = True,
+              static_predictions_path=None, out=None) -> dict:
     """Run the benchmark and return the result dict (also written as JSON + PNG under `out_dir` unless None).
 
     Args:
@@ -183,14 +183,16 @@ def run_bench(*, full: bool = False, device: str | torch.device | None = None,
             "fp64"; modes: `cases.MODES`; backends: "reference", "compile", "torch", "triton". None = the
             quick/full default for the device.
         model / memory: run the Seq2Seq bench / the memory measurements.
+        ragged_batches: time forward + backward with all keys visible and with ragged lengths (`ragged`), for
+            the fast backends at the run's first dtype.
         model_config: a `model_bench.MODEL_CONFIGS` name (default "date" quick, "nmt" full).
         threads: torch CPU threads (default: leave torch's setting); recorded either way.
         static_predictions_path: the static sm_90 predictions of the roofline table, a full report of
             `python -m benchmarks.static_report` or its predictions file (default: the package's own copy).
         out: where the table is printed (default stdout); progress bars go to stderr.
 
-    Returns {"date", "machine", "settings", "timing_method", "cases": [...], "roofline", "model", "summary",
-    "wall_s", "files"}; every case holds its raw samples, errors, memory and targets.
+    Returns {"date", "machine", "settings", "timing_method", "cases": [...], "roofline", "model", "ragged",
+    "summary", "wall_s", "files"}; every case holds its raw samples, errors, memory and targets.
     """
     out = sys.stdout if out is None else out
     started = time.perf_counter()
@@ -227,12 +229,19 @@ def run_bench(*, full: bool = False, device: str | torch.device | None = None,
         model_result = model_bench.run_model_bench(config, model_backends, device, target_s=target_s / 2,
                                                    progress=progress)
 
+    ragged_result = None
+    fast_backends = [backend for backend in backends if backend in ("torch", "triton")]
+    if ragged_batches and fast_backends:
+        ragged_result = ragged.run_ragged_bench(shapes, dtypes[0], fast_backends, device, target_s=target_s / 2,
+                                                seed=seed)
+
     now = datetime.datetime.now(datetime.timezone.utc)
     result = {
         "date": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
         "machine": {**machine_info(device), "load_average_1m_start": load_at_start},
         "settings": {"full": full, "shapes": shapes, "dtypes": dtypes, "modes": modes, "backends": backends,
-                     "memory": memory, "model": model, "seed": seed, "target_sample_s": target_s,
+                     "memory": memory, "model": model, "ragged_batches": ragged_batches, "seed": seed,
+                     "target_sample_s": target_s,
                      "shape_sizes": {name: get_shape(name).as_dict() for name in shapes}},
         "timing_method": ("GPU: triton.testing.do_bench median, inputs rotated, CUDA graphs for decode_step"
                           if device.type == "cuda" else
@@ -242,6 +251,7 @@ def run_bench(*, full: bool = False, device: str | torch.device | None = None,
         "roofline": roofline_rows(records, device, static_predictions),
         "mufu_limit": mufu_limit,
         "model": model_result,
+        "ragged": ragged_result,
         "summary": _summary(records),
     }
     result["wall_s"] = time.perf_counter() - started
