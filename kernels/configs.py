@@ -4,14 +4,19 @@ autotuning). Each choice below was made on offline sm_90 compiles read with the 
 ("Static figures behind the kernel configurations") and benchmarks/results/static_sm90.json, not here.
 
 Forward (`forward_config`):
-- The score loop works on an A-major tile [BLOCK_A, BLOCK_T, BLOCK_S] per A-chunk, 64 x 32 x 8 with 8 warps next
-  to a [BLOCK_T, BLOCK_D] fp32 context accumulator: the largest tile that keeps the accumulator in registers
-  without spills. With D = 256 the accumulator needs more registers, so the query tile halves to 32 rows.
+- The score loop works on an A-major tile [BLOCK_A, BLOCK_T, BLOCK_S] per A-chunk with 64 tanh per thread:
+  64 x 32 x 8 with 8 warps, 32 x 32 x 8 with 4, 16 x 32 x 8 with 2, and for fp16/bf16 scores mode 8 x 32 x 8 with
+  1 (ALL_STEPS_TILES*). With D = 256 fused, the fp32 [BLOCK_T, BLOCK_D] accumulator needs more registers: 32 x 32 x 16
+  with 8 warps or 16 x 32 x 8 with 2.
+- Which tile, how many key splits, and fused context or scores mode: the least modelled time (`_modelled_seconds`):
+  the tanh work at the tile's per-SM estimate times the whole-GPU efficiency of its grid (kernels/occupancy.py:
+  waves of CTAs over the SMs, query rows padded to whole tiles, keys padded to whole tiles of the longest split),
+  plus the bytes the split partials and scores mode move. So a small batch takes smaller query tiles and key
+  splits (any number of key tiles per split, at most MAX_COMBINE_SPLITS splits) until the grid fills whole waves,
+  and T is covered by the tile size that pads it least.
 - Single-step decoding (T small) cannot share a key across query rows, so the tile is long in S instead:
   [16, 1, 128] (scores only) or [16, 1, 64] (fused: the [BLOCK_S, BLOCK_D] value tile sits in registers too, so
   D <= 128 there). fp32 decoding uses the exp tanh: the factorized one saves nothing with one row.
-- Rows of a small batch cannot fill the GPU; then the keys are split across programs (flash-decoding) until about
-  two programs per SM are running, each split keeping at least two key tiles.
 - The P @ value product uses tl.dot (tensor cores). Larger value dims (and calls that return the weights) store
   the raw scores instead and compute weights and context in a second, tanh-free kernel tiled over D.
 - NUM_STAGES is 1: pipelining the A-chunk loads raised the instruction count without saving registers; loads come
@@ -42,6 +47,7 @@ import dataclasses
 
 import torch
 
+from . import occupancy
 from .launch import DEFAULT_SM_COUNT
 
 #: Largest power-of-two padded value dim whose [BLOCK_T, BLOCK_D] fp32 accumulator stays in registers
@@ -91,6 +97,54 @@ def default_tanh_form(dtype: torch.dtype, block_t: int) -> str:
     return "approx"
 
 
+#: Most key splits one combine pass merges: `_combine_splits_kernel` holds a [splits, BLOCK_D] fp32 tile in
+#: registers, which spills beyond 32-64 splits (B = 1, long S); more key tiles than this make longer splits.
+MAX_COMBINE_SPLITS = 32
+
+#: All-steps tiles (BLOCK_T, BLOCK_S, BLOCK_A, warps), 64 tanh per thread per A-chunk each, that compile to
+#: <= 4.5 instructions per tanh on sm_90; `forward_config` picks among them with the whole-GPU model of
+#: kernels/occupancy.py. The 8-row tile only for fp16/bf16 scores mode (fp32 pays 1.16 MUFU ops and ~5.2
+#: instructions per tanh there; fused, its [8, BLOCK_D] tl.dot is too small).
+ALL_STEPS_TILES = ((64, 32, 8, 8), (32, 32, 8, 4), (16, 32, 8, 2))
+ALL_STEPS_TILES_HALF_SCORES = ((8, 32, 8, 1),)
+#: With a [BLOCK_T, 256] fp32 accumulator (fused, 128 < D <= 256): no 64-row tile.
+ALL_STEPS_TILES_WIDE = ((32, 32, 16, 8), (16, 32, 8, 2))
+#: The costs `_modelled_seconds` weighs against the tanh work (H100 SXM): HBM bytes per second, 16 tanh/clk per SM
+#: at 1.98 GHz, and a few microseconds for the second kernel of scores mode (the launch the fused path saves).
+HBM_BYTES_PER_S = 3.35e12
+MUFU_PER_S_PER_SM = 16 * 1.98e9
+LAUNCH_SECONDS = 4e-6
+
+
+def per_sm_estimate(tanh_form: str, block_t: int, block_s: int) -> float:
+    """The per-SM fraction of 16 tanh/clk the issue model predicts for a tile before it is compiled: 1 / (MUFU ops
+    per tanh), the candidate tiles being within 8 instructions per MUFU op (the static report checks)."""
+    if tanh_form == "factorized":
+        return 1.0 / (1.0 + (block_t + block_s) / (block_t * block_s))
+    return 0.5 if tanh_form in ("exp", "libdevice") else 1.0
+
+
+def _modelled_seconds(config: ForwardConfig, *, query_rows, tgt_len, src_len, attn_dim, value_dim,
+                      sm_count) -> float:
+    """Modelled time of a forward configuration: the tanh work at per-SM estimate x whole-GPU efficiency, plus the
+    bytes of the split partials (written, then read by the combine pass) and of scores mode (scores written and
+    re-read) and scores mode's second launch. The combine pass's launch is left out on purpose: small batches
+    (decode steps) split whenever that spreads the tanh work over more SMs, latency-bound as they are anyway."""
+    ctas, work, splits = occupancy.forward_grid(
+        query_rows=query_rows, tgt_len=tgt_len, src_len=src_len, attn_dim=attn_dim, block_t=config.block_t,
+        block_s=config.block_s, block_a=config.block_a, num_splits=config.num_splits)
+    useful = query_rows * tgt_len * max(src_len, 1) * attn_dim
+    model = occupancy.grid_model(ctas, work, useful, config.num_warps, sm_count=sm_count)
+    ceiling = per_sm_estimate(config.tanh_form, config.block_t, config.block_s) * model.efficiency
+    traffic = occupancy.combine_bytes(query_rows=query_rows, tgt_len=tgt_len, value_dim=value_dim, splits=splits,
+                                      fuse_context=config.fuse_context)
+    launches = 0
+    if not config.fuse_context:
+        traffic += 2 * 4 * query_rows * tgt_len * src_len
+        launches += 1
+    return useful / (MUFU_PER_S_PER_SM * sm_count * ceiling) + traffic / HBM_BYTES_PER_S + launches * LAUNCH_SECONDS
+
+
 def forward_config(
     *,
     query_rows: int,
@@ -104,57 +158,75 @@ def forward_config(
     tanh_form: str | None = None,
     num_splits: int | None = None,
 ) -> ForwardConfig:
-    """The configuration for one call. `tanh_form` and `num_splits` override the heuristic (tests, benchmarks)."""
+    """The configuration for one call. `tanh_form` and `num_splits` override the heuristic (tests, benchmarks).
+
+    Candidates: fused context (when the weights are not asked for and the value dim fits, see the module
+    docstring) and scores mode, each with its tiles (decoding: its one decode tile) and every key split count
+    from 1 to the key tiles (at most MAX_COMBINE_SPLITS). Chosen: the least `_modelled_seconds` (kernels/occupancy.py
+    for waves over sm_count SMs and padded rows and key tiles); within 1% of it, the fewest splits, then the least
+    padded work, then the most query rows per tile."""
     block_d = max(16, next_power_of_2(value_dim))
     attn_pow2 = next_power_of_2(attn_dim)
+    num_stages = 1  # see the module docstring
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
 
+    modes = []  # (fuse_context, tiles)
     if tgt_len <= DECODE_MAX_TGT_LEN:
         # Decoding: few query rows share each key, so the tile is long in S instead: [16, 1, 128] for T = 1.
         # Fused, the [BLOCK_S, BLOCK_D] value tile must fit in registers too: half the keys, D <= 128.
         block_t = next_power_of_2(tgt_len)
-        fuse_context = not need_weights and block_d <= MAX_FUSED_VALUE_DIM_DECODE
-        block_s = 64 if fuse_context else 128
         block_a = min(attn_pow2, max(2, 16 // block_t))
-        num_warps = 4
+        if not need_weights and block_d <= MAX_FUSED_VALUE_DIM_DECODE:
+            modes.append((True, [(block_t, 64, block_a, 4)]))
+        modes.append((False, [(block_t, 128, block_a, 4)]))
+        form = tanh_form or default_tanh_form(dtype, block_t)
     else:
-        # 64 x 32 x 8 A-major tiles (128 tanh per thread per chunk with 8 warps): ~4.6 instructions per tanh.
-        # With D = 256 the fp32 accumulator takes 64 more registers per thread: half the query rows.
-        fuse_context = not need_weights and block_d <= MAX_FUSED_VALUE_DIM
-        block_t = min(64, max(16, next_power_of_2(tgt_len)))
-        if fuse_context and block_d > 128:
-            block_t = min(block_t, 32)
-        block_s = 32
-        block_a = min(attn_pow2, 8)
-        num_warps = 8 if block_t == 64 or (fuse_context and block_t * block_d >= 8192) else 4
-    num_stages = 1  # see the module docstring
+        if not need_weights and block_d <= MAX_FUSED_VALUE_DIM:
+            fused_tiles = ALL_STEPS_TILES_WIDE if block_d > 128 else ALL_STEPS_TILES
+            if dtype == torch.float32:  # fp32 accumulators: the 2-warp tile reaches 255 registers (sm_80 spills)
+                fused_tiles = tuple(tile for tile in fused_tiles if tile[3] > 2)
+            modes.append((True, fused_tiles))
+        modes.append((False, ALL_STEPS_TILES + (ALL_STEPS_TILES_HALF_SCORES if dtype != torch.float32 else ())))
+        # All-steps tiles share their query rows' exponentials: fp32 takes the factorized form at any BLOCK_T.
+        form = tanh_form or default_tanh_form(dtype, 16)
 
-    if num_splits is None:
-        programs = query_rows * -(-tgt_len // block_t)
-        key_tiles = -(-src_len // block_s)
-        num_splits = 1
-        if 0 < programs < sm_count and key_tiles >= 4:
-            num_splits = min(-(-2 * sm_count // programs), key_tiles // 2)
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    candidates = []  # (modelled seconds, padded work, config)
+    for fuse_context, tiles in modes:
+        for block_t, block_s, block_a, num_warps in tiles:
+            key_tiles = -(-max(src_len, 1) // block_s)
+            if num_splits is not None:
+                split_choices = [num_splits]
+            else:  # only split counts the launcher keeps as they are (whole key tiles per split, none empty)
+                split_choices = [k for k in range(1, min(key_tiles, MAX_COMBINE_SPLITS) + 1)
+                                 if -(-key_tiles // -(-key_tiles // k)) == k]
+            for splits in split_choices:
+                config = ForwardConfig(
+                    block_t=block_t, block_s=block_s, block_a=min(attn_pow2, block_a), block_d=block_d,
+                    num_warps=num_warps, num_stages=num_stages, tanh_form=form, num_splits=splits,
+                    fuse_context=fuse_context)
+                if query_rows * tgt_len == 0:
+                    return config
+                seconds = _modelled_seconds(config, query_rows=query_rows, tgt_len=tgt_len, src_len=src_len,
+                                            attn_dim=attn_dim, value_dim=value_dim, sm_count=sm_count)
+                ctas, work, _ = occupancy.forward_grid(
+                    query_rows=query_rows, tgt_len=tgt_len, src_len=src_len, attn_dim=attn_dim, block_t=block_t,
+                    block_s=block_s, block_a=config.block_a, num_splits=splits)
+                candidates.append((seconds, ctas * work, config))
+    cutoff = min(seconds for seconds, _, _ in candidates) * 1.01
+    return min(((padded, config) for seconds, padded, config in candidates if seconds <= cutoff),
+               key=lambda item: (item[1].num_splits, item[0], -item[1].block_t))[1]
 
-    return ForwardConfig(
-        block_t=block_t,
-        block_s=block_s,
-        block_a=block_a,
-        block_d=block_d,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        tanh_form=tanh_form or default_tanh_form(dtype, block_t),
-        num_splits=num_splits,
-        fuse_context=fuse_context,
-    )
 
-
-def context_config(*, tgt_len: int, value_dim: int) -> ContextConfig:
+def context_config(*, tgt_len: int, value_dim: int, need_weights: bool = False,
+                   dtype: torch.dtype = torch.float32) -> ContextConfig:
     """Scores -> weights and context: tensor-core tiles, D split across programs in chunks of <= 64. No tanh here,
     so loads are the cost: 2 pipeline stages (3 left a spilled register around the loop at BT = 32). These
-    tiles compile without spills (64 x 64 x 128 with 4 warps spilled ~1 KB with need_weights)."""
+    tiles compile without spills on sm_90 and sm_80 (64 x 64 x 128 with 4 warps spilled ~1 KB with need_weights;
+    the 64-row, 8-warp tile spills 152 B on sm_80 in fp32 with need_weights, so that case takes 32 rows)."""
     block_t = min(64, next_power_of_2(tgt_len))
+    if need_weights and dtype == torch.float32:
+        block_t = min(block_t, 32)
     return ContextConfig(
         block_t=block_t,
         block_s=32,

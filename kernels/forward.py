@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .configs import ForwardConfig, context_config, forward_config, next_power_of_2
+from .configs import MAX_COMBINE_SPLITS, ForwardConfig, context_config, forward_config, next_power_of_2
 from .tanh import FACTORIZED_LIMIT, FACTORIZED_V_LIMIT, TANH_FORMS, chunk_scores, score_bias, score_weights
 
 
@@ -452,9 +452,10 @@ def plan_forward(
     if query_rows == 0 or tgt_len == 0:
         return plan
 
-    # Each split covers whole key tiles; splits that would be empty are dropped.
+    # Each split covers whole key tiles; splits that would be empty are dropped. One combine pass merges at most
+    # MAX_COMBINE_SPLITS (its [splits, BLOCK_D] tile spills beyond): more key tiles make longer splits.
     key_tiles = triton.cdiv(max(src_len, 1), config.block_s)
-    tiles_per_split = triton.cdiv(key_tiles, config.num_splits)
+    tiles_per_split = triton.cdiv(key_tiles, min(config.num_splits, MAX_COMBINE_SPLITS))
     splits = triton.cdiv(key_tiles, tiles_per_split)
     split = splits > 1
     rows = query_rows * tgt_len
@@ -541,7 +542,7 @@ def plan_forward(
             num_warps=4 if config.block_d >= 256 else 1,
         ))
     if not config.fuse_context:
-        second = context_config(tgt_len=tgt_len, value_dim=value_dim)
+        second = context_config(tgt_len=tgt_len, value_dim=value_dim, need_weights=need_weights, dtype=dtype)
         plan.launches.append(launch.KernelLaunch(
             kernel=_context_from_scores_kernel,
             grid=(query_rows * triton.cdiv(tgt_len, second.block_t), max(1, triton.cdiv(value_dim, second.block_d))),
