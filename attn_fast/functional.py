@@ -129,9 +129,10 @@ def additive_attention_on_memory(
     backend: str = "auto", tanh_form: str = "auto", **options,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`additive_attention` for a decode step against a memory already checked by `check_memory`: the same
-    arguments (`options`: key_lengths, key_padding_mask, need_weights, index, extra_key_term; no `causal`) and
-    results, but only metadata is validated (types, shapes, dtypes, devices), never a
-    value: nothing here reads a tensor back to the host, so a step can be captured in a CUDA graph (eagerly too).
+    arguments (`options`: key_lengths, key_padding_mask, need_weights, index, extra_key_term, and the memory's
+    `key_exp` from `prepare_key_exp`; no `causal`) and results, but only metadata is validated (types, shapes,
+    dtypes, devices), never a value: nothing here reads a tensor back to the host, so a step can be captured in a
+    CUDA graph (eagerly too).
 
     The caller vouches for the values: key_lengths in [0, S] (checked once by `check_memory`) and `index` in
     [0, B_m) (an out-of-range index fails in the backends' gathers: IndexError on CPU, a device-side assert on
@@ -169,6 +170,16 @@ def check_memory(key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor, *
     if not can_read_values(call.key_proj):
         return "auto"
     return torch_backend.resolve_tanh_form("auto", call.key_proj[:0], call.key_proj, None)  # the keys alone
+
+
+def prepare_key_exp(key_proj: torch.Tensor, tanh_form: str, backend: str = "auto") -> torch.Tensor | None:
+    """e^{2 key_proj} [B_m, S, A] (compute dtype) for a decoding memory, when its steps will run the torch backend
+    in the factorized form (`tanh_form` as `check_memory` chose it): passed to every step as `key_exp`, it spares
+    each step one exponential per key element (at T = 1 as many exponentials as tanh elements). None otherwise:
+    another backend, the direct form, or a form not yet known ("auto")."""
+    if tanh_form != "factorized" or resolve_backend(backend, key_proj.device, key_proj.dtype) != "torch":
+        return None
+    return torch_backend.key_exponentials(key_proj)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

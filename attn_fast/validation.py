@@ -31,6 +31,10 @@ class AttentionCall:
         need_weights     also return the weights [B_q, T, S]
         index            [B_q] integer: query row b reads memory row index[b] (beam search)
         extra_key_term   [B_q, S, A], added to the key projection of each query row (location / coverage)
+        key_exp          [B_m, S, A] = e^{2 key_proj} in the compute dtype (fp32, or fp64 for fp64 inputs),
+                         prepared once per decoding memory (`functional.prepare_key_exp`); the torch backend's
+                         factorized tanh then skips that exponential at every step. Ignored by the other backends
+                         and whenever extra_key_term is given.
     Build it with `attention_call`, which validates; backends assume it is valid.
     """
 
@@ -44,6 +48,7 @@ class AttentionCall:
     need_weights: bool = False
     index: torch.Tensor | None = None
     extra_key_term: torch.Tensor | None = None
+    key_exp: torch.Tensor | None = None
 
     @property
     def query_rows(self) -> int:  # B_q
@@ -149,6 +154,7 @@ def attention_call(
     need_weights=False,
     index=None,
     extra_key_term=None,
+    key_exp=None,
     check_values: bool = True,
 ) -> AttentionCall:
     """Validate the arguments of `additive_attention` and return them as one `AttentionCall`.
@@ -233,6 +239,18 @@ def attention_call(
             f"got shape {tuple(extra_key_term.shape)}"
         )
 
+    if key_exp is not None:
+        _require_tensor("key_exp", key_exp)
+        expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        if key_exp.dtype != expected_dtype:
+            raise TypeError(f"key_exp must be e^(2 key_proj) in the compute dtype {expected_dtype}, "
+                            f"got {key_exp.dtype}")
+        if key_exp.shape != key_proj.shape:
+            raise ValueError(f"key_exp must have key_proj's shape {tuple(key_proj.shape)}, got {tuple(key_exp.shape)}")
+        if key_exp.device != device:
+            raise ValueError(f"all inputs must be on one device: query_proj is on {device} but key_exp is on "
+                             f"{key_exp.device}")
+
     if key_lengths is not None:
         _require_tensor("key_lengths", key_lengths)
         _require_integer("key_lengths", key_lengths)
@@ -260,4 +278,5 @@ def attention_call(
         raise TypeError(f"need_weights must be a bool, got {type(need_weights).__name__}")
 
     return AttentionCall(query_proj, key_proj, value, v, key_lengths=key_lengths, key_padding_mask=key_padding_mask,
-                         causal=causal, need_weights=need_weights, index=index, extra_key_term=extra_key_term)
+                         causal=causal, need_weights=need_weights, index=index, extra_key_term=extra_key_term,
+                         key_exp=key_exp)

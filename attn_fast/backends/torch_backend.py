@@ -176,6 +176,7 @@ class _Operands:
 
     def __init__(self, call: AttentionCall, tanh_form: str, chunk_elements: int):
         self.dtype = compute_dtype(call.dtype)
+        self.key_exp = call.key_exp  # e^{2 key_proj} prepared with the memory, or None
         # Casts copy only fp16/bf16 inputs, which are [B, T, A]-, [B, S, A]- and [B, S, D]-sized, not 4-D.
         self.query = call.query_proj.to(self.dtype)
         self.keys = call.key_proj.to(self.dtype)
@@ -202,6 +203,13 @@ class _Operands:
         if self.extra is not None:
             keys = keys + self.extra[rows]
         return keys
+
+    def prepared_keys(self, rows: slice) -> torch.Tensor:
+        """The tanh form's key operand [rows, S, A]: e^{2k} of the row keys for the factorized form (gathered from
+        the memory's prepared `key_exp` when there is one and no extra key term changes the keys), else the keys."""
+        if self.form is _FactorizedTanh and self.key_exp is not None and self.extra is None:
+            return self.gather(self.key_exp, rows)
+        return self.form.prepare(self.row_keys(rows))
 
     def scratch(self) -> torch.Tensor:
         """The one buffer the tanh blocks are computed in, for a whole forward or backward call."""
@@ -231,7 +239,7 @@ class _Operands:
             key_end = self.src_len if limits is None else max(limits[rows], default=0)
             if key_end == 0:
                 continue
-            prepared_keys = self.form.prepare(self.row_keys(rows)[:, :key_end])
+            prepared_keys = self.prepared_keys(rows)[:, :key_end]
             for step_start in range(0, self.tgt_len, blocks.steps):
                 steps = slice(step_start, min(step_start + blocks.steps, self.tgt_len))
                 for key_start in range(0, key_end, blocks.keys):
@@ -332,10 +340,11 @@ def _backward(ops: _Operands, probs, grad_context, grad_weights, chunk_elements,
 def _forward_op(query_proj: torch.Tensor, key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor,
                 extra_key_term: torch.Tensor | None, key_lengths: torch.Tensor | None,
                 key_padding_mask: torch.Tensor | None, index: torch.Tensor | None, causal: bool, tanh_form: str,
-                chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> context [B_q, T, D] in the input dtype, P [B_q, T, S] in the compute dtype."""
+                chunk_elements: int, key_exp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> context [B_q, T, D] in the input dtype, P [B_q, T, S] in the compute dtype. `key_exp`: the memory's
+    prepared e^{2 key_proj} (no gradient flows to it: the backward recomputes from key_proj)."""
     call = AttentionCall.from_op_inputs(query_proj, key_proj, value, v, extra_key_term, key_lengths,
-                                        key_padding_mask, index, causal)
+                                        key_padding_mask, index, causal).replace(key_exp=key_exp)
     ops = _Operands(call, tanh_form, chunk_elements)
     visible = visible_keys(
         ops.query_rows, ops.tgt_len, ops.src_len, key_lengths=key_lengths, key_padding_mask=key_padding_mask,
@@ -376,7 +385,7 @@ def _(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, 
 
 
 def _setup_context(ctx, inputs, output):
-    query_proj, key_proj, value, v, extra_key_term, key_lengths, _, index, causal, tanh_form, chunk_elements = inputs
+    query_proj, key_proj, value, v, extra_key_term, key_lengths, _, index, causal, tanh_form, chunk_elements, _ = inputs
     ctx.save_for_backward(query_proj, key_proj, value, v, extra_key_term, index, output[1], key_lengths)
     ctx.options = (causal, tanh_form, chunk_elements)
 
@@ -390,10 +399,17 @@ def _autograd_backward(ctx, grad_context, grad_probs):
                              *ctx.options, key_lengths)
     if extra_key_term is None:
         grads = [*grads[:4], None]
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None)  # nothing for the masks, options and key_exp
 
 
 _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def key_exponentials(key_proj: torch.Tensor) -> torch.Tensor:
+    """e^{2 key_proj} [B_m, S, A] in the compute dtype, exactly as the factorized form computes it per call: what a
+    decoding memory keeps (`AttentionCall.key_exp`) so that a step's blocks need no exponential of the keys. Holds
+    no graph (gradients reach key_proj through the backward, which recomputes)."""
+    return _FactorizedTanh.prepare(key_proj.detach().to(compute_dtype(key_proj.dtype)))
 
 
 def attend(call: AttentionCall, *, tanh_form: str = "auto", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
@@ -406,5 +422,5 @@ def attend(call: AttentionCall, *, tanh_form: str = "auto", chunk_elements: int 
         raise ValueError(f"chunk_elements must be at least 1, got {chunk_elements}")
     if not torch.compiler.is_compiling():  # (a compiled graph cannot branch on data: there each op decides)
         tanh_form = resolve_tanh_form(tanh_form, call.query_proj, call.key_proj, call.extra_key_term)
-    context, probs = _forward_op(*call.op_inputs(), tanh_form, chunk_elements)
+    context, probs = _forward_op(*call.op_inputs(), tanh_form, chunk_elements, call.key_exp)
     return context, (probs.to(call.dtype) if call.need_weights else None)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from attn_fast.functional import additive_attention, additive_attention_on_memory, check_memory
+from attn_fast.functional import additive_attention, additive_attention_on_memory, check_memory, prepare_key_exp
 from attn_fast.validation import check_backend
 
 
@@ -28,6 +28,8 @@ class AttentionMemory:
         max |key_proj| by `precompute` ("factorized" or "direct"; "auto" when it could not read the values, e.g.
         compiling, and the backend then decides per call). Steps with an extra key term (location, coverage)
         use "direct", whose range is unlimited, since their features' magnitude is only known per step.
+    key_exp: e^{2 key_proj} [B, S, A] in the compute dtype, computed once by `precompute` when the steps run the
+        torch backend in the factorized form (else None): each step's blocks then need no exponential of the keys.
     """
 
     key_proj: torch.Tensor
@@ -36,6 +38,7 @@ class AttentionMemory:
     key_padding_mask: torch.Tensor | None = None
     checked: bool = False
     tanh_form: str = "auto"
+    key_exp: torch.Tensor | None = None
 
 
 class AdditiveAttention(nn.Module):
@@ -136,7 +139,8 @@ class AdditiveAttention(nn.Module):
         memory = self._project(key, value, key_lengths, key_padding_mask)
         tanh_form = check_memory(memory.key_proj, memory.value, self.v.detach(), key_lengths=key_lengths,
                                  key_padding_mask=key_padding_mask)
-        return replace(memory, checked=True, tanh_form=tanh_form)
+        key_exp = prepare_key_exp(memory.key_proj, tanh_form, self.backend)
+        return replace(memory, checked=True, tanh_form=tanh_form, key_exp=key_exp)
 
     def _attend(self, query: torch.Tensor, memory: AttentionMemory, *, causal=False, extra_key_term=None,
                 index=None, need_weights=False):
@@ -149,7 +153,9 @@ class AdditiveAttention(nn.Module):
         if memory.checked and not causal:
             # A step against a memory `precompute` validated: metadata checks only, no host read (AttentionMemory).
             tanh_form = memory.tanh_form if extra_key_term is None or memory.tanh_form == "auto" else "direct"
-            context, weights = additive_attention_on_memory(*arguments, tanh_form=tanh_form, **options)
+            key_exp = memory.key_exp if extra_key_term is None else None
+            context, weights = additive_attention_on_memory(*arguments, tanh_form=tanh_form, key_exp=key_exp,
+                                                            **options)
         else:
             context, weights = additive_attention(*arguments, causal=causal, **options)
         if apply_dropout:
