@@ -57,14 +57,16 @@ def measured_fraction(spec: CaseSpec, median_s: float, limit: dict) -> float | N
 
 
 def static_predictions(report: dict) -> dict:
-    """The bench's subset of a full static report (the JSON of benchmarks/static_report.py): the predicted fraction
-    of 16 tanh/clk/SM of the tanh kernel of every bench shape and dtype, forward (weights not asked for, as the bench
-    calls it) and backward.
+    """The bench's subset of a full static report (the JSON of benchmarks/static_report.py): for the tanh kernel of
+    every bench shape and dtype, forward (weights not asked for, as the bench calls it) and backward, the predicted
+    fraction of 16 tanh/clk/SM inside one SM (the hot loop's issue model) and, where the report has it, the
+    whole-GPU ceiling (that x the grid's efficiency: idle SMs, partial waves, padding; kernels/occupancy.py).
 
-    Returns {"target", "triton", "model", "predicted_tanh_rate_fraction": {use: fraction}}, use "shape/dtype" for
-    the forward's score kernel and "shape/dtype/backward" for the backward's tanh pass; shapes outside the bench's
-    table (the report-only additions) are left out."""
-    fractions = {}
+    Returns {"target", "triton", "model", "predicted_tanh_rate_fraction": {use: per-SM fraction},
+    "predicted_whole_gpu_fraction": {use: whole-GPU ceiling}}, use "shape/dtype" for the forward's score kernel and
+    "shape/dtype/backward" for the backward's tanh pass; shapes outside the bench's table (the report-only
+    additions) are left out."""
+    fractions, whole_gpu = {}, {}
     for entry in report.get("kernels", []):
         if "hot_loop" not in entry:
             continue
@@ -72,8 +74,10 @@ def static_predictions(report: dict) -> dict:
             if use.endswith("/weights") or use.split("/")[0] not in SHAPES:
                 continue
             fractions.setdefault(use, entry["hot_loop"]["predicted_tanh_rate_fraction"])
+            if use in entry.get("whole_gpu", {}):
+                whole_gpu.setdefault(use, entry["whole_gpu"][use]["ceiling"])
     return {"target": report.get("target", "sm_90"), "triton": report.get("triton"), "model": report.get("model"),
-            "predicted_tanh_rate_fraction": fractions}
+            "predicted_tanh_rate_fraction": fractions, "predicted_whole_gpu_fraction": whole_gpu}
 
 
 def load_static_predictions(path: pathlib.Path | str | None = None) -> dict | None:
@@ -90,14 +94,17 @@ def load_static_predictions(path: pathlib.Path | str | None = None) -> dict | No
 
 
 def predicted_fraction(predictions: dict | None, shape_name: str, dtype_name: str, mode: str) -> dict | None:
-    """The predicted fraction of the MUFU limit (tanh rate) of the score kernel the forward plans for (shape,
-    dtype), and for forward_backward the tanh-weighted mean with the backward kernel's figure; `predictions` as
-    `load_static_predictions` returns them. None when they do not cover the shape (e.g. `tiny`) or the mode: the
-    report compiles each named shape as it is, so a decode step of an all-steps shape (T = 1 instead of T) is not
-    in it; tts_step's forward, which is a decode step, is."""
+    """The predicted fraction of the MUFU limit (tanh rate; the whole-GPU ceiling when the predictions have it) of
+    the score kernel the forward plans for (shape, dtype), and for forward_backward the tanh-weighted mean with the
+    backward kernel's figure; `predictions` as `load_static_predictions` returns them. None when they do not cover
+    the shape (e.g. `tiny`) or the mode: the report compiles each named shape as it is, so a decode step of an
+    all-steps shape (T = 1 instead of T) is not in it; tts_step's forward, which is a decode step, is."""
     if predictions is None or mode == "decode_step":
         return None
-    fractions = predictions["predicted_tanh_rate_fraction"]
+    # The whole-GPU ceiling where the predictions have it (what a measurement on the whole GPU compares with),
+    # else the per-SM figure.
+    fractions = {**predictions["predicted_tanh_rate_fraction"], **predictions.get("predicted_whole_gpu_fraction", {})}
+    scope = "whole-GPU ceiling" if predictions.get("predicted_whole_gpu_fraction") else "per-SM"
     forward = fractions.get(f"{shape_name}/{dtype_name}")
     if forward is None:
         return None
@@ -110,5 +117,5 @@ def predicted_fraction(predictions: dict | None, shape_name: str, dtype_name: st
     else:
         fraction = forward
     return {"predicted_mufu_fraction": fraction,
-            "source": f"static sm_{predictions.get('target', 'sm_90').removeprefix('sm_')} issue model "
+            "source": f"static sm_{predictions.get('target', 'sm_90').removeprefix('sm_')} issue model, {scope} "
                       f"(Triton {predictions.get('triton') or '?'}): a PREDICTION, not a measurement"}
