@@ -173,11 +173,27 @@ def check_memory(key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor, *
 
 
 def prepare_key_exp(key_proj: torch.Tensor, tanh_form: str, backend: str = "auto") -> torch.Tensor | None:
-    """e^{2 key_proj} [B_m, S, A] (compute dtype) for a decoding memory, when its steps will run the torch backend
-    in the factorized form (`tanh_form` as `check_memory` chose it): passed to every step as `key_exp`, it spares
-    each step one exponential per key element (at T = 1 as many exponentials as tanh elements). None otherwise:
-    another backend, the direct form, or a form not yet known ("auto")."""
-    if tanh_form != "factorized" or resolve_backend(backend, key_proj.device, key_proj.dtype) != "torch":
+    """e^{2 key_proj} [B_m, S, A] (compute dtype) for a decoding memory, passed to every step as `key_exp`:
+    - torch backend: when its steps run in the factorized form (`tanh_form` as `check_memory` chose it); it spares
+      each step one exponential per key element (at T = 1 as many exponentials as tanh elements);
+    - Triton backend: for fp32 keys all within the kernels' factorized range (|key_proj| <= FACTORIZED_LIMIT = 20 of
+      kernels/tanh.py, tighter than the torch backend's 40; checked here, once, with a host read): fp32 decode
+      steps then take the factorized tanh with e^{2k} loaded, 1 MUFU op per element instead of the exp form's 2,
+      and need no range check of the keys (the query's is still made per program).
+    None otherwise: another backend, the direct form, keys out of the kernels' range, fp16/bf16 keys for the
+    Triton backend (its tanh.approx form has no key operand), or a form not yet known ("auto")."""
+    if tanh_form != "factorized":
+        return None
+    chosen = resolve_backend(backend, key_proj.device, key_proj.dtype)
+    if chosen == "torch":
+        return torch_backend.key_exponentials(key_proj)
+    if chosen != "triton" or key_proj.dtype != torch.float32 or key_proj.numel() == 0:
+        return None
+    if not can_read_values(key_proj):  # "factorized" means check_memory read the values; be safe all the same
+        return None
+    from attn_fast.kernels.tanh import FACTORIZED_LIMIT  # imports triton, importable since "triton" resolved
+
+    if not float(key_proj.detach().abs().amax()) <= float(FACTORIZED_LIMIT.value):  # False for NaN too
         return None
     return torch_backend.key_exponentials(key_proj)
 

@@ -16,7 +16,8 @@ Forward (`forward_config`):
   and T is covered by the tile size that pads it least.
 - Single-step decoding (T small) cannot share a key across query rows, so the tile is long in S instead:
   [16, 1, 128] (scores only) or [16, 1, 64] (fused: the [BLOCK_S, BLOCK_D] value tile sits in registers too, so
-  D <= 128 there). fp32 decoding uses the exp tanh: the factorized one saves nothing with one row.
+  D <= 128 there). fp32 decoding uses the exp tanh (the factorized one saves nothing with one row when it must
+  compute e^{2k} itself), or the factorized tanh when the call brings the memory's prepared e^{2k}.
 - The P @ value product uses tl.dot (tensor cores). Larger value dims (and calls that return the weights) store
   the raw scores instead and compute weights and context in a second, tanh-free kernel tiled over D.
 - NUM_STAGES is 1: pipelining the A-chunk loads raised the instruction count without saving registers; loads come
@@ -88,12 +89,14 @@ class ContextConfig:
     num_stages: int  # Triton's software pipelining of the key loop (cp.async prefetch of scores and value)
 
 
-def default_tanh_form(dtype: torch.dtype, block_t: int) -> str:
+def default_tanh_form(dtype: torch.dtype, block_t: int, has_key_exp: bool = False) -> str:
     """fp32 needs an fp32-accurate tanh (tolerance 1e-5): the factorized form costs 1 MUFU op per element when a
-    tile has many query rows to share the per-row exponentials, and the exp form otherwise (decoding). fp16/bf16
-    tolerate tanh.approx (max relative error 2^-11), 1 MUFU op per element."""
+    tile has many query rows to share the per-row exponentials, or when the call brings the keys' e^{2k} prepared
+    with a decoding memory (`has_key_exp`: the kernel loads them instead of computing them), and the exp form
+    otherwise (decoding without prepared keys). fp16/bf16 tolerate tanh.approx (max relative error 2^-11), 1 MUFU
+    op per element."""
     if dtype == torch.float32:
-        return "factorized" if block_t >= 16 else "exp"
+        return "factorized" if block_t >= 16 or has_key_exp else "exp"
     return "approx"
 
 
@@ -157,8 +160,11 @@ def forward_config(
     sm_count: int = DEFAULT_SM_COUNT,
     tanh_form: str | None = None,
     num_splits: int | None = None,
+    has_key_exp: bool = False,
 ) -> ForwardConfig:
     """The configuration for one call. `tanh_form` and `num_splits` override the heuristic (tests, benchmarks).
+    `has_key_exp`: the call brings the memory's prepared e^{2 key_proj} (fp32 decode then takes the factorized
+    form, `default_tanh_form`).
 
     Candidates: fused context (when the weights are not asked for and the value dim fits, see the module
     docstring) and scores mode, each with its tiles (decoding: its one decode tile) and every key split count
@@ -180,7 +186,7 @@ def forward_config(
         if not need_weights and block_d <= MAX_FUSED_VALUE_DIM_DECODE:
             modes.append((True, [(block_t, 64, block_a, 4)]))
         modes.append((False, [(block_t, 128, block_a, 4)]))
-        form = tanh_form or default_tanh_form(dtype, block_t)
+        form = tanh_form or default_tanh_form(dtype, block_t, has_key_exp)
     else:
         if not need_weights and block_d <= MAX_FUSED_VALUE_DIM:
             fused_tiles = ALL_STEPS_TILES_WIDE if block_d > 128 else ALL_STEPS_TILES

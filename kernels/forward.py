@@ -26,7 +26,16 @@ import triton.language as tl
 
 from . import launch
 from .configs import MAX_COMBINE_SPLITS, ForwardConfig, context_config, forward_config, next_power_of_2
-from .tanh import FACTORIZED_LIMIT, FACTORIZED_V_LIMIT, TANH_FORMS, chunk_scores, score_bias, score_weights
+from .tanh import (
+    FACTORIZED_LIMIT,
+    FACTORIZED_V_LIMIT,
+    TANH_FORMS,
+    chunk_scores,
+    exp2x_accurate,
+    reciprocal,
+    score_bias,
+    score_weights,
+)
 
 
 @triton.jit
@@ -93,25 +102,53 @@ def _load_key_chunk(key_base, extra_base, a_start, key_rows_offset, offs_s, s_va
 
 
 @triton.jit
+def _prepared_key_chunk_scores(query_factor_chunk, key_exp_chunk, weight_chunk, INTERPRET: tl.constexpr):
+    """`tanh.chunk_scores` in the factorized form with both factors given: query_factor_chunk [BLOCK_A, BLOCK_T] =
+    c e^{2q} (written once per program by `_attention_forward_kernel`'s prologue) and key_exp_chunk
+    [BLOCK_A, BLOCK_S] = e^{2k} (the decoding memory's prepared keys, in range by `functional.prepare_key_exp`).
+    Per element one FFMA, one MUFU.RCP and one add, and no exponential at all: with one query row per program each
+    thread holds one key and all BLOCK_A units, so an e^{2q} computed here would cost one EX2 per element."""
+    scale = weight_chunk  # c = -1 / (2 v)
+    denominator = query_factor_chunk[:, :, None] * key_exp_chunk[:, None, :] + scale[:, None, None]  # one FFMA
+    return tl.sum(reciprocal(denominator, INTERPRET), axis=0)
+
+
+@triton.jit
 def _key_tile_scores(
     tile_scores, query_base, key_base, extra_base, score_vector, query_rows_offset, t_valid,
     key_rows_offset, offs_s, s_valid, A, stride_qa, stride_ka, stride_xa, stride_xs,
     HAS_EXTRA: tl.constexpr, NUM_STAGES: tl.constexpr, FORM: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_A: tl.constexpr,
+    BLOCK_A: tl.constexpr, PREPARED: tl.constexpr = False, key_exp_base=None, key_exp_rows_offset=None,
+    stride_ea=0, query_factor_base=None, query_factor_rows_offset=None,
 ):
     """The hot loop: tile_scores [BLOCK_T, BLOCK_S] + the scores of one (query tile, key tile) pair, chunk by chunk
-    over A in one tanh form (the caller checked the factorized form's ranges)."""
+    over A in one tanh form (the caller checked the factorized form's ranges). PREPARED (factorized form only): the
+    key operand e^{2k} is loaded from the memory's key_exp (`key_exp_base`, rows at `key_exp_rows_offset`, stride
+    `stride_ea` along A) and the query operand c e^{2q} from the program's scratch (`query_factor_base`, rows at
+    `query_factor_rows_offset`, contiguous along A, padded to whole chunks) instead of computed."""
     for a_start in tl.range(0, A, BLOCK_A, num_stages=NUM_STAGES):
         offs_a = a_start + tl.arange(0, BLOCK_A)
         a_valid = offs_a < A
-        query_chunk = tl.load(
-            query_base + offs_a.to(tl.int64)[:, None] * stride_qa + query_rows_offset[None, :],
-            mask=a_valid[:, None] & t_valid[None, :], other=0.0,
-        ).to(tl.float32)  # [BA, BT]
-        key_chunk = _load_key_chunk(key_base, extra_base, a_start, key_rows_offset, offs_s, s_valid, A,
-                                    stride_ka, stride_xa, stride_xs, HAS_EXTRA, BLOCK_A)
         weight_chunk = tl.load(score_vector + offs_a)  # [BA] fp32, padded to whole chunks
-        tile_scores += chunk_scores(query_chunk, key_chunk, weight_chunk, FORM, INTERPRET)
+        if PREPARED:
+            query_factor_chunk = tl.load(
+                query_factor_base + offs_a.to(tl.int64)[:, None] + query_factor_rows_offset[None, :],
+                mask=t_valid[None, :], other=0.0,
+            )  # [BA, BT] c e^{2q}, padded A included
+            # e^{2k}; 1 = e^{2*0} past A and past the keys, as key_proj's 0 there would give.
+            key_exp_chunk = tl.load(
+                key_exp_base + offs_a.to(tl.int64)[:, None] * stride_ea + key_exp_rows_offset[None, :],
+                mask=a_valid[:, None] & s_valid[None, :], other=1.0,
+            ).to(tl.float32)  # [BA, BS]
+            tile_scores += _prepared_key_chunk_scores(query_factor_chunk, key_exp_chunk, weight_chunk, INTERPRET)
+        else:
+            query_chunk = tl.load(
+                query_base + offs_a.to(tl.int64)[:, None] * stride_qa + query_rows_offset[None, :],
+                mask=a_valid[:, None] & t_valid[None, :], other=0.0,
+            ).to(tl.float32)  # [BA, BT]
+            key_chunk = _load_key_chunk(key_base, extra_base, a_start, key_rows_offset, offs_s, s_valid, A,
+                                        stride_ka, stride_xa, stride_xs, HAS_EXTRA, BLOCK_A)
+            tile_scores += chunk_scores(query_chunk, key_chunk, weight_chunk, FORM, INTERPRET)
     return tile_scores
 
 
@@ -120,6 +157,8 @@ def _attention_forward_kernel(
     # inputs (placeholders where the HAS_* flag is off); score_vector [A] and score_scalars [2] come from
     # _score_vector_kernel
     query_proj, key_proj, value, score_vector, score_scalars, extra_key_term, key_lengths, key_padding_mask, index,
+    key_exp,  # e^{2 key_proj} fp32 [B_m, S, A] prepared with a decoding memory (HAS_KEY_EXP), else a placeholder
+    query_factor,  # HAS_KEY_EXP: scratch [splits, B_q * T, A padded to whole chunks] fp32 for c e^{2q}
     # outputs: context [B_q, T, D] and lse [B_q, T] (one split) or, with splits, fp32 partials
     # context [splits, B_q, T, D] (unnormalized), row_max / row_sum [splits, B_q, T]; scores [B_q, T, S] fp32, and
     # in scores mode row_max / row_sum [splits (1 without), B_q, T] for the second pass
@@ -128,12 +167,13 @@ def _attention_forward_kernel(
     stride_kb, stride_ks, stride_ka,
     stride_vb, stride_vs, stride_vd,
     stride_xb, stride_xs, stride_xa,
+    stride_eb, stride_es, stride_ea,  # key_exp
     stride_mb, stride_mt, stride_ms,  # stride_mt = 0 for a [B_m, S] mask
     stride_lengths, stride_index,
     query_rows, T, S, A, D,
     keys_per_split,  # a multiple of BLOCK_S
     HAS_EXTRA: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
-    HAS_INDEX: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_KEY_EXP: tl.constexpr, CAUSAL: tl.constexpr,
     FUSE_CONTEXT: tl.constexpr, WRITE_SCORES: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_STAGES: tl.constexpr, TANH_FORM: tl.constexpr, INTERPRET: tl.constexpr,
@@ -152,6 +192,7 @@ def _attention_forward_kernel(
     key_base = key_proj + memory * stride_kb
     value_base = value + memory * stride_vb
     extra_base = extra_key_term + batch64 * stride_xb
+    key_exp_base = key_exp + memory * stride_eb  # gathered through index like key_proj
     if MASK_PER_QUERY:
         mask_base = key_padding_mask + batch64 * stride_mb
     else:
@@ -175,8 +216,15 @@ def _attention_forward_kernel(
     key_end = tl.minimum(key_end, key_begin + keys_per_split)
 
     # The factorized tanh needs |q|, |k| and |v| within range (tanh.py): v and this query tile are checked once
-    # here, each key tile once before its A loop.
+    # here, each key tile once before its A loop (with HAS_KEY_EXP the keys were checked at precompute).
     if TANH_FORM == "factorized":
+        if HAS_KEY_EXP:
+            # c e^{2q} of this query tile, once per program, into its own scratch rows (padded A included): the hot
+            # loop loads it, as it loads e^{2k}, rather than have every thread recompute the exponentials of its
+            # A-chunk per key tile (one EX2 per element with one query row per program).
+            a_padded = tl.cdiv(A, BLOCK_A) * BLOCK_A
+            query_factor_base = query_factor + (split.to(tl.int64) * query_rows * T + batch64 * T) * a_padded
+            query_factor_rows_offset = offs_t.to(tl.int64) * a_padded  # [BT]
         query_absmax = tl.zeros([BLOCK_A, BLOCK_T], dtype=tl.float32)
         for a_start in range(0, A, BLOCK_A):
             offs_a = a_start + tl.arange(0, BLOCK_A)
@@ -185,8 +233,14 @@ def _attention_forward_kernel(
                 mask=(offs_a < A)[:, None] & t_valid[None, :], other=0.0,
             ).to(tl.float32)
             query_absmax = tl.maximum(query_absmax, tl.abs(query_chunk))
+            if HAS_KEY_EXP:
+                weight_chunk = tl.load(score_vector + offs_a)  # padded to whole chunks
+                tl.store(query_factor_base + offs_a.to(tl.int64)[:, None] + query_factor_rows_offset[None, :],
+                         weight_chunk[:, None] * exp2x_accurate(query_chunk), mask=t_valid[None, :])
         query_in_range = ((tl.max(tl.max(query_absmax, axis=1), axis=0) <= FACTORIZED_LIMIT)
                           & (tl.load(score_scalars + 1) <= FACTORIZED_V_LIMIT))
+        if HAS_KEY_EXP:
+            tl.debug_barrier()  # the scratch rows written by every thread of the program, before the loop reads
     bias = tl.load(score_scalars)  # added to every score once (tanh.score_bias)
 
     row_max_run = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)  # m: running max of the visible scores
@@ -201,7 +255,22 @@ def _attention_forward_kernel(
         # scores[i, j] = sum over A-chunks of sum_a v[a] tanh(q[a, i] + k[a, j]); A-major tiles, reduced over axis
         # 0, so the reduction stays in each thread's registers (no cross-lane shuffles).
         tile_scores = tl.zeros([BLOCK_T, BLOCK_S], dtype=tl.float32) + bias
-        if TANH_FORM == "factorized":
+        if TANH_FORM == "factorized" and HAS_KEY_EXP:
+            # e^{2k} prepared with the memory, whose keys `prepare_key_exp` found within FACTORIZED_LIMIT once at
+            # precompute: no key range check. An out-of-range query tile takes the exp form from key_proj.
+            if query_in_range:
+                tile_scores = _key_tile_scores(
+                    tile_scores, query_base, key_base, extra_base, score_vector, query_rows_offset, t_valid,
+                    key_rows_offset, offs_s, s_valid, A, stride_qa, stride_ka, stride_xa, stride_xs,
+                    HAS_EXTRA, NUM_STAGES, "factorized", INTERPRET, BLOCK_A,
+                    True, key_exp_base, offs_s.to(tl.int64) * stride_es, stride_ea, query_factor_base,
+                    query_factor_rows_offset)
+            else:
+                tile_scores = _key_tile_scores(
+                    tile_scores, query_base, key_base, extra_base, score_vector, query_rows_offset, t_valid,
+                    key_rows_offset, offs_s, s_valid, A, stride_qa, stride_ka, stride_xa, stride_xs,
+                    HAS_EXTRA, NUM_STAGES, "exp", INTERPRET, BLOCK_A)
+        elif TANH_FORM == "factorized":
             # The factorized form needs |q|, |k| <= FACTORIZED_LIMIT; saturated inputs take the exp form. The key
             # tile is checked once, before the A loop (a block-wide max inside it cost SHFL and BAR.SYNC per chunk),
             # and the branch is taken once per key tile: neither A loop has a reduction or a branch.
@@ -425,6 +494,10 @@ def plan_forward(
     `tanh_form` ("exp", "factorized", "approx", "libdevice") and `num_splits` (key splits, >= 1) override the
     heuristic of kernels/configs.py; leave them None in normal use. `config` replaces the heuristic entirely
     (benchmarks and the static report compare configurations with it). `interpret`: the kernels' INTERPRET switch.
+    `call.key_exp` (a decoding memory's e^{2 key_proj}, fp32, every |key_proj| within FACTORIZED_LIMIT as
+    `functional.prepare_key_exp` checked once at precompute): fp32 decode tiles then take the factorized form, and
+    in that form the kernel loads e^{2k} through the memory row instead of computing it, with no key range check
+    (HAS_KEY_EXP). Ignored with an extra key term or in any other tanh form.
     """
     if tanh_form is not None and tanh_form not in TANH_FORMS:
         raise ValueError(f"tanh_form must be one of {TANH_FORMS}, got {tanh_form!r}")
@@ -435,12 +508,15 @@ def plan_forward(
     query_rows, tgt_len, attn_dim = call.query_rows, call.tgt_len, call.attn_dim
     src_len, value_dim = call.src_len, call.value_dim
     dtype, device = call.dtype, call.device
+    # The memory's prepared e^{2 key_proj} (AttentionCall.key_exp): ignored with an extra key term, which changes
+    # the keys. Loaded by the kernel only in the factorized form (HAS_KEY_EXP).
+    key_exp = call.key_exp if extra_key_term is None else None
 
     if config is None:
         config = forward_config(
             query_rows=query_rows, tgt_len=tgt_len, src_len=src_len, attn_dim=attn_dim, value_dim=value_dim,
             dtype=dtype, need_weights=need_weights, sm_count=launch.sm_count(device), tanh_form=tanh_form,
-            num_splits=num_splits,
+            num_splits=num_splits, has_key_exp=key_exp is not None,
         )
     elif need_weights and config.fuse_context:
         raise ValueError("need_weights requires a configuration with fuse_context=False")
@@ -451,6 +527,8 @@ def plan_forward(
     plan = ForwardPlan(context, lse, weights, config, [])
     if query_rows == 0 or tgt_len == 0:
         return plan
+    if config.tanh_form != "factorized":
+        key_exp = None  # only the factorized form has a key operand e^{2k}
 
     # Each split covers whole key tiles; splits that would be empty are dropped. One combine pass merges at most
     # MAX_COMBINE_SPLITS (its [splits, BLOCK_D] tile spills beyond): more key tiles make longer splits.
@@ -479,6 +557,9 @@ def plan_forward(
     attn_dim_padded = triton.cdiv(attn_dim, config.block_a) * config.block_a
     score_vector = launch.empty_buffer((attn_dim_padded,), torch.float32, device)
     score_scalars = launch.empty_buffer((2,), torch.float32, device)
+    # With prepared keys, each program's c e^{2q} (written in its prologue, read by its score loop).
+    query_factor = (launch.empty_buffer((splits, rows, attn_dim_padded), torch.float32, device)
+                    if key_exp is not None else None)
     plan.launches.append(launch.KernelLaunch(
         kernel=_score_vector_kernel,
         grid=(1,),
@@ -500,6 +581,8 @@ def plan_forward(
             key_padding_mask=pointer(None if key_padding_mask is None else key_padding_mask.view(torch.uint8),
                                      query_proj),
             index=pointer(index, query_proj),
+            key_exp=pointer(key_exp, query_proj),
+            query_factor=pointer(query_factor, lse),
             context=partial_context if split and config.fuse_context else context,
             lse=lse,
             row_max=row_max if keep_stats else lse,
@@ -510,6 +593,7 @@ def plan_forward(
             **dict(zip(("stride_vb", "stride_vs", "stride_vd"), value.stride())),
             **dict(zip(("stride_xb", "stride_xs", "stride_xa"),
                        (0, 0, 0) if extra_key_term is None else extra_key_term.stride())),
+            **dict(zip(("stride_eb", "stride_es", "stride_ea"), (0, 0, 0) if key_exp is None else key_exp.stride())),
             **dict(zip(("stride_mb", "stride_mt", "stride_ms"), _mask_strides(key_padding_mask))),
             stride_lengths=0 if key_lengths is None else key_lengths.stride(0),
             stride_index=0 if index is None else index.stride(0),
@@ -520,6 +604,7 @@ def plan_forward(
             HAS_MASK=key_padding_mask is not None,
             MASK_PER_QUERY=key_padding_mask is not None and key_padding_mask.dim() == 3,
             HAS_INDEX=index is not None,
+            HAS_KEY_EXP=key_exp is not None,
             CAUSAL=causal,
             FUSE_CONTEXT=config.fuse_context,
             WRITE_SCORES=not config.fuse_context,

@@ -33,10 +33,13 @@ from attn_fast.validation import AttentionCall
 def _forward_op(query_proj: torch.Tensor, key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor,
                 extra_key_term: torch.Tensor | None, key_lengths: torch.Tensor | None,
                 key_padding_mask: torch.Tensor | None, index: torch.Tensor | None, causal: bool,
-                keep_probs: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> context [B_q, T, D] in the input dtype, and P [B_q, T, S] fp32 (an empty tensor unless `keep_probs`)."""
+                keep_probs: bool, key_exp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> context [B_q, T, D] in the input dtype, and P [B_q, T, S] fp32 (an empty tensor unless `keep_probs`).
+    `key_exp`: the decoding memory's e^{2 key_proj} (fp32, keys within the kernels' factorized range), which fp32
+    decode then loads instead of computing; not saved for the backward, no gradient."""
     call = AttentionCall.from_op_inputs(query_proj, key_proj, value, v, extra_key_term, key_lengths,
                                         key_padding_mask, index, causal, need_weights=keep_probs)
+    call = call.replace(key_exp=key_exp)
     context, _, probs = attention_forward(call, weights_dtype=torch.float32, wrap=wrap_triton)
     if probs is None:
         probs = context.new_empty(0, dtype=torch.float32)
@@ -63,7 +66,7 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    query_proj, key_proj, value, v, extra_key_term, key_lengths, _, index, causal, _ = inputs
+    query_proj, key_proj, value, v, extra_key_term, key_lengths, _, index, causal = inputs[:9]  # not key_exp
     ctx.save_for_backward(query_proj, key_proj, value, v, extra_key_term, index, output[1], key_lengths)
     ctx.causal = causal
 
@@ -98,7 +101,7 @@ def _backward_in_saved_dtypes(ctx, grad_context, grad_probs):
     inputs = (query_proj, key_proj, value, v, extra_key_term)
     results = tuple(None if grad is None or not needed else grad.to(tensor.dtype)
                     for grad, tensor, needed in zip(grads, inputs, ctx.needs_input_grad[:5]))
-    return (*results, None, None, None, None, None)
+    return (*results, None, None, None, None, None, None)  # masks, index, causal, keep_probs, key_exp
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -110,6 +113,8 @@ def attend(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
 
     float64 inputs run the fp32 kernels: they are cast at this boundary (differentiably, so gradients come back in
     float64) and the results are cast back, with fp32 accuracy. `backend="auto"` sends float64 to the torch backend.
+    `call.key_exp` (the memory's prepared e^{2 key_proj}) goes to the kernels unless an extra key term changes the
+    keys; float64 calls drop it (it was prepared in float64 for the torch backend's range, not the kernels').
     """
     if call.dtype == torch.float64:
         def single(tensor):
@@ -117,8 +122,9 @@ def attend(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
 
         context, weights = attend(call.replace(
             query_proj=single(call.query_proj), key_proj=single(call.key_proj), value=single(call.value),
-            v=single(call.v), extra_key_term=single(call.extra_key_term)))
+            v=single(call.v), extra_key_term=single(call.extra_key_term), key_exp=None))
         return context.double(), (None if weights is None else weights.double())
     keep_probs = call.need_weights or (torch.is_grad_enabled() and any(t.requires_grad for t in call.float_inputs()))
-    context, probs = _forward_op(*call.op_inputs(), keep_probs)
+    key_exp = call.key_exp if call.extra_key_term is None else None
+    context, probs = _forward_op(*call.op_inputs(), keep_probs, key_exp)
     return context, (probs.to(call.dtype) if call.need_weights else None)
