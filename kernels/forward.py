@@ -11,6 +11,9 @@ Kernels (see DESIGN.md, "Forward kernel"):
     fuse_context: keeps an online softmax (running max m, sum l) and the context accumulator acc += P @ value, or
     scores mode:  stores the raw scores E (-inf where hidden) and only the softmax statistics.
   With one split it writes the final context and lse; with several it writes partial (m, l, acc) per split.
+- `_attention_forward_prepared_kernel`: the same program (`_attention_forward_program`) with a decoding memory's
+  prepared keys (HAS_KEY_EXP): the factorized tanh loads e^{2k} from key_exp and c e^{2q} from a per-program scratch
+  row written in its prologue, so fp32 decode takes 1 MUFU op per element instead of the exp form's 2.
 - `_combine_splits_kernel`: merges the partial (m, l, acc) of the key splits (flash-decoding).
 - `_context_from_scores_kernel`: scores mode's second pass, without tanh: P = exp(E - max) / sum (the row's
   softmax statistics, exact at any score magnitude), context = P @ value tiled over D, and the weights P when asked
@@ -129,7 +132,6 @@ def _key_tile_scores(
     for a_start in tl.range(0, A, BLOCK_A, num_stages=NUM_STAGES):
         offs_a = a_start + tl.arange(0, BLOCK_A)
         a_valid = offs_a < A
-        weight_chunk = tl.load(score_vector + offs_a)  # [BA] fp32, padded to whole chunks
         if PREPARED:
             query_factor_chunk = tl.load(
                 query_factor_base + offs_a.to(tl.int64)[:, None] + query_factor_rows_offset[None, :],
@@ -140,6 +142,7 @@ def _key_tile_scores(
                 key_exp_base + offs_a.to(tl.int64)[:, None] * stride_ea + key_exp_rows_offset[None, :],
                 mask=a_valid[:, None] & s_valid[None, :], other=1.0,
             ).to(tl.float32)  # [BA, BS]
+            weight_chunk = tl.load(score_vector + offs_a)  # [BA] fp32, padded to whole chunks
             tile_scores += _prepared_key_chunk_scores(query_factor_chunk, key_exp_chunk, weight_chunk, INTERPRET)
         else:
             query_chunk = tl.load(
@@ -148,12 +151,13 @@ def _key_tile_scores(
             ).to(tl.float32)  # [BA, BT]
             key_chunk = _load_key_chunk(key_base, extra_base, a_start, key_rows_offset, offs_s, s_valid, A,
                                         stride_ka, stride_xa, stride_xs, HAS_EXTRA, BLOCK_A)
+            weight_chunk = tl.load(score_vector + offs_a)  # [BA] fp32, padded to whole chunks
             tile_scores += chunk_scores(query_chunk, key_chunk, weight_chunk, FORM, INTERPRET)
     return tile_scores
 
 
 @triton.jit
-def _attention_forward_kernel(
+def _attention_forward_program(
     # inputs (placeholders where the HAS_* flag is off); score_vector [A] and score_scalars [2] come from
     # _score_vector_kernel
     query_proj, key_proj, value, score_vector, score_scalars, extra_key_term, key_lengths, key_padding_mask, index,
@@ -178,8 +182,9 @@ def _attention_forward_kernel(
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_STAGES: tl.constexpr, TANH_FORM: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Program = (query row b, tile of BLOCK_T query rows) on axis 0, key split on axis 1. See the module docstring
-    for what it writes; shapes of the inputs as in `attention_forward`, any strides."""
+    """The body of `_attention_forward_kernel` and `_attention_forward_prepared_kernel`. Program = (query row b,
+    tile of BLOCK_T query rows) on axis 0, key split on axis 1. See the module docstring for what it writes; shapes
+    of the inputs as in `attention_forward`, any strides."""
     num_t_tiles = tl.cdiv(T, BLOCK_T)
     batch = tl.program_id(0) // num_t_tiles  # query row b
     t_tile = tl.program_id(0) % num_t_tiles
@@ -347,6 +352,73 @@ def _attention_forward_kernel(
             normalized = acc / tl.where(has_keys, row_sum_run, 1.0)[:, None]
             tl.store(context + out_rows[:, None] * D + offs_d[None, :],
                      normalized.to(context.dtype.element_ty), mask=t_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _attention_forward_kernel(
+    query_proj, key_proj, value, score_vector, score_scalars, extra_key_term, key_lengths, key_padding_mask, index,
+    context, lse, row_max, row_sum, scores,
+    stride_qb, stride_qt, stride_qa,
+    stride_kb, stride_ks, stride_ka,
+    stride_vb, stride_vs, stride_vd,
+    stride_xb, stride_xs, stride_xa,
+    stride_mb, stride_mt, stride_ms,
+    stride_lengths, stride_index,
+    query_rows, T, S, A, D,
+    keys_per_split,
+    HAS_EXTRA: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
+    HAS_INDEX: tl.constexpr, CAUSAL: tl.constexpr,
+    FUSE_CONTEXT: tl.constexpr, WRITE_SCORES: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_STAGES: tl.constexpr, TANH_FORM: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """The forward's score kernel (see `_attention_forward_program`; the arguments as there, without the prepared
+    keys). Its signature is what the static report's saved launches record, so the prepared-keys variant is a
+    kernel of its own rather than extra arguments here."""
+    _attention_forward_program(
+        query_proj, key_proj, value, score_vector, score_scalars, extra_key_term, key_lengths, key_padding_mask,
+        index, query_proj, lse, context, lse, row_max, row_sum, scores,
+        stride_qb, stride_qt, stride_qa, stride_kb, stride_ks, stride_ka, stride_vb, stride_vs, stride_vd,
+        stride_xb, stride_xs, stride_xa, 0, 0, 0, stride_mb, stride_mt, stride_ms,
+        stride_lengths, stride_index, query_rows, T, S, A, D, keys_per_split,
+        HAS_EXTRA, HAS_LENGTHS, HAS_MASK, MASK_PER_QUERY, HAS_INDEX, False, CAUSAL, FUSE_CONTEXT, WRITE_SCORES, SPLIT,
+        BLOCK_T, BLOCK_S, BLOCK_A, BLOCK_D, NUM_STAGES, TANH_FORM, INTERPRET,
+    )
+
+
+@triton.jit
+def _attention_forward_prepared_kernel(
+    query_proj, key_proj, value, score_vector, score_scalars, extra_key_term, key_lengths, key_padding_mask, index,
+    key_exp, query_factor,
+    context, lse, row_max, row_sum, scores,
+    stride_qb, stride_qt, stride_qa,
+    stride_kb, stride_ks, stride_ka,
+    stride_vb, stride_vs, stride_vd,
+    stride_xb, stride_xs, stride_xa,
+    stride_eb, stride_es, stride_ea,
+    stride_mb, stride_mt, stride_ms,
+    stride_lengths, stride_index,
+    query_rows, T, S, A, D,
+    keys_per_split,
+    HAS_EXTRA: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_KEY_EXP: tl.constexpr, CAUSAL: tl.constexpr,
+    FUSE_CONTEXT: tl.constexpr, WRITE_SCORES: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_STAGES: tl.constexpr, TANH_FORM: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """`_attention_forward_kernel` with a decoding memory's prepared keys: key_exp = e^{2 key_proj} fp32 [B_m, S, A]
+    and the scratch query_factor [splits, B_q * T, A padded] for c e^{2q}; HAS_KEY_EXP is True in every launch
+    `plan_forward` makes (the factorized form loads both factors, see `_attention_forward_program`)."""
+    _attention_forward_program(
+        query_proj, key_proj, value, score_vector, score_scalars, extra_key_term, key_lengths, key_padding_mask,
+        index, key_exp, query_factor, context, lse, row_max, row_sum, scores,
+        stride_qb, stride_qt, stride_qa, stride_kb, stride_ks, stride_ka, stride_vb, stride_vs, stride_vd,
+        stride_xb, stride_xs, stride_xa, stride_eb, stride_es, stride_ea, stride_mb, stride_mt, stride_ms,
+        stride_lengths, stride_index, query_rows, T, S, A, D, keys_per_split,
+        HAS_EXTRA, HAS_LENGTHS, HAS_MASK, MASK_PER_QUERY, HAS_INDEX, HAS_KEY_EXP, CAUSAL, FUSE_CONTEXT, WRITE_SCORES,
+        SPLIT,
+        BLOCK_T, BLOCK_S, BLOCK_A, BLOCK_D, NUM_STAGES, TANH_FORM, INTERPRET,
+    )
 
 
 @triton.jit
@@ -570,10 +642,15 @@ def plan_forward(
         ),
         num_warps=4,
     ))
+    prepared = {}  # the prepared-keys kernel's extra arguments
+    if key_exp is not None:
+        prepared = dict(key_exp=key_exp, query_factor=query_factor, HAS_KEY_EXP=True,
+                        **dict(zip(("stride_eb", "stride_es", "stride_ea"), key_exp.stride())))
     plan.launches.append(launch.KernelLaunch(
-        kernel=_attention_forward_kernel,
+        kernel=_attention_forward_kernel if key_exp is None else _attention_forward_prepared_kernel,
         grid=(query_rows * triton.cdiv(tgt_len, config.block_t), splits),
         arguments=dict(
+            **prepared,
             query_proj=query_proj, key_proj=key_proj, value=value,
             score_vector=score_vector, score_scalars=score_scalars,
             extra_key_term=pointer(extra_key_term, query_proj),
@@ -581,8 +658,6 @@ def plan_forward(
             key_padding_mask=pointer(None if key_padding_mask is None else key_padding_mask.view(torch.uint8),
                                      query_proj),
             index=pointer(index, query_proj),
-            key_exp=pointer(key_exp, query_proj),
-            query_factor=pointer(query_factor, lse),
             context=partial_context if split and config.fuse_context else context,
             lse=lse,
             row_max=row_max if keep_stats else lse,
@@ -593,7 +668,6 @@ def plan_forward(
             **dict(zip(("stride_vb", "stride_vs", "stride_vd"), value.stride())),
             **dict(zip(("stride_xb", "stride_xs", "stride_xa"),
                        (0, 0, 0) if extra_key_term is None else extra_key_term.stride())),
-            **dict(zip(("stride_eb", "stride_es", "stride_ea"), (0, 0, 0) if key_exp is None else key_exp.stride())),
             **dict(zip(("stride_mb", "stride_mt", "stride_ms"), _mask_strides(key_padding_mask))),
             stride_lengths=0 if key_lengths is None else key_lengths.stride(0),
             stride_index=0 if index is None else index.stride(0),
@@ -604,7 +678,6 @@ def plan_forward(
             HAS_MASK=key_padding_mask is not None,
             MASK_PER_QUERY=key_padding_mask is not None and key_padding_mask.dim() == 3,
             HAS_INDEX=index is not None,
-            HAS_KEY_EXP=key_exp is not None,
             CAUSAL=causal,
             FUSE_CONTEXT=config.fuse_context,
             WRITE_SCORES=not config.fuse_context,

@@ -55,9 +55,21 @@ def kernel_plan(inputs, options, **tuning):
     return forward.plan_forward(attention_call(*inputs, **options), **tuning)
 
 
+SCORE_KERNELS = (forward._attention_forward_kernel, forward._attention_forward_prepared_kernel)
+
+
 def attention_launch(plan):
-    (launch,) = [item for item in plan.launches if item.kernel is forward._attention_forward_kernel]
+    (launch,) = [item for item in plan.launches if item.kernel in SCORE_KERNELS]
     return launch
+
+
+def uses_key_exp(launch) -> bool:
+    """The prepared-keys kernel with HAS_KEY_EXP; the plain kernel (whose signature the static report's saved launches
+    record) has no such argument."""
+    if launch.kernel is forward._attention_forward_prepared_kernel:
+        return launch.arguments["HAS_KEY_EXP"]
+    assert "HAS_KEY_EXP" not in launch.arguments and "key_exp" not in launch.arguments
+    return False
 
 
 @pytest.mark.parametrize("tgt_len", [1, 3])
@@ -88,6 +100,7 @@ def test_the_plan_takes_the_factorized_form_with_key_exp(triton_device):
     plan = kernel_plan(inputs, dict(options, key_exp=key_exp))
     launch = attention_launch(plan)
     assert plan.config.tanh_form == "factorized" and plan.config.block_t == 1
+    assert launch.kernel is forward._attention_forward_prepared_kernel
     assert launch.arguments["TANH_FORM"] == "factorized" and launch.arguments["HAS_KEY_EXP"] is True
     assert launch.arguments["key_exp"] is key_exp
     assert (launch.arguments["stride_eb"], launch.arguments["stride_es"], launch.arguments["stride_ea"]) == \
@@ -95,15 +108,16 @@ def test_the_plan_takes_the_factorized_form_with_key_exp(triton_device):
 
     # Without key_exp, fp32 decode keeps the exp form; key_exp is dropped where it has no use.
     plain = attention_launch(kernel_plan(inputs, options))
-    assert plain.arguments["TANH_FORM"] == "exp" and plain.arguments["HAS_KEY_EXP"] is False
+    assert plain.arguments["TANH_FORM"] == "exp" and not uses_key_exp(plain)
+    assert plain.kernel is forward._attention_forward_kernel
     forced_exp = attention_launch(kernel_plan(inputs, dict(options, key_exp=key_exp), tanh_form="exp"))
-    assert forced_exp.arguments["TANH_FORM"] == "exp" and forced_exp.arguments["HAS_KEY_EXP"] is False
+    assert forced_exp.arguments["TANH_FORM"] == "exp" and not uses_key_exp(forced_exp)
     extra = torch.randn(inputs[0].shape[0], inputs[1].shape[1], inputs[1].shape[2], device=triton_device)
     with_extra = attention_launch(kernel_plan(inputs, dict(options, key_exp=key_exp, extra_key_term=extra)))
-    assert with_extra.arguments["TANH_FORM"] == "exp" and with_extra.arguments["HAS_KEY_EXP"] is False
+    assert with_extra.arguments["TANH_FORM"] == "exp" and not uses_key_exp(with_extra)
     half = [tensor.bfloat16() for tensor in inputs]
     half_launch = attention_launch(kernel_plan(half, dict(options, key_exp=key_exp)))
-    assert half_launch.arguments["TANH_FORM"] == "approx" and half_launch.arguments["HAS_KEY_EXP"] is False
+    assert half_launch.arguments["TANH_FORM"] == "approx" and not uses_key_exp(half_launch)
 
 
 @pytest.mark.parametrize("beam", [False, True])
@@ -172,20 +186,20 @@ def test_a_triton_layer_step_uses_the_prepared_keys(triton_device, beam, monkeyp
 
     def recording_plan(call, **tuning):
         plan = real_plan(call, **tuning)
-        planned.append(attention_launch(plan).arguments)
+        planned.append(attention_launch(plan))
         return plan
 
     monkeypatch.setattr(forward, "plan_forward", recording_plan)
     index = torch.tensor([0, 0, 1, 2, 2, 1], device=triton_device) if beam else None
     query = torch.randn(6 if beam else B, DQ, device=triton_device)
     context, weights = layer.step(query, memory, index=index, need_weights=True)
-    assert [(p["TANH_FORM"], p["HAS_KEY_EXP"]) for p in planned] == [("factorized", True)]
-    assert planned[0]["key_exp"] is memory.key_exp
+    assert [(p.arguments["TANH_FORM"], uses_key_exp(p)) for p in planned] == [("factorized", True)]
+    assert planned[0].arguments["key_exp"] is memory.key_exp
 
     planned.clear()
     plain_context, plain_weights = layer.step(query, dataclasses.replace(memory, key_exp=None), index=index,
                                               need_weights=True)
-    assert [(p["TANH_FORM"], p["HAS_KEY_EXP"]) for p in planned] == [("exp", False)]
+    assert [(p.arguments["TANH_FORM"], uses_key_exp(p)) for p in planned] == [("exp", False)]
     assert relative_error(context, plain_context) <= TOLERANCE
     assert relative_error(weights, plain_weights) <= TOLERANCE
 
