@@ -33,8 +33,8 @@ class AttentionCall:
         extra_key_term   [B_q, S, A], added to the key projection of each query row (location / coverage)
         key_exp          [B_m, S, A] = e^{2 key_proj} in the compute dtype (fp32, or fp64 for fp64 inputs),
                          prepared once per decoding memory (`functional.prepare_key_exp`); the torch backend's
-                         factorized tanh then skips that exponential at every step. Ignored by the other backends
-                         and whenever extra_key_term is given.
+                         factorized tanh and the Triton fp32 decode kernel then skip that exponential at every
+                         step. Ignored by the reference and whenever extra_key_term is given.
     Build it with `attention_call`, which validates; backends assume it is valid.
     """
 
