@@ -80,11 +80,13 @@ def recorded_tanh_pass_arguments(case, monkeypatch) -> tuple:
 # opcheck
 
 
+@pytest.mark.slow
 def test_opcheck_forward_op_all_five_checks(triton_device):
     results = opcheck(triton_backend._forward_op, forward_arguments(small_case(triton_device)), test_utils=ALL_CHECKS)
     assert results == dict.fromkeys(ALL_CHECKS, "SUCCESS"), results
 
 
+@pytest.mark.slow
 def test_opcheck_tanh_pass_op_all_five_checks(triton_device, monkeypatch):
     arguments = recorded_tanh_pass_arguments(small_case(triton_device, seed=3), monkeypatch)
     results = opcheck(triton_backend._tanh_pass_op, arguments, test_utils=ALL_CHECKS)

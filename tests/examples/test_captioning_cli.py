@@ -28,6 +28,7 @@ def test_train_writes_a_captioning_checkpoint(checkpoint):
     assert info["train_config"]["channels"] == 8 and model.encoder.channels == 8
 
 
+@pytest.mark.slow
 def test_caption_writes_samples_prints_captions_and_saves_overlays(checkpoint, tmp_path, capsys):
     samples = tmp_path / "samples"
     assert main(["caption", "--write-samples", str(samples), "--count", "2", "--checkpoint", str(checkpoint)]) == 0

@@ -17,6 +17,7 @@ def test_verify_passes_and_prints_a_row_per_case(capsys):
     assert "all passed" in output
 
 
+@pytest.mark.slow
 def test_verify_runs_the_triton_kernels_under_the_interpreter(capsys):
     # conftest sets TRITON_INTERPRET=1 on machines without CUDA
     assert main(["verify", "--backend", "triton", "--dtype", "float32", "--dtype", "bfloat16"]) == 0
@@ -32,6 +33,7 @@ def test_verify_exits_1_on_failure(capsys, monkeypatch):
     assert f"{len(attn_fast.tools.verify.CASES)} failed" in output and "FAIL" in output
 
 
+@pytest.mark.slow
 def test_console_script_is_installed():
     executable = shutil.which("attn-fast")
     if executable is None:

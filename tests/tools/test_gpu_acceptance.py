@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPOSITORY = Path(__file__).resolve().parents[2]
 SCRIPT = REPOSITORY / "benchmarks" / "gpu_acceptance.sh"
 HELPER = REPOSITORY / "benchmarks" / "gpu_acceptance.py"
@@ -23,6 +25,7 @@ def test_script_parses():
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True).returncode == 0
 
 
+@pytest.mark.slow
 def test_dry_run_without_gpu_says_so_and_exits_0():
     before = set((REPOSITORY / "benchmarks" / "results").glob("gpu-acceptance-*"))
     finished = subprocess.run(["bash", str(SCRIPT)], cwd="/", env=without_gpu(), capture_output=True, text=True,
@@ -33,6 +36,7 @@ def test_dry_run_without_gpu_says_so_and_exits_0():
     assert set((REPOSITORY / "benchmarks" / "results").glob("gpu-acceptance-*")) == before, "a dry run writes nothing"
 
 
+@pytest.mark.slow
 def test_helper_records_the_environment_and_summarizes(tmp_path):
     finished = subprocess.run([sys.executable, str(HELPER), "env", str(tmp_path / "environment.json")],
                               env=without_gpu(), capture_output=True, text=True, timeout=120)
@@ -51,6 +55,7 @@ def test_helper_records_the_environment_and_summarizes(tmp_path):
     assert summary["environment"]["torch"] == environment["torch"]
 
 
+@pytest.mark.slow
 def test_gpu_checks_refuse_to_run_without_gpu(tmp_path):
     finished = subprocess.run([sys.executable, str(HELPER), "graphs", str(tmp_path / "graphs.json")],
                               env=without_gpu(), capture_output=True, text=True, timeout=120)
