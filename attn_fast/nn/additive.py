@@ -130,16 +130,19 @@ class AdditiveAttention(nn.Module):
         return AttentionMemory(self.key_layer(key), key if value is None else value, key_lengths, key_padding_mask)
 
     def precompute(self, key: torch.Tensor, value: torch.Tensor | None = None, key_lengths=None,
-                   key_padding_mask=None) -> AttentionMemory:
+                   key_padding_mask=None, *, index: torch.Tensor | None = None,
+                   prepare_keys: bool = True) -> AttentionMemory:
         """Project the keys once per source batch. key [B, S, Dk], value [B, S, D] (default: key).
 
         The memory is validated here, once, values included (key_lengths within [0, S]: a host read), and the
         torch backend's tanh form for its steps is chosen from max |key_proj|; `step` then checks only
-        metadata and reads nothing back to the host (see `AttentionMemory`)."""
+        metadata and reads nothing back to the host (see `AttentionMemory`). `index` [B'], the beam index the
+        steps will pass, is range-checked here too. `prepare_keys=False` keeps no e^{2k} (`key_exp`): for layers
+        whose steps always add an extra key term, which makes the prepared keys useless."""
         memory = self._project(key, value, key_lengths, key_padding_mask)
         tanh_form = check_memory(memory.key_proj, memory.value, self.v.detach(), key_lengths=key_lengths,
-                                 key_padding_mask=key_padding_mask)
-        key_exp = prepare_key_exp(memory.key_proj, tanh_form, self.backend)
+                                 key_padding_mask=key_padding_mask, index=index)
+        key_exp = prepare_key_exp(memory.key_proj, tanh_form, self.backend) if prepare_keys else None
         return replace(memory, checked=True, tanh_form=tanh_form, key_exp=key_exp)
 
     def _attend(self, query: torch.Tensor, memory: AttentionMemory, *, causal=False, extra_key_term=None,

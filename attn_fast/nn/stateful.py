@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from attn_fast.functional import autocast_dtype, check_memory
+from attn_fast.functional import autocast_dtype
 from attn_fast.masking import visible_keys
 from attn_fast.nn.additive import AdditiveAttention, AttentionMemory
 
@@ -33,12 +33,10 @@ def prepare_memory(attention: AdditiveAttention, key: torch.Tensor, value: torch
         shape = (tuple(key_padding_mask.shape) if isinstance(key_padding_mask, torch.Tensor)
                  else type(key_padding_mask).__name__)
         raise ValueError(f"key_padding_mask must be [B, S] (one mask per source sequence), got {shape}")
-    # precompute runs the library's own checks (lengths within [0, S], mask shape and dtype, value shape) on an
-    # empty query, so that a malformed memory fails here rather than at the first step; the index range too.
-    memory = attention.precompute(key, value, key_lengths, key_padding_mask)
-    if index is not None:
-        check_memory(memory.key_proj, memory.value, attention.v.detach(), key_lengths=key_lengths,
-                     key_padding_mask=key_padding_mask, index=index)
+    # precompute runs the library's own checks (lengths within [0, S], mask shape and dtype, value shape, the index
+    # range) on an empty query, so that a malformed memory fails here rather than at the first step. Every step of
+    # these layers adds an extra key term (location / coverage features), so prepared keys would go unused.
+    memory = attention.precompute(key, value, key_lengths, key_padding_mask, index=index, prepare_keys=False)
     rows = index.shape[0] if isinstance(index, torch.Tensor) and index.dim() == 1 else key.shape[0]
     src_len = key.shape[1]
     visible = visible_keys(rows, 1, src_len, key_lengths=key_lengths, key_padding_mask=key_padding_mask,

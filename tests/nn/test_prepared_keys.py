@@ -93,3 +93,16 @@ def test_malformed_prepared_keys_are_refused_by_name(bad, error, message):
     layer, memory = layer_and_memory()
     with pytest.raises(error, match=message):
         additive_attention_on_memory(torch.randn(B, 1, A), memory.key_proj, memory.value, layer.v, key_exp=bad)
+
+
+def test_stateful_layers_keep_no_prepared_keys_their_steps_would_not_use():
+    """Location and coverage steps always add an extra key term, which the prepared keys cannot serve."""
+    from attn_fast import CoverageAttention, LocationSensitiveAttention
+
+    key = torch.randn(B, S, DK)
+    stateful = (LocationSensitiveAttention(DQ, DK, A, backend="torch"), CoverageAttention(DQ, DK, A, backend="torch"))
+    for layer in stateful:
+        state = layer.precompute(key, key_lengths=torch.tensor([7, 3, 5]))
+        assert state.memory.checked and state.memory.key_exp is None
+    plain = AdditiveAttention(DQ, DK, A, backend="torch")
+    assert plain.precompute(key).key_exp is not None and plain.precompute(key, prepare_keys=False).key_exp is None
