@@ -95,6 +95,20 @@ def test_the_op_runs_with_autocast_disabled_inside(monkeypatch):
     assert seen == [(False, {torch.bfloat16})]
 
 
+def _check_layer_under_autocast(layer, run, device, *, every_gradient_nonzero: bool) -> None:
+    """`run(layer)` under bf16 autocast: a bf16 output, finite fp32 gradients on every parameter (nonzero too when
+    asked), and the output within bf16's gradient tolerance of the same run in float64."""
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        output = run(layer)
+    assert output.dtype == torch.bfloat16
+    output.float().square().sum().backward()
+    for name, parameter in layer.named_parameters():
+        assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
+        assert torch.isfinite(parameter.grad).all(), name
+        assert not every_gradient_nonzero or parameter.grad.abs().sum() > 0, name
+    assert _close_to_float64_layer(output, layer, run) <= gradient_tolerance(torch.bfloat16)
+
+
 def _close_to_float64_layer(output, layer, run):
     """The same layer in float64, run on the same inputs, as the yardstick of the autocast output. The layer's own
     Linear projections run in bf16 under autocast, so their rounding counts here: the gradient column's bound."""
@@ -119,14 +133,7 @@ def test_additive_layer_forward_and_steps_under_autocast(backend, device):
         beam_context, _ = module.step(query[:, 1].to(dtype).index_select(0, beam), memory, index=beam)
         return torch.cat([context.flatten(), weights.flatten(), step_context.flatten(), beam_context.flatten()])
 
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        output = run(layer)
-    assert output.dtype == torch.bfloat16
-    output.float().square().sum().backward()
-    for name, parameter in layer.named_parameters():
-        assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
-        assert torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0, name
-    assert _close_to_float64_layer(output, layer, lambda module: run(module)) <= gradient_tolerance(torch.bfloat16)
+    _check_layer_under_autocast(layer, run, device, every_gradient_nonzero=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -150,14 +157,7 @@ def test_stateful_layers_under_autocast(kind, backend, device):
             outputs += [context.flatten(), weights.flatten()]
         return torch.cat(outputs)
 
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        output = run(layer)
-    assert output.dtype == torch.bfloat16
-    output.float().square().sum().backward()
-    for name, parameter in layer.named_parameters():
-        assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
-        assert torch.isfinite(parameter.grad).all(), name
-    assert _close_to_float64_layer(output, layer, run) <= gradient_tolerance(torch.bfloat16)
+    _check_layer_under_autocast(layer, run, device, every_gradient_nonzero=False)
 
 
 def test_grad_scaler_step_under_autocast():
