@@ -1,5 +1,6 @@
 """The tanh-free half of every backward that keeps the probabilities P, shared by the torch and Triton backends,
-and the one allocation seam of the torch backend's buffers.
+the pieces every CPU backend shares (compute dtype, the exp-form range check, the masked softmax), and the one
+allocation seam of the torch backend's buffers.
 
     dValue = P^T dO;  dP = dO value^T + dWeights;  dE = P * (dP - rowsum(P * dP))
 
@@ -13,6 +14,44 @@ import torch
 #: blocks of about 1M elements stay in cache across the 3-4 passes each block takes; 4M-element blocks were 2x
 #: slower per element (benchmarks/NOTES.md).
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
+
+#: Largest |query_proj|, |key_proj + extra_key_term| for which e^{2x} cannot overflow (e^80 < 3.4e38 in fp32,
+#: e^600 < 1.8e308 in fp64). Beyond it a backend uses the direct tanh. A product e^{2q} e^{2k} that overflows to inf
+#: or underflows to 0 still gives tanh = +-1 exactly, as it should at |q + k| > 44. (The Triton kernels have a
+#: tighter limit of their own, kernels/tanh.py FACTORIZED_LIMIT, for their fp32-only arithmetic.)
+EXP_SAFE_MAGNITUDE = {torch.float32: 40.0, torch.float64: 300.0}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16/bf16 inputs are computed in fp32 (accumulation in fp32, as on the GPU); fp64 stays fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def largest_magnitude(tensor: torch.Tensor | None) -> float:
+    """max |tensor| in one pass, without an |tensor| temporary."""
+    if tensor is None or tensor.numel() == 0:
+        return 0.0
+    smallest, largest = torch.aminmax(tensor.detach())
+    return max(-float(smallest), float(largest))
+
+
+def largest_operand(query_proj, key_proj, extra_key_term) -> float:
+    """Bound on |query_proj| and |key| where a key is key_proj + extra_key_term (sum of their largest magnitudes)."""
+    return max(largest_magnitude(query_proj), largest_magnitude(key_proj) + largest_magnitude(extra_key_term))
+
+
+def masked_softmax_(scores: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last axis in place, over visible keys only; rows with no visible key become all 0."""
+    if scores.shape[-1] == 0:
+        return scores
+    if visible is not None:
+        scores.masked_fill_(~visible, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max.masked_fill_(~torch.isfinite(row_max), 0.0)  # empty row: exp(-inf - 0) = 0
+    scores.sub_(row_max).exp_()
+    row_sum = scores.sum(dim=-1, keepdim=True)
+    row_sum.masked_fill_(row_sum == 0, 1.0)
+    return scores.div_(row_sum)
 
 
 def empty_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

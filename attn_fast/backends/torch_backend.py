@@ -24,23 +24,18 @@ from dataclasses import dataclass
 import torch
 
 from attn_fast.backends import common
-from attn_fast.backends.common import DEFAULT_CHUNK_ELEMENTS
+from attn_fast.backends.common import (
+    DEFAULT_CHUNK_ELEMENTS,
+    EXP_SAFE_MAGNITUDE,
+    compute_dtype,
+    largest_operand,
+    masked_softmax_,
+)
 from attn_fast.masking import visible_keys
 from attn_fast.validation import AttentionCall
 
-#: Largest |query_proj|, |key_proj + extra_key_term| for which e^{2x} cannot overflow (e^80 < 3.4e38 in fp32,
-#: e^600 < 1.8e308 in fp64). Beyond it the direct tanh is used. A product e^{2q} e^{2k} that overflows to inf
-#: or underflows to 0 still gives tanh = +-1 exactly, as it should at |q + k| > 44. (The Triton kernels have a
-#: tighter limit of their own, kernels/tanh.py FACTORIZED_LIMIT, for their fp32-only arithmetic.)
-EXP_SAFE_MAGNITUDE = {torch.float32: 40.0, torch.float64: 300.0}
-
 #: tanh forms of this backend's blocks (`tanh_form=`); the kernels' forms are kernels/tanh.py TANH_FORMS.
 BLOCK_TANH_FORMS = ("auto", "direct", "factorized")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp16/bf16 inputs are computed in fp32 (accumulation in fp32, as on the GPU); fp64 stays fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -150,24 +145,11 @@ def choose_tanh_form(form: str, dtype: torch.dtype, largest_magnitude):
     return _FactorizedTanh if largest_magnitude() <= EXP_SAFE_MAGNITUDE[dtype] else _DirectTanh
 
 
-def _largest(tensor: torch.Tensor | None) -> float:
-    """max |tensor| in one pass, without an |tensor| temporary."""
-    if tensor is None or tensor.numel() == 0:
-        return 0.0
-    smallest, largest = torch.aminmax(tensor.detach())
-    return max(-float(smallest), float(largest))
-
-
-def _largest_operand(query_proj, key_proj, extra_key_term) -> float:
-    """Bound on |query_proj| and |key| where a key is key_proj + extra_key_term (sum of their largest magnitudes)."""
-    return max(_largest(query_proj), _largest(key_proj) + _largest(extra_key_term))
-
-
 def resolve_tanh_form(tanh_form: str, query_proj, key_proj, extra_key_term) -> str:
     """"auto" resolved to "direct" or "factorized" for these inputs, once per call: the backward then reuses the
     forward's choice instead of scanning the inputs again."""
     form = choose_tanh_form(tanh_form, compute_dtype(query_proj.dtype),
-                            lambda: _largest_operand(query_proj, key_proj, extra_key_term))
+                            lambda: largest_operand(query_proj, key_proj, extra_key_term))
     return form.name
 
 
@@ -190,7 +172,7 @@ class _Operands:
         self.src_len = call.src_len
         self.value_dim = call.value_dim
         self.form = choose_tanh_form(tanh_form, self.dtype,
-                                     lambda: _largest_operand(self.query, self.keys, self.extra))
+                                     lambda: largest_operand(self.query, self.keys, self.extra))
         self.blocks = plan_blocks(self.query_rows, self.tgt_len, self.src_len, self.attn_dim, chunk_elements)
 
     def gather(self, tensor: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -269,23 +251,9 @@ def _scores(ops: _Operands) -> torch.Tensor:
     return scores
 
 
-def _masked_softmax_(scores: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
-    """Softmax over the last axis in place, over visible keys only; rows with no visible key become all 0."""
-    if scores.shape[-1] == 0:
-        return scores
-    if visible is not None:
-        scores.masked_fill_(~visible, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max.masked_fill_(~torch.isfinite(row_max), 0.0)  # empty row: exp(-inf - 0) = 0
-    scores.sub_(row_max).exp_()
-    row_sum = scores.sum(dim=-1, keepdim=True)
-    row_sum.masked_fill_(row_sum == 0, 1.0)
-    return scores.div_(row_sum)
-
-
 def _forward(ops: _Operands, visible, chunk_elements):
     """-> (context [B, T, D], probabilities P [B, T, S]), both in the compute dtype."""
-    probs = _masked_softmax_(_scores(ops), visible)
+    probs = masked_softmax_(_scores(ops), visible)
     if ops.index is None:
         return torch.bmm(probs, ops.value), probs
     context = common.empty_buffer((ops.query_rows, ops.tgt_len, ops.value_dim), ops.dtype, probs.device)
