@@ -16,6 +16,7 @@ RINGS = (
     ("attn_fast.functional",),
     ("attn_fast.nn",),
     ("attn_fast",),  # the package's __init__: the public names
+    ("attn_fast.integrations",),  # swap_attention and the framework adapters: optional, imported by nobody below
     ("attn_fast.examples",),
     ("attn_fast.tools",),
 )
