@@ -12,8 +12,8 @@ import dataclasses
 import torch
 
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-#: The values of `backend=` (the public function and the layers): "auto" picks one of the other three.
-BACKENDS = ("auto", "triton", "torch", "reference")
+#: The values of `backend=` (the public function and the layers): "auto" picks one of the others.
+BACKENDS = ("auto", "triton", "cpu", "torch", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
