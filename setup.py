@@ -29,6 +29,7 @@ setup(
         "torch>=2.6",
         "triton; platform_system == 'Linux'",
         "numpy",
+        "numba>=0.60",  # the fused CPU kernels of backend "cpu" (attn_fast/backends/cpu_kernels)
     ],
     extras_require={
         "seq2seq": EXAMPLES_REQUIRES,
