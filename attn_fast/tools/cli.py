@@ -11,11 +11,16 @@
 
 The options of the two train commands are the fields of their config dataclasses (`TrainConfig`,
 `CaptionTrainConfig`), with the dataclasses' defaults.
+
+Errors: a mistake in what the user gave (a flag, a file, a checkpoint) ends the command with one line on stderr,
+`attn-fast <command>: error: <message>`, and exit status 2, argparse's own errors included; `--debug` (before or
+after the command) or ATTN_FAST_DEBUG=1 shows the traceback instead. Anything else keeps its traceback: a bug.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 
@@ -23,6 +28,7 @@ import torch
 
 from attn_fast.examples.captioning.model import INITIAL_STATES
 from attn_fast.examples.captioning.train import CaptionTrainConfig
+from attn_fast.examples.errors import UserError
 from attn_fast.examples.seq2seq.model import DECODERS
 from attn_fast.examples.seq2seq.train import TrainConfig
 from attn_fast.validation import BACKENDS
@@ -282,8 +288,18 @@ def _add_evaluate_parser(commands, name: str, train_command: str, handler, *,
     return parser
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's parser, its usage errors in the CLI's form: one line on stderr, `PROG: error: MESSAGE`, exit
+    status 2 (argparse's), without the usage block (`--help` shows it). Subcommand parsers are of this class too
+    (argparse makes them of the parent's class)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attn-fast", description=__doc__.splitlines()[0])
+    parser = _OneLineErrorParser(prog="attn-fast", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also: ATTN_FAST_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True)
     verify = commands.add_parser("verify", help="check every available backend against the float64 reference")
     verify.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -340,12 +356,56 @@ def build_parser() -> argparse.ArgumentParser:
     from attn_fast.tools.bench.cli import add_bench_parser  # (light: the benchmark's heavy modules load when it runs)
 
     add_bench_parser(commands)
+    for command_parser in commands.choices.values():
+        # Also after the command. SUPPRESS: absent there, it leaves the value the top-level parser set.
+        command_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                    help="show the traceback of an error (also: ATTN_FAST_DEBUG=1)")
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
+def _debugging(args: argparse.Namespace) -> bool:
+    """True when errors must keep their traceback: --debug, or ATTN_FAST_DEBUG set to anything but "" or "0"."""
+    return args.debug or os.environ.get("ATTN_FAST_DEBUG", "") not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.handler(args)
+    """Run the command of `argv` (default: sys.argv[1:]); returns the exit status. A `UserError` becomes one line
+    on stderr and status 2; an OSError (a file that cannot be read or written, a full disk) one line and status 1;
+    Ctrl-C one line and status 130. --debug / ATTN_FAST_DEBUG=1 re-raise them with their traceback."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # reported by the command's parser, which names the command and its --help
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    command = f"attn-fast {args.command}"
+    try:
+        return args.handler(args)
+    except UserError as error:
+        if _debugging(args):
+            raise
+        print(f"{command}: error: {_one_line(str(error))}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if _debugging(args):
+            raise
+        print(f"{command}: error: {_one_line(_describe_os_error(error))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if _debugging(args):
+            raise
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(message: str) -> str:
+    """`message` with its line breaks folded into spaces: the error stays one line of stderr."""
+    return " ".join(message.split())
+
+
+def _describe_os_error(error: OSError) -> str:
+    """"PATH: REASON" (e.g. "runs/x.png: Permission denied") when the error names a file, else its text."""
+    if error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
 
 
 if __name__ == "__main__":
