@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 import pytest
 import torch
 
+from attn_fast.examples.errors import UserError
 from attn_fast.examples.metrics import bleu, exact_match
 from attn_fast.examples.seq2seq import data as data_module
 from attn_fast.examples.seq2seq.data import (
@@ -257,13 +258,13 @@ def test_read_tsv(tmp_path):
     path.write_bytes("le chat\tthe cat\r\n\n  \nun  chien\ta dog\n25 июня 2009 г.\t2009-06-25".encode())
     assert read_tsv(path) == [("le chat", "the cat"), ("un  chien", "a dog"), ("25 июня 2009 г.", "2009-06-25")]
     path.write_text("a\tb\n\nno tab here\nc\td\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"pairs\.tsv:3:"):
+    with pytest.raises(UserError, match=r"pairs\.tsv:3:"):
         read_tsv(path)
     path.write_text("a\tb\nc\td\te\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r":2:.*3 tab-separated"):
+    with pytest.raises(UserError, match=r":2:.*3 tab-separated"):
         read_tsv(path)
     path.write_text("a\t\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r":1:"):
+    with pytest.raises(UserError, match=r":1:"):
         read_tsv(path)
 
 

@@ -37,12 +37,14 @@ from typing import NamedTuple
 
 import torch
 
+from attn_fast.examples.errors import UserError
+
 # Babel is imported inside the functions that use it: reading TSV data, vocabularies and batches work without it.
 
 __all__ = [
     "LANGUAGES", "Pair", "DateExample", "DateSplits", "date_split", "date_patterns", "render_date",
     "sample_date_examples", "make_date_examples", "make_date_splits",
-    "CharVocab", "build_vocabs", "Batch", "batches", "read_tsv",
+    "CharVocab", "build_vocabs", "Batch", "batches", "read_tsv", "source_problem", "escape_tsv_field",
 ]
 
 Pair = tuple[str, str]  # (source, target)
@@ -381,18 +383,50 @@ def batches(pairs: Sequence[Pair], src_vocab: CharVocab, tgt_vocab: CharVocab, b
 # Files
 # ----------------------------------------------------------------------------------------------------------------
 
-def read_tsv(path: str | os.PathLike) -> list[Pair]:
-    """`(source, target)` pairs of a UTF-8 file of `source<TAB>target` lines. Blank lines are skipped; a line
-    without exactly one tab, or with an empty side, raises ValueError naming the file and line number."""
+def read_tsv(path: str | os.PathLike, *, max_source_length: int | None = None) -> list[Pair]:
+    """`(source, target)` pairs of a UTF-8 file of `source<TAB>target` lines (a byte-order mark at its start, as
+    some editors write, is not part of the first source). Blank lines are skipped. A line that is not valid UTF-8,
+    has not exactly one tab or an empty side, or (with `max_source_length`) a source of more characters raises
+    UserError naming the file and line number; a missing or unreadable file raises OSError."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes: a decoding error then names its line
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise UserError(f"{path}:{lineno}: not valid UTF-8 text (byte {error.start + 1} of the line: "
+                                f"{raw[error.start:error.start + 1]!r}); save the file as UTF-8") from None
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue
             fields = line.split("\t")
             if len(fields) != 2 or not fields[0] or not fields[1]:
-                raise ValueError(f"{path}:{lineno}: expected 'source<TAB>target' with both sides non-empty, "
-                                 f"got {len(fields)} tab-separated field(s): {line[:80]!r}")
+                raise UserError(f"{path}:{lineno}: expected 'source<TAB>target' with both sides non-empty, "
+                                f"got {len(fields)} tab-separated field(s): {line[:80]!r}")
+            if max_source_length is not None and len(fields[0]) > max_source_length:
+                raise UserError(f"{path}:{lineno}: the source has {len(fields[0])} characters, more than the "
+                                f"{max_source_length} allowed (attn-fast: --max-source-length)")
             pairs.append((fields[0], fields[1]))
     return pairs
+
+
+def source_problem(source: str, *, max_length: int | None = None) -> str | None:
+    """Why `source` cannot be translated, in words for the user, or None when it can: it is empty, longer than
+    `max_length` characters, or holds text that was not valid UTF-8 (Python keeps such command-line bytes as lone
+    surrogates, U+DC80..U+DCFF, which no vocabulary holds and no file or figure can show)."""
+    if not source:
+        return "the source is empty"
+    if max_length is not None and len(source) > max_length:
+        return f"the source has {len(source)} characters, more than the {max_length} allowed"
+    if any("\ud800" <= character <= "\udfff" for character in source):
+        return "the source is not valid UTF-8 text"
+    return None
+
+
+_TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def escape_tsv_field(text: str) -> str:
+    """`text` safe as one field of a TSV line: backslash, tab, newline and carriage return written as the two
+    characters \\\\, \\t, \\n, \\r (so that a field never splits its line, and the escaping can be undone)."""
+    return text.translate(_TSV_ESCAPES)
