@@ -1,9 +1,12 @@
 """`additive_attention`: the public functional entry point — validation, then dispatch to a backend."""
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
-from attn_fast.backends import reference, torch_backend
+from attn_fast.backends import cpu_kernels, reference, torch_backend
 from attn_fast.cpu_warmup import warm_cpu_math
 from attn_fast.validation import AttentionCall, attention_call, can_read_values, check_backend
 
@@ -47,15 +50,44 @@ def triton_usable(device: torch.device) -> bool:
     return triton_unusable_reason(device) is None
 
 
+def cpu_unusable_reason(device: torch.device) -> str | None:
+    """Why the fused CPU kernels (backend "cpu") cannot run on `device` (one line), or None when they can: CPU
+    tensors (meta tensors too: they only propagate shapes) with numba importable."""
+    if device.type not in ("cpu", "meta"):
+        return f"the 'cpu' backend takes CPU tensors, not {device.type}"
+    return cpu_kernels.unavailable_reason()
+
+
+@functools.cache
+def _notice_cpu_fallback(reason: str) -> None:
+    """One warning per process (cached): "auto" runs the torch backend on CPU tensors because the fused kernels
+    cannot run."""
+    warnings.warn(f"attn_fast: the fused CPU kernels are unavailable ({reason}); backend 'auto' uses the slower "
+                  "'torch' backend on CPU. pip install numba to get them.", RuntimeWarning, stacklevel=4)
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The backend that will run: "auto" means Triton on CUDA when it is importable and the GPU is sm_80 or newer,
-    else the torch backend; and the torch backend for float64 inputs, which it computes in float64 (the Triton
-    kernels compute in fp32)."""
+    """The backend that will run: "auto" means Triton on CUDA when it is importable and the GPU is sm_80 or newer
+    (the torch backend for float64 inputs there, which it computes in float64; the Triton kernels compute in fp32),
+    the fused "cpu" kernels on CPU tensors when numba imports (they compute float64 in float64), else the torch
+    backend (on CPU with a one-time notice)."""
     check_backend(backend)
     if backend == "auto":
+        if device.type == "cpu":
+            reason = cpu_unusable_reason(device)
+            if reason is None:
+                return "cpu"
+            _notice_cpu_fallback(reason)
+            return "torch"
         if dtype == torch.float64:
             return "torch"
         return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+    if backend == "cpu":
+        reason = cpu_unusable_reason(device)
+        if reason is not None:
+            raise ValueError(f"backend='cpu' is not available for tensors on {device}: {reason}; "
+                             "use backend='torch' or 'auto'")
+        return backend
     if backend == "triton":
         reason = triton_unusable_reason(device)
         if reason is None:
@@ -103,8 +135,8 @@ def additive_attention(
             [B_q, T, S] mask and extra_key_term are query rows.
         extra_key_term: [B_q, S, A] added to the key projection of each query row (location-sensitive
             attention, coverage).
-        backend: "auto" (Triton on CUDA, else "torch"), "triton", "torch" (memory-bounded chunks) or
-            "reference" (naive, materializes [B, T, S, A]).
+        backend: "auto" (Triton on CUDA, "cpu" on CPU when numba imports, else "torch"), "triton", "cpu" (fused
+            compiled CPU loops), "torch" (memory-bounded chunks) or "reference" (naive, materializes [B, T, S, A]).
 
     Returns:
         context [B, T, D] and weights [B, T, S] (None unless `need_weights`), in the input dtype. A row with no
@@ -185,7 +217,7 @@ def prepare_key_exp(key_proj: torch.Tensor, tanh_form: str, backend: str = "auto
     if tanh_form != "factorized":
         return None
     chosen = resolve_backend(backend, key_proj.device, key_proj.dtype)
-    if chosen == "torch":
+    if chosen in ("torch", "cpu"):
         return torch_backend.key_exponentials(key_proj)
     if chosen != "triton" or key_proj.dtype != torch.float32 or key_proj.numel() == 0:
         return None
@@ -250,6 +282,10 @@ def _dispatch(call: AttentionCall, backend: str, tanh_form: str) -> tuple[torch.
         return reference.attend(call)
     if chosen == "torch" or call.is_empty:  # an empty problem has a trivial answer; no kernel launch for it
         return torch_backend.attend(call, tanh_form=tanh_form)
+    if chosen == "cpu":
+        from attn_fast.backends import cpu_backend  # imports numba's kernels on first use
+
+        return cpu_backend.attend(call, tanh_form=tanh_form)
     from attn_fast.backends import triton_backend
 
     return triton_backend.attend(call)

@@ -1,1 +1,53 @@
-""""""
+"""Fused CPU kernels of the "cpu" backend, compiled by numba (docs/DESIGN.md, "Fused CPU kernels").
+
+One compiled loop per (query row, decoder step) computes every score with the sum over the attention units A held
+in registers, the masked softmax and the context, where the torch backend's block loop sends each [rows, steps,
+keys, A] block through memory 3-4 times (benchmarks/NOTES.md, "Fused CPU kernels: choosing the tool").
+
+This package imports numba only when a kernel module is imported (`forward`, `backward`): `unavailable_reason()`
+tells, without raising, whether it can be, so that "auto" falls back to the torch backend where numba is missing.
+
+Numerics shared by the kernel modules:
+- FASTMATH allows contraction into FMAs, reassociation (the vectorized sum over A), reciprocal rewrites and
+  ignoring the sign of zero, and nothing that assumes finite values: "nnan" and "ninf" would let LLVM drop the
+  comparisons and the inf arithmetic that saturated inputs (e^{2q} e^{2k} = inf gives tanh = 1 exactly) and NaN
+  inputs (which must propagate to the rows that see them) rely on. LLVM keeps a true vector division for
+  v / (1 + x) under "arcp" (no reciprocal estimate, which would turn 1/inf into NaN), checked by the tests.
+- Threads: every call sets numba's thread count from torch.get_num_threads() (`use_torch_threads`).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+#: LLVM fast-math flags of every kernel (see the module docstring for why not "fast").
+FASTMATH = frozenset({"contract", "reassoc", "arcp", "nsz"})
+
+#: numba's threading layer, unless the user chose one (NUMBA_THREADING_LAYER). "workqueue" is numba's own pool of
+#: plain threads: it cannot clash with the OpenMP runtime torch bundles, whose idle threads spin for a while after
+#: each torch op (benchmarks/NOTES.md measures both layers alternating with torch ops). It is not safe for
+#: concurrent launches, which cannot happen here: the kernels hold the GIL (nogil is off).
+THREADING_LAYER = "workqueue"
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """Why the fused CPU kernels cannot run in this process (one line), or None when numba imports."""
+    try:
+        import numba
+    except ImportError as error:
+        return f"numba is not importable ({error}); pip install numba"
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = THREADING_LAYER
+    return None
+
+
+def use_torch_threads() -> int:
+    """Set numba's thread count for the next kernel launch to torch's (capped at the pool numba started with);
+    returns it."""
+    import numba
+    import torch
+
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return threads

@@ -1,0 +1,222 @@
+"""The "cpu" backend: fused compiled loops (numba, attn_fast/backends/cpu_kernels) for CPU tensors.
+
+Forward: one kernel (`cpu_kernels.forward.attention_forward`) computes, per (query row, decoder step), every
+visible key's score with the sum over A in registers, the masked softmax and the context; nothing of the
+[B, T, S, A] tanh tensor is ever stored, not even a block of it. A decode step (T = 1) is the same kernel; against
+a prepared memory (`AttentionCall.key_exp`, e^{2 key_proj} computed once by `precompute`) it computes no
+exponential of the keys.
+Backward: dE from `common.grad_of_scores` (batched products), then one compiled pass through the tanh
+(`cpu_kernels.backward.tanh_pass_grads`) for d_query_proj, d_key_proj (+ d_extra_key_term) and d_v.
+Only P [B_q, T, S] (in the compute dtype) is saved for the backward, as in the torch backend.
+
+What the op does in torch around the kernels, all on [B, T, A]-, [B, S, A]- or [B, S, D]-sized tensors (A times
+smaller than the tanh tensor): casts to the compute dtype (fp32 for fp16/bf16, fp64 stays fp64), contiguous
+copies, e^{2x} of the operands for the factorized form (torch's vectorized exp: numba's would be a scalar libm call
+per element), the key rows of `index` + `extra_key_term`, and the per-row key limits and padding mask.
+
+The tanh form is chosen per call as in the torch backend (common.EXP_SAFE_MAGNITUDE): "factorized" while every
+e^{2x} stays finite, else "direct"; a decoding memory passes the form `check_memory` chose, sparing the scan.
+"""
+from __future__ import annotations
+
+import torch
+
+from attn_fast.backends import common
+from attn_fast.backends.common import EXP_SAFE_MAGNITUDE, compute_dtype, largest_operand
+from attn_fast.backends.cpu_kernels import unavailable_reason, use_torch_threads
+from attn_fast.validation import AttentionCall, can_read_values
+
+#: Values of the ops' `tanh_form`: "auto" lets the op scan its inputs (compiled graphs, where the caller cannot).
+TANH_FORMS = ("auto", "direct", "factorized")
+
+
+def resolve_tanh_form(tanh_form: str, query_proj, key_proj, extra_key_term) -> str:
+    """"direct" or "factorized" for these inputs: "auto" scans max |query_proj| and max |key (+ extra)| (a host
+    read), and takes the factorized form when e^{2x} stays finite for all of them."""
+    if tanh_form not in TANH_FORMS:
+        raise ValueError(f"tanh_form must be one of {TANH_FORMS}, got {tanh_form!r}")
+    if tanh_form != "auto":
+        return tanh_form
+    largest = largest_operand(query_proj, key_proj, extra_key_term)
+    return "factorized" if largest <= EXP_SAFE_MAGNITUDE[compute_dtype(query_proj.dtype)] else "direct"  # NaN: direct
+
+
+def _kernels():
+    """The compiled kernel modules, imported on first use (importing numba takes a few hundred ms)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"the 'cpu' backend cannot run: {reason}")
+    from attn_fast.backends.cpu_kernels import backward, forward
+
+    return forward, backward
+
+
+def key_limits(key_lengths: torch.Tensor | None, index: torch.Tensor | None, query_rows: int, src_len: int,
+               device: torch.device) -> torch.Tensor:
+    """int64 [B_q]: the number of keys each query row's key length leaves visible (S without key_lengths)."""
+    if key_lengths is None:
+        return torch.full((query_rows,), src_len, dtype=torch.int64, device=device)
+    lengths = key_lengths.to(torch.int64)
+    if index is not None:
+        lengths = lengths.index_select(0, index)
+    return lengths.clamp(0, src_len).contiguous()
+
+
+def hidden_keys(key_padding_mask: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor:
+    """bool [B_q, 1, S] (one mask per query row) or [B_q, T, S] (per step), True = hidden; an empty [0, 1, 1] for no
+    padding mask."""
+    if key_padding_mask is None:
+        return torch.zeros(0, 1, 1, dtype=torch.bool)
+    if key_padding_mask.dim() == 3:
+        return key_padding_mask.contiguous()
+    mask = key_padding_mask if index is None else key_padding_mask.index_select(0, index)
+    return mask[:, None, :].contiguous()
+
+
+def _forward(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask, index, causal,
+             tanh_form, key_exp):
+    """-> (context [B_q, T, D], P [B_q, T, S]), both in the compute dtype, from the kernel."""
+    forward, _ = _kernels()
+    dtype = compute_dtype(query_proj.dtype)
+    query_rows, tgt_len, _ = query_proj.shape
+    src_len, value_dim = key_proj.shape[1], value.shape[2]
+    index = None if index is None else index.to(torch.int64)
+    query = query_proj.to(dtype)
+    keys = key_proj.to(dtype)
+    extra = None if extra_key_term is None else extra_key_term.to(dtype)
+    tanh_form = resolve_tanh_form(tanh_form, query, keys, extra)
+    factorized = tanh_form == "factorized"
+    all_rows = torch.arange(query_rows, dtype=torch.int64)
+    key_row_of = all_rows if index is None else index
+    if extra is not None:  # keys of each query row: its memory row plus its extra term
+        keys = (keys if index is None else keys.index_select(0, index)) + extra
+        key_row_of = all_rows
+    if factorized:
+        query_op = torch.mul(query, 2.0).exp_()
+        if key_exp is not None and extra is None:
+            key_op = key_exp
+        else:
+            key_op = torch.mul(keys, 2.0).exp_()
+    else:
+        query_op, key_op = query, keys
+    probs = common.empty_buffer((query_rows, tgt_len, src_len), dtype, query_proj.device)
+    context = common.empty_buffer((query_rows, tgt_len, value_dim), dtype, query_proj.device)
+    use_torch_threads()
+    forward.attention_forward(
+        query_op.contiguous().numpy(), key_op.contiguous().numpy(), key_row_of.contiguous().numpy(),
+        v.to(dtype).contiguous().numpy(), value.to(dtype).contiguous().numpy(),
+        all_rows.numpy() if index is None else index.contiguous().numpy(),
+        key_limits(key_lengths, index, query_rows, src_len, query_proj.device).numpy(),
+        hidden_keys(key_padding_mask, index).numpy(), causal, factorized, probs.numpy(), context.numpy(),
+    )
+    return context, probs
+
+
+# Registered as torch.library custom ops, like the torch backend's, so that torch.compile(fullgraph=True) keeps a
+# model that uses this backend in one graph (the ops are opaque to the compiler, with shapes from their fake
+# implementations) and autograd goes through `register_autograd`. The forward op returns P in the compute dtype
+# as its second output: the backward needs it.
+@torch.library.custom_op("attn_fast::cpu_forward", mutates_args=(), device_types="cpu")
+def _forward_op(query_proj: torch.Tensor, key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor,
+                extra_key_term: torch.Tensor | None, key_lengths: torch.Tensor | None,
+                key_padding_mask: torch.Tensor | None, index: torch.Tensor | None, causal: bool, tanh_form: str,
+                key_exp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> context [B_q, T, D] in the input dtype, P [B_q, T, S] in the compute dtype. `key_exp`: the memory's
+    prepared e^{2 key_proj} (no gradient flows to it: the backward recomputes from key_proj)."""
+    context, probs = _forward(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask, index,
+                              causal, tanh_form, key_exp)
+    return context.to(query_proj.dtype), probs
+
+
+@_forward_op.register_fake
+def _(query_proj, key_proj, value, v, *_options):
+    query_rows, tgt_len, _ = query_proj.shape
+    context = query_proj.new_empty(query_rows, tgt_len, value.shape[2])
+    probs = query_proj.new_empty(query_rows, tgt_len, key_proj.shape[1], dtype=compute_dtype(query_proj.dtype))
+    return context, probs
+
+
+def _backward(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, index, probs, causal,
+              tanh_form, key_lengths):
+    """Gradients (query_proj, key_proj, value, v, extra_key_term or None), in the compute dtype."""
+    _, backward = _kernels()
+    dtype = probs.dtype
+    query_rows, _, attn_dim = query_proj.shape
+    memory_rows, src_len, _ = key_proj.shape
+    index = None if index is None else index.to(torch.int64)
+    query = query_proj.to(dtype)
+    keys = key_proj.to(dtype)
+    extra = None if extra_key_term is None else extra_key_term.to(dtype)
+    factorized = resolve_tanh_form(tanh_form, query, keys, extra) == "factorized"
+    grad_scores, grad_value = common.grad_of_scores(probs, value, index, grad_context, grad_probs,
+                                                    need_value_grad=True)
+    limits = key_limits(key_lengths, index, query_rows, src_len, query_proj.device)
+    grad_query, grad_row_keys, grad_v = backward.tanh_pass_grads(
+        query.contiguous().numpy(), keys.contiguous().numpy(), None if extra is None else extra.contiguous().numpy(),
+        None if index is None else index.contiguous().numpy(), v.to(dtype).contiguous().numpy(),
+        grad_scores.contiguous().numpy(), limits.numpy(), causal, factorized, use_torch_threads(),
+    )
+    grad_query, grad_row_keys, grad_v = (torch.from_numpy(grad) for grad in (grad_query, grad_row_keys, grad_v))
+    grad_extra = None
+    if index is None:
+        grad_keys = grad_row_keys
+        if extra is not None:  # the same values, but two leaves must never share one .grad tensor
+            grad_extra = grad_row_keys.clone()
+    else:
+        grad_extra = grad_row_keys if extra is not None else None
+        grad_keys = torch.zeros(memory_rows, src_len, attn_dim, dtype=dtype)
+        grad_keys.index_add_(0, index, grad_row_keys)
+    return grad_query, grad_keys, grad_value, grad_v, grad_extra
+
+
+@torch.library.custom_op("attn_fast::cpu_backward", mutates_args=(), device_types="cpu")
+def _backward_op(grad_context: torch.Tensor | None, grad_probs: torch.Tensor | None, query_proj: torch.Tensor,
+                 key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor, extra_key_term: torch.Tensor | None,
+                 index: torch.Tensor | None, probs: torch.Tensor, causal: bool, tanh_form: str,
+                 key_lengths: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """-> gradients of query_proj, key_proj, value, v and extra_key_term (an empty tensor when there is none)."""
+    grads = _backward(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, index,
+                      probs.to(compute_dtype(query_proj.dtype)), causal, tanh_form, key_lengths)
+    inputs = (query_proj, key_proj, value, v, extra_key_term)
+    return [query_proj.new_empty(0) if grad is None else grad.to(tensor.dtype) for grad, tensor in zip(grads, inputs)]
+
+
+@_backward_op.register_fake
+def _(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, *_options):
+    extra = query_proj.new_empty(0) if extra_key_term is None else torch.empty_like(extra_key_term)
+    return [torch.empty_like(query_proj), torch.empty_like(key_proj), torch.empty_like(value), torch.empty_like(v),
+            extra]
+
+
+def _setup_context(ctx, inputs, output):
+    query_proj, key_proj, value, v, extra_key_term, key_lengths, _, index, causal, tanh_form, _ = inputs
+    ctx.save_for_backward(query_proj, key_proj, value, v, extra_key_term, index, output[1], key_lengths)
+    ctx.options = (causal, tanh_form)
+
+
+def _autograd_backward(ctx, grad_context, grad_probs):
+    query_proj, key_proj, value, v, extra_key_term, index, probs, key_lengths = ctx.saved_tensors
+    # backward() may run inside the caller's torch.autocast: gradients are computed in the dtypes the forward saw.
+    with torch.autocast("cpu", enabled=False):
+        grads = _backward_op(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, index, probs,
+                             *ctx.options, key_lengths)
+    if extra_key_term is None:
+        grads = [*grads[:4], None]
+    return (*grads, None, None, None, None, None, None)  # nothing for the masks, index, options and key_exp
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def attend(call: AttentionCall, *, tanh_form: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Additive attention for a validated call on CPU tensors. `tanh_form`: "auto" (scan the inputs once per call),
+    or the form a decoding memory's `check_memory` chose. Returns context [B_q, T, D] and, if `call.need_weights`,
+    weights [B_q, T, S], in the input dtype (the weights a fresh tensor, never the P saved for the backward)."""
+    if tanh_form == "auto" and not torch.compiler.is_compiling() and can_read_values(call.query_proj):
+        # Decided here, once: the backward reuses the choice instead of scanning again.
+        tanh_form = resolve_tanh_form("auto", call.query_proj, call.key_proj, call.extra_key_term)
+    key_exp = call.key_exp if tanh_form == "factorized" else None
+    context, probs = _forward_op(*call.op_inputs(), tanh_form, key_exp)
+    if not call.need_weights:
+        return context, None
+    return context, (probs.clone() if probs.dtype == call.dtype else probs.to(call.dtype))

@@ -1,0 +1,110 @@
+"""The fused forward of the "cpu" backend: scores, masked softmax and context in one compiled loop per (query row,
+decoder step), for all decoder steps at once and for a single decode step alike (T = 1 is the same loop).
+
+    score[b, i, j] = Σ_a v[a] tanh(q[b, i, a] + k[m, j, a])                   m = key_row_of[b]
+    P[b, i, :]     = softmax over the keys j visible to step i of row b
+    context[b, i]  = Σ_j P[b, i, j] value[value_row_of[b], j, :]
+
+Two tanh forms, chosen by the caller for the whole call:
+- factorized: tanh(x + y) = 1 - 2 / (1 + e^{2x} e^{2y}), with e^{2q} and e^{2k} computed once per query and key
+  row by the caller (or prepared with a decoding memory), so the score is sum(v) - 2 Σ_a v[a] / (1 + eq[a] ek[a]):
+  a multiply, an add and a division per element, which LLVM vectorizes over A. Exact when e^{2x} stays finite
+  for every operand (|x| <= common.EXP_SAFE_MAGNITUDE); a product that overflows to inf or underflows to 0 still
+  gives tanh = +-1 exactly.
+- direct: tanh(q + k) per element (a scalar libm call: no vectorized tanh without SVML), for saturated inputs.
+
+Keys hidden from a step (j >= key_limits[b], a True `hidden` entry, or j > i with `causal`) are never read: their
+values, NaN or inf included, cannot reach the row; their weights are written as 0. A row with no visible key gets
+zero weights and a zero context.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from attn_fast.backends.cpu_kernels import FASTMATH
+
+
+@numba.njit(inline="always", cache=True)
+def is_hidden(hidden, row, step, key) -> bool:
+    """hidden [B_q, 1 or T, S] bool, or an empty [0, 1, 1] array for no padding mask."""
+    if hidden.shape[0] == 0:
+        return False
+    return hidden[row, step if hidden.shape[1] > 1 else 0, key]
+
+
+@numba.njit(parallel=True, fastmath=set(FASTMATH), cache=True)
+def attention_forward(query_op, key_op, key_row_of, v, value, value_row_of, key_limits, hidden, causal, factorized,
+                      probs, context):
+    """Fill probs P [B_q, T, S] and context [B_q, T, D] (both in the compute dtype, every element written).
+
+    query_op [B_q, T, A]: e^{2 query_proj} (factorized) or query_proj (direct).
+    key_op [B_k, S, A]: e^{2 key} (factorized) or the keys (direct); key row key_row_of[b] (int64 [B_q]) serves
+        query row b (the memory row through `index`, or b itself when the keys are per query row).
+    v [A]; value [B_m, S, D] read at row value_row_of[b] (int64 [B_q]).
+    key_limits int64 [B_q]: keys j >= key_limits[b] are hidden (key_lengths through `index`, else S).
+    hidden bool [B_q, 1 or T, S] (True = hidden) or [0, 1, 1] for none; causal: keys j > i are hidden.
+    All float arrays share one dtype (float32 or float64) and are C-contiguous.
+    """
+    rows, steps, attn_dim = query_op.shape
+    src_len = key_op.shape[1]
+    value_dim = value.shape[2]
+    zero = v.dtype.type(0.0)
+    one = v.dtype.type(1.0)
+    two = v.dtype.type(2.0)
+    v_sum = zero
+    for a in range(attn_dim):
+        v_sum += v[a]
+    for item in numba.prange(rows * steps):
+        row = item // steps
+        step = item - row * steps
+        limit = min(key_limits[row], src_len)
+        if causal:
+            limit = min(limit, step + 1)
+        key_row = key_row_of[row]
+        query = query_op[row, step]
+        scores = probs[row, step]
+        # Scores of the visible keys, and their maximum. A NaN score fails every comparison, so it never becomes
+        # the maximum; it turns the whole row into NaN through exp below, as the reference's softmax does.
+        row_max = -np.inf
+        for key in range(src_len):
+            if key >= limit or is_hidden(hidden, row, step, key):
+                scores[key] = zero
+                continue
+            keys = key_op[key_row, key]
+            total = zero
+            if factorized:
+                for a in range(attn_dim):
+                    total += v[a] / (one + query[a] * keys[a])
+                score = v_sum - two * total
+            else:
+                for a in range(attn_dim):
+                    total += v[a] * math.tanh(query[a] + keys[a])
+                score = total
+            scores[key] = score
+            if score > row_max:
+                row_max = score
+        # As common.masked_softmax_: an infinite maximum (all visible scores -inf, or one +inf) is replaced by 0,
+        # and a zero sum (no visible key) by 1, so that an empty row gets zero weights instead of NaN.
+        if not math.isfinite(row_max):
+            row_max = zero
+        total_weight = zero
+        for key in range(limit):
+            if not is_hidden(hidden, row, step, key):
+                weight = math.exp(scores[key] - row_max)
+                scores[key] = weight
+                total_weight += weight
+        if total_weight == zero:
+            total_weight = one
+        out = context[row, step]
+        for d in range(value_dim):
+            out[d] = zero
+        values = value[value_row_of[row]]
+        for key in range(limit):
+            if not is_hidden(hidden, row, step, key):
+                weight = scores[key] / total_weight
+                scores[key] = weight
+                for d in range(value_dim):
+                    out[d] += weight * values[key, d]
