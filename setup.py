@@ -18,7 +18,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=[
-        "attn_fast", "attn_fast.kernels", "attn_fast.backends", "attn_fast.nn", "attn_fast.examples",
+        "attn_fast", "attn_fast.kernels", "attn_fast.backends", "attn_fast.backends.cpu_kernels", "attn_fast.nn",
+        "attn_fast.examples",
         "attn_fast.examples.seq2seq", "attn_fast.examples.captioning", "attn_fast.tools", "attn_fast.tools.bench",
     ],
     package_dir={"attn_fast": "attn_fast", "attn_fast.kernels": "kernels"},
