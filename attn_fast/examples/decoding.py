@@ -8,6 +8,12 @@ Beam search keeps B * beam decoder rows but only B memory rows: row r = b * beam
 `index` [B * beam] (constant for the whole search, since a beam never leaves its batch row), so key_proj and
 value are never copied per beam. Only the decoder state, the tokens and the attention history are reordered.
 
+The attention history (the weights of every step, [B, L, S] with L up to max_len) is the one part of decoding
+whose size is the product of the output and source lengths: with Seq2Seq's default max_len = 2 S + 10 it grows
+with the square of the source length (a 4000-character source: 128 MiB per row, and beam search copies its
+history at every step). `need_attention=False` keeps none of it, so memory grows linearly in S; the decoder
+steps still compute their weights (`need_weights=True`), so tokens and scores are bit-identical either way.
+
 Generation never emits PAD or BOS: their log-probabilities are set to -inf after the log-softmax over the whole
 vocabulary, so the log-probabilities reported are the model's, comparable with a teacher-forced forward.
 """
@@ -29,14 +35,15 @@ class Decoded:
     lengths    [B] int64: tokens per row, EOS included (== max_len for a row that did not finish)
     scores     [B]: the ranking score (beam search: length-normalized log-probability; greedy: log_probs)
     log_probs  [B]: sum of the log-probabilities of the tokens, EOS included
-    attention  [B, L, S]: the attention weights of the step that produced each token (zeros after the end)
+    attention  [B, L, S]: the attention weights of the step that produced each token (zeros after the end);
+               None when decoded with need_attention=False
     """
 
     tokens: torch.Tensor
     lengths: torch.Tensor
     scores: torch.Tensor
     log_probs: torch.Tensor
-    attention: torch.Tensor
+    attention: torch.Tensor | None
 
     def to_lists(self, eos_id: int) -> list[list[int]]:
         """Token ids per row, without EOS and padding."""
@@ -66,8 +73,10 @@ def _check_max_len(max_len: int) -> None:
         raise ValueError(f"max_len must be a positive int, got {max_len!r}")
 
 
-def greedy(model, src: torch.Tensor, src_lengths: torch.Tensor, *, max_len: int) -> Decoded:
-    """Pick the most likely token at every step until EOS or `max_len` tokens. src [B, S], src_lengths [B]."""
+def greedy(model, src: torch.Tensor, src_lengths: torch.Tensor, *, max_len: int,
+           need_attention: bool = True) -> Decoded:
+    """Pick the most likely token at every step until EOS or `max_len` tokens. src [B, S], src_lengths [B].
+    `need_attention=False`: no attention history (`Decoded.attention` is None), memory linear in S."""
     _check_max_len(max_len)
     decoder = model.decoder
     encoder_states, hidden = model.encode(src, src_lengths)
@@ -79,19 +88,22 @@ def greedy(model, src: torch.Tensor, src_lengths: torch.Tensor, *, max_len: int)
     total_log_prob = None
     tokens, attention = [], []
     for _ in range(max_len):
+        # need_weights=True even without a history: the step then takes the same path, so tokens are bit-identical.
         logits, hidden, weights = decoder.step(prev_tokens, hidden, memory, need_weights=True)
         best_log_prob, token = next_token_log_probs(model, logits).max(dim=-1)
         token = token.masked_fill(finished, model.pad_id)
         best_log_prob = best_log_prob.masked_fill(finished, 0.0)
         total_log_prob = best_log_prob if total_log_prob is None else total_log_prob + best_log_prob
         tokens.append(token)
-        attention.append(weights.masked_fill(finished[:, None], 0.0))
+        if need_attention:
+            attention.append(weights.masked_fill(finished[:, None], 0.0))
         lengths += (~finished).long()
         finished |= token == model.eos_id
         prev_tokens = token
         if bool(finished.all()):
             break
-    return Decoded(torch.stack(tokens, 1), lengths, total_log_prob, total_log_prob, torch.stack(attention, 1))
+    return Decoded(torch.stack(tokens, 1), lengths, total_log_prob, total_log_prob,
+                   torch.stack(attention, 1) if need_attention else None)
 
 
 @dataclass
@@ -99,11 +111,11 @@ class _Hypothesis:
     score: float  # length-normalized
     log_prob: float
     tokens: torch.Tensor  # [L]
-    attention: torch.Tensor  # [L, S]
+    attention: torch.Tensor | None  # [L, S], or None without an attention history
 
 
 def beam_search(model, src: torch.Tensor, src_lengths: torch.Tensor, *, beam_size: int, max_len: int,
-                length_penalty: float = 0.6, copy_memory: bool = False) -> Decoded:
+                length_penalty: float = 0.6, copy_memory: bool = False, need_attention: bool = True) -> Decoded:
     """Batched beam search; returns the best finished hypothesis of each batch row.
 
     Each step scores all beam_size * V extensions of the live beams and takes the best 2 * beam_size (as
@@ -114,7 +126,8 @@ def beam_search(model, src: torch.Tensor, src_lengths: torch.Tensor, *, beam_siz
     all repeat the same extension. beam_size 1 is greedy decoding.
 
     The decoder rows (B * beam_size) read the B encoder-memory rows through `index`; `copy_memory=True` copies
-    the memory per beam instead (for tests comparing the two).
+    the memory per beam instead (for tests comparing the two). `need_attention=False` keeps no attention history
+    (`Decoded.attention` is None): with one, every step copies the [B * beam, t, S] history of the live beams.
     """
     _check_max_len(max_len)
     if not isinstance(beam_size, int) or beam_size < 1:
@@ -137,12 +150,14 @@ def beam_search(model, src: torch.Tensor, src_lengths: torch.Tensor, *, beam_siz
     beam_log_probs = torch.full((batch, beam), -math.inf, dtype=score_dtype, device=device)
     beam_log_probs[:, 0] = 0.0  # one live beam at the start
     token_history = src.new_empty(batch * beam, 0)  # [B*K, t]
-    attention_history = encoder_states.new_empty(batch * beam, 0, src.shape[1])  # [B*K, t, S]
+    # [B*K, t, S], or None: the only state whose size is steps x source length.
+    attention_history = encoder_states.new_empty(batch * beam, 0, src.shape[1]) if need_attention else None
     finished: list[list[_Hypothesis]] = [[] for _ in range(batch)]
     done = [False] * batch
     rank = torch.arange(2 * beam, device=device)
 
     for step in range(max_len):
+        # need_weights=True even without a history: the step then takes the same path, so tokens are bit-identical.
         logits, hidden, weights = decoder.step(prev_tokens, hidden, memory, index=index, need_weights=True)
         log_probs = next_token_log_probs(model, logits)  # [B*K, V]
         vocab = log_probs.shape[-1]
@@ -162,7 +177,7 @@ def beam_search(model, src: torch.Tensor, src_lengths: torch.Tensor, *, beam_siz
                 finished[b].append(_Hypothesis(
                     length_normalized(log_prob, step + 1, length_penalty), log_prob,
                     torch.cat([token_history[row], top_tokens[b, c].view(1)]),
-                    torch.cat([attention_history[row], weights[row][None]])))
+                    torch.cat([attention_history[row], weights[row][None]]) if need_attention else None))
 
         # Live beams: the best K non-EOS extensions (there are at least K among the top 2K).
         order = torch.argsort(rank[: top_ids.shape[1]] + is_eos.long() * 2 * beam, dim=1, stable=True)[:, :beam]
@@ -173,7 +188,8 @@ def beam_search(model, src: torch.Tensor, src_lengths: torch.Tensor, *, beam_siz
         prev_tokens = next_tokens.view(-1)
         hidden = hidden[rows]
         token_history = torch.cat([token_history[rows], prev_tokens[:, None]], dim=1)
-        attention_history = torch.cat([attention_history[rows], weights[rows][:, None]], dim=1)
+        if need_attention:
+            attention_history = torch.cat([attention_history[rows], weights[rows][:, None]], dim=1)
 
         if step == max_len - 1:  # out of room: the live beams finish as they are
             for b in range(batch):
@@ -181,25 +197,28 @@ def beam_search(model, src: torch.Tensor, src_lengths: torch.Tensor, *, beam_siz
                     log_prob = float(beam_log_probs[b, k])
                     if not done[b] and math.isfinite(log_prob):
                         row = b * beam + k
-                        finished[b].append(_Hypothesis(length_normalized(log_prob, max_len, length_penalty),
-                                                       log_prob, token_history[row], attention_history[row]))
+                        finished[b].append(_Hypothesis(
+                            length_normalized(log_prob, max_len, length_penalty), log_prob, token_history[row],
+                            attention_history[row] if need_attention else None))
         done = [done[b] or len(finished[b]) >= beam for b in range(batch)]
         if all(done):
             break
 
     best = [max(hypotheses, key=lambda h: h.score) for hypotheses in finished]
-    return _pack(best, model.pad_id, src.shape[1], attention_history.dtype, device)
+    return _pack(best, model.pad_id, src.shape[1], encoder_states.dtype, device, need_attention)
 
 
-def _pack(hypotheses: list[_Hypothesis], pad_id: int, src_len: int, dtype, device) -> Decoded:
-    """One hypothesis per batch row -> padded tensors."""
+def _pack(hypotheses: list[_Hypothesis], pad_id: int, src_len: int, dtype, device, need_attention: bool) -> Decoded:
+    """One hypothesis per batch row -> padded tensors (attention [B, L, S] of `dtype` when `need_attention`)."""
     lengths = torch.tensor([len(h.tokens) for h in hypotheses], dtype=torch.long, device=device)
     width = int(lengths.max()) if hypotheses else 0
     tokens = torch.full((len(hypotheses), width), pad_id, dtype=torch.long, device=device)
-    attention = torch.zeros(len(hypotheses), width, src_len, dtype=dtype, device=device)
+    attention = (torch.zeros(len(hypotheses), width, src_len, dtype=dtype, device=device) if need_attention
+                 else None)
     for b, h in enumerate(hypotheses):
         tokens[b, : len(h.tokens)] = h.tokens
-        attention[b, : len(h.tokens)] = h.attention
+        if need_attention:
+            attention[b, : len(h.tokens)] = h.attention
     scores = torch.tensor([h.score for h in hypotheses], dtype=torch.float64, device=device)
     log_probs = torch.tensor([h.log_prob for h in hypotheses], dtype=torch.float64, device=device)
     return Decoded(tokens, lengths, scores, log_probs, attention)

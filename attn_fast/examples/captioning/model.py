@@ -227,16 +227,20 @@ class Captioner(nn.Module):
         return (*caption_loss(logits, weights, tgt_out, pad_id=self.pad_id, attention_reg=attention_reg), logits)
 
     @torch.no_grad()
-    def greedy(self, images: torch.Tensor, max_len: int = 20) -> decoding.Decoded:
-        """Greedy captions (call `.eval()` first): `Decoded` with attention [B, L_out, L] over the grid cells."""
+    def greedy(self, images: torch.Tensor, max_len: int = 20, *, need_attention: bool = True) -> decoding.Decoded:
+        """Greedy captions (call `.eval()` first): `Decoded` with attention [B, L_out, L] over the grid cells
+        (None with `need_attention=False`)."""
         view = _DecodingView(self, images)
-        return decoding.greedy(view, *view.source(), max_len=max_len)
+        return decoding.greedy(view, *view.source(), max_len=max_len, need_attention=need_attention)
 
     @torch.no_grad()
     def beam_search(self, images: torch.Tensor, beam_size: int = 3, max_len: int = 20,
-                    length_penalty: float = 0.6, *, _copy_memory: bool = False) -> decoding.Decoded:
+                    length_penalty: float = 0.6, *, need_attention: bool = True,
+                    _copy_memory: bool = False) -> decoding.Decoded:
         """Beam search over B·beam decoder rows reading the B annotation memories through `index` (no copies);
-        `_copy_memory` (tests) copies the memory per beam instead. See `decoding.beam_search`."""
+        `need_attention=False` keeps no attention history (`Decoded.attention` is None); `_copy_memory` (tests)
+        copies the memory per beam instead. See `decoding.beam_search`."""
         view = _DecodingView(self, images)
         return decoding.beam_search(view, *view.source(), beam_size=beam_size, max_len=max_len,
-                                    length_penalty=length_penalty, copy_memory=_copy_memory)
+                                    length_penalty=length_penalty, copy_memory=_copy_memory,
+                                    need_attention=need_attention)

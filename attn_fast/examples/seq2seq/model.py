@@ -229,21 +229,25 @@ class Seq2Seq(nn.Module):
                                label_smoothing=label_smoothing)
 
     @torch.no_grad()
-    def greedy(self, src: torch.Tensor, src_lengths: torch.Tensor, max_len: int | None = None) -> decoding.Decoded:
+    def greedy(self, src: torch.Tensor, src_lengths: torch.Tensor, max_len: int | None = None, *,
+               need_attention: bool = True) -> decoding.Decoded:
         """Greedy decoding (call `.eval()` first to switch dropout off). max_len defaults to 2 * S + 10 tokens,
-        EOS included. See `decoding.greedy`."""
-        return decoding.greedy(self, src, src_lengths, max_len=_default_max_len(src, max_len))
+        EOS included. `need_attention=False` keeps no attention history (`Decoded.attention` is None), so memory
+        grows linearly in S instead of with S². See `decoding.greedy`."""
+        return decoding.greedy(self, src, src_lengths, max_len=_default_max_len(src, max_len),
+                               need_attention=need_attention)
 
     @torch.no_grad()
     def beam_search(self, src: torch.Tensor, src_lengths: torch.Tensor, beam_size: int = 4,
-                    max_len: int | None = None, length_penalty: float = 0.6, *,
+                    max_len: int | None = None, length_penalty: float = 0.6, *, need_attention: bool = True,
                     _copy_memory: bool = False) -> decoding.Decoded:
         """Beam search, batched over B, sharing the encoder memory across beams (`AttentionMemory` + `index`).
         Scores are GNMT-normalized: log p / ((5 + len) / 6) ** length_penalty (0 = raw log-probability).
-        `_copy_memory` (tests) copies the memory per beam instead. See `decoding.beam_search`."""
+        `need_attention=False` keeps no attention history (memory linear in S, as `greedy`). `_copy_memory`
+        (tests) copies the memory per beam instead. See `decoding.beam_search`."""
         return decoding.beam_search(self, src, src_lengths, beam_size=beam_size,
                                     max_len=_default_max_len(src, max_len), length_penalty=length_penalty,
-                                    copy_memory=_copy_memory)
+                                    copy_memory=_copy_memory, need_attention=need_attention)
 
 
 def _default_max_len(src: torch.Tensor, max_len: int | None) -> int:
