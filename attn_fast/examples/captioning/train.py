@@ -161,13 +161,14 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
 
 @torch.no_grad()
 def caption_images(model: Captioner, images: torch.Tensor, vocab: WordVocab, *, beam_size: int = 1,
-                   max_len: int = MAX_CAPTION_WORDS):
+                   max_len: int = MAX_CAPTION_WORDS, need_attention: bool = True):
     """Captions of images [B, 3, H, W] (on the model's device) and the `Decoded` they came from (attention
-    [B, L_out, grid²]: the step that emitted each word). Greedy for beam_size 1. Leaves the model's mode as it
-    found it."""
+    [B, L_out, grid²]: the step that emitted each word; None with `need_attention=False`). Greedy for beam_size 1.
+    Leaves the model's mode as it found it."""
     was_training = model.training
     model.eval()
-    decoded = (model.beam_search(images, beam_size, max_len) if beam_size > 1 else model.greedy(images, max_len))
+    decoded = (model.beam_search(images, beam_size, max_len, need_attention=need_attention) if beam_size > 1
+               else model.greedy(images, max_len, need_attention=need_attention))
     model.train(was_training)
     return [vocab.decode(ids) for ids in decoded.to_lists(model.eos_id)], decoded
 

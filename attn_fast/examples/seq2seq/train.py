@@ -176,25 +176,30 @@ class Translation(NamedTuple):
     """One decoded source."""
 
     output: str                       # the target text (EOS and padding removed)
-    attention: torch.Tensor           # [L, S'] on the model's device: the weights of each decoded step (EOS's
-                                      # included) over the source characters, zero-padded to the batch's sizes
+    attention: torch.Tensor | None    # [L, S'] on the model's device: the weights of each decoded step (EOS's
+                                      # included) over the source characters, zero-padded to the batch's sizes;
+                                      # None unless decoded with need_attention=True
 
 
 @torch.no_grad()
 def decode_sources(model: Seq2Seq, sources: Sequence[str], src_vocab: CharVocab, tgt_vocab: CharVocab, *,
-                   beam_size: int = 1, batch_size: int = 256, device: torch.device | str = "cpu") -> list[Translation]:
+                   beam_size: int = 1, batch_size: int = 256, device: torch.device | str = "cpu",
+                   need_attention: bool = False) -> list[Translation]:
     """Translations of `sources`, in order, decoded `batch_size` at a time: greedy for beam_size 1, else beam
-    search. Leaves the model in the mode it found it in."""
+    search. Each keeps its attention (for a heatmap) only with `need_attention`: that history is [L, S] per
+    source with L up to 2 S + 10, quadratic in the source length, while decoding without it grows linearly.
+    Leaves the model in the mode it found it in."""
     was_training = model.training
     model.eval()
     pairs = [(s, "") for s in sources]
     translations = []
     for batch in batches(pairs, src_vocab, tgt_vocab, batch_size, shuffle=False, sort_by_length=False):
         src, src_lengths = batch.src.to(device), batch.src_lengths.to(device)
-        decoded = (model.beam_search(src, src_lengths, beam_size=beam_size) if beam_size > 1
-                   else model.greedy(src, src_lengths))
+        decoded = (model.beam_search(src, src_lengths, beam_size=beam_size, need_attention=need_attention)
+                   if beam_size > 1 else model.greedy(src, src_lengths, need_attention=need_attention))
+        attentions = decoded.attention if need_attention else [None] * len(decoded.lengths)
         translations += [Translation(tgt_vocab.decode(ids), attention)
-                         for ids, attention in zip(decoded.to_lists(model.eos_id), decoded.attention)]
+                         for ids, attention in zip(decoded.to_lists(model.eos_id), attentions)]
     model.train(was_training)
     return translations
 
