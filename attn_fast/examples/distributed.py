@@ -46,6 +46,12 @@ class Distributed:
         return self.rank == 0
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun launched it (RANK in the environment; 0 without torchrun), known before
+    `setup` joins the process group: what decides, before any work, which process claims the output directory."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def setup(device: str) -> tuple[Distributed, torch.device]:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1 in the environment); returns the context
     and the device this process trains on (`device`, or cuda:LOCAL_RANK when `device` is a CUDA device)."""

@@ -1,8 +1,11 @@
 """The training loop both examples share: `seq2seq.train` and `captioning.train` each describe their part of a run as
 a `Task` (data, model, loss, validation scores) and hand it to `run_training`.
 
-    checkpoint = read_checkpoint(config.resume, task_format, "Seq2Seq") if config.resume else None
-    run = run_training(config, task, checkpoint)        # config: a RunConfig; task: built from the same checkpoint
+    config.validate(files=True)                         # config: a RunConfig; every value, before any work
+    with claim_out_dir(config):                         # lock, refuse to overwrite, clean up (see below)
+        checkpoint = load_checkpoint(config.resume, "train", for_resume=True) if config.resume else None
+        config = resumed_config(config, checkpoint)     # the model fields the run really has
+        run = run_training(config, task, checkpoint)    # task: built from the same config and checkpoint
 
 One run, in order:
   model       `task.build_model` of `task.model_config()`, or of the checkpoint's model config when resuming (the
@@ -22,19 +25,31 @@ Resuming from `last.pt` restores the model, the optimizer, the position (step, e
 best metric and torch's RNG state (dropout), so that the run continues exactly as the uninterrupted one would have:
 on CPU, N steps straight and N/2 + resume + N/2 give identical parameters. The architecture and the vocabularies
 come from the checkpoint; the data, the device, the attention backend and the stopping rules from the new config.
+`resumed_config` puts the checkpoint's model fields into the config (so that train_config records what the run
+really used) and says which of the given ones it replaced.
+
+The output directory (`claim_out_dir`): a run takes an exclusive lock on it (`fcntl.flock` on `out_dir/.lock`,
+released when the run ends, with the kernel's help when the process dies), so that a second run into the same
+directory refuses at once; it removes the temporary files of checkpoint writes that a killed run left behind
+(`.last.pt.XXXXXXXX.tmp`, nothing else); and it refuses a directory that holds anything unless the run resumes
+(`resume`) or replaces (`overwrite`: best.pt and last.pt are removed first). All of it happens before any work.
 
 Under `torchrun` (WORLD_SIZE > 1) the same loop trains with DistributedDataParallel, gloo on CPU and nccl on GPU:
 each process takes its shard of every epoch's batches, rank 0 validates and writes the checkpoints (see
-`distributed.py`). A checkpoint keeps every rank's RNG state, so a resume with the same number of processes is
-exact too.
+`distributed.py`). Rank 0 alone claims the output directory; when it refuses, torchrun stops the other processes.
+A checkpoint keeps every rank's RNG state, so a resume with the same number of processes is exact too.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import math
+import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -43,10 +58,17 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from attn_fast.examples import distributed
-from attn_fast.examples.checkpoints import model_config_of, save_checkpoint
+from attn_fast.examples.checkpoints import is_stale_temporary, model_config_of, save_checkpoint
+from attn_fast.examples.errors import UserError
+from attn_fast.validation import BACKENDS
 
 __all__ = ["RunConfig", "RunResult", "RunPosition", "BatchLoss", "Task", "run_training", "train_step",
-           "stop_reason", "epoch_generator"]
+           "stop_reason", "epoch_generator", "check_device", "claim_out_dir", "resumed_config", "LOCK_NAME",
+           "CHECKPOINT_NAMES"]
+
+#: The lock file of an output directory (see `claim_out_dir`), and the checkpoints a run writes there.
+LOCK_NAME = ".lock"
+CHECKPOINT_NAMES = ("best.pt", "last.pt")
 
 
 @dataclass
@@ -79,6 +101,39 @@ class RunConfig:
     resume: str | None = None         # a checkpoint (normally last.pt) to continue from
     valid_batch_size: int = 256
     quiet: bool = False               # no progress bar, no per-epoch lines (the summary line is still printed)
+    overwrite: bool = False           # start afresh in an out_dir that holds files (best.pt, last.pt removed first)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self, *, files: bool = False) -> None:
+        """Raise a `UserError` naming the command-line flag (--batch-size for batch_size) of the first field whose
+        value no run could use; with `files`, also check that the files named exist. Runs at construction, and
+        again (with `files`) when a run starts: before any work, for the CLI and Python alike."""
+        _require_int(self, "train_size", minimum=1)
+        _require_int(self, "valid_size", minimum=1)
+        _require_int(self, "data_seed", minimum=0)
+        _require_choice(self, "attention_backend", BACKENDS)
+        for name in ("embed_dim", "hidden_dim", "attn_dim", "batch_size", "epochs", "valid_batch_size"):
+            _require_int(self, name, minimum=1)
+        _require_number(self, "dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)")
+        _require_number(self, "lr", self.lr > 0, "a positive number")
+        _require_number(self, "weight_decay", self.weight_decay >= 0, "a number >= 0")
+        _require_number(self, "grad_clip", self.grad_clip >= 0, "a number >= 0 (0: no clipping)")
+        if self.max_steps is not None:
+            _require_int(self, "max_steps", minimum=1)
+        if self.time_limit is not None:
+            _require_number(self, "time_limit", self.time_limit > 0, "a positive number of seconds")
+        _require_int(self, "seed", minimum=0)
+        check_device(self.device)
+        for name in ("out_dir", "resume"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (str, os.PathLike)) or not os.fspath(value)):
+                raise UserError(f"{_flag(name)} must be a path, got {value!r}")
+        if self.overwrite and self.resume is not None:
+            raise UserError("--overwrite starts a new run and --resume continues one: give one of them")
+        if files and self.resume is not None and not Path(self.resume).is_file():
+            raise UserError(f"--resume {self.resume}: no such checkpoint file")
 
 
 @dataclass
@@ -163,6 +218,141 @@ class Task(Protocol):
     def vocab_state(self) -> dict:
         """The checkpoint entries the task restores itself from when resuming (its vocabularies)."""
         ...
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of the config field `name`: --batch-size for batch_size."""
+    return "--" + name.replace("_", "-")
+
+
+def _require_int(config: RunConfig, name: str, *, minimum: int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        requirement = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise UserError(f"{_flag(name)} must be {requirement}, got {value!r}")
+
+
+def _require_number(config: RunConfig, name: str, condition: bool, requirement: str) -> None:
+    """`condition`: the field's value meets `requirement` (checked only once the value is a finite real number)."""
+    value = getattr(config, name)
+    real = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (real and math.isfinite(value) and condition):
+        raise UserError(f"{_flag(name)} must be {requirement}, got {value!r}")
+
+
+def _require_choice(config: RunConfig, name: str, choices: Sequence[str]) -> None:
+    value = getattr(config, name)
+    if value not in choices:
+        raise UserError(f"{_flag(name)} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def check_device(device: str | torch.device, flag: str = "--device") -> torch.device:
+    """`device` as a torch.device, or a `UserError` naming `flag` when it is no device torch knows or this machine
+    lacks it (CUDA, a CUDA index, MPS): checked before any work, instead of an AssertionError deep inside."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise UserError(f"{flag} {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from error
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{flag} {device} asked for, but CUDA is not available on this machine")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UserError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{flag} {device} asked for, but MPS is not available on this machine")
+    return parsed
+
+
+@contextlib.contextmanager
+def claim_out_dir(config: RunConfig) -> Iterator[Path | None]:
+    """Hold `config.out_dir` for a run (the module docstring's rules): created if missing, locked for the whole
+    `with` block, stale checkpoint temporaries removed, refused (`UserError`) when another run holds it or when it
+    holds files and the run neither resumes nor overwrites. Yields the directory (None when the run writes no
+    checkpoint). Under torchrun only rank 0 claims it: the other ranks write nothing there."""
+    if config.out_dir is None:
+        yield None
+        return
+    out_dir = Path(config.out_dir)
+    if distributed.launch_rank() != 0:
+        yield out_dir
+        return
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out-dir {out_dir} is a file, not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--out-dir {out_dir}: cannot create it ({error.strerror})") from error
+    lock = _lock_directory(out_dir)
+    try:
+        for entry in out_dir.iterdir():
+            if is_stale_temporary(entry.name, CHECKPOINT_NAMES):  # the lock says no live run is writing it
+                entry.unlink(missing_ok=True)
+        held = sorted(entry.name for entry in out_dir.iterdir() if entry.name != LOCK_NAME)
+        if held and config.resume is None:
+            if not config.overwrite:
+                shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+                raise UserError(f"--out-dir {out_dir} already holds {shown}: give --resume {out_dir / 'last.pt'} "
+                                f"to continue that run, --overwrite to replace it, or another --out-dir")
+            for name in CHECKPOINT_NAMES:  # a new run: the previous run's checkpoints must not pass for its own
+                (out_dir / name).unlink(missing_ok=True)
+        yield out_dir
+    finally:
+        _unlock_directory(out_dir, lock)
+
+
+def _lock_directory(out_dir: Path) -> int:
+    """An exclusive flock on out_dir/LOCK_NAME, its descriptor; `UserError` if another process holds it. The file
+    records the holder's pid for that message. (The lock file is removed on release, so a run can find a file that
+    a finishing run has just unlinked: it locks again until the locked file is the one in the directory.)"""
+    path = out_dir / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise UserError(f"--out-dir {out_dir}: cannot create its lock file ({error.strerror})") from error
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip()
+            os.close(fd)
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise UserError(f"--out-dir {out_dir}: cannot lock it ({error.strerror})") from error
+            raise UserError(f"--out-dir {out_dir} is in use by another run" + (f" (pid {holder})" if holder else "")
+                            + ": wait for it to end, or give another --out-dir") from None
+        try:
+            same_file = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+def _unlock_directory(out_dir: Path, fd: int) -> None:
+    """Remove the lock file, then release the lock (in that order: see `_lock_directory`)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(out_dir / LOCK_NAME)
+    os.close(fd)
+
+
+def resumed_config(config: RunConfig, checkpoint: dict | None) -> RunConfig:
+    """`config` with the model fields of a resumed run set to the checkpoint's (its model_config: sizes, decoder,
+    dropout...; the attention backend stays the config's, a runtime choice), so that the run, its data (the
+    captioner's image size) and the train_config it stores agree with the model it really trains. Prints which
+    given values were replaced (rank 0, unless quiet). `config` itself when not resuming."""
+    if checkpoint is None:
+        return config
+    model_fields = {f.name for f in dataclasses.fields(config)} & set(checkpoint["model_config"]) - {
+        "attention_backend"}
+    stored = {name: checkpoint["model_config"][name] for name in sorted(model_fields)}
+    replaced = {name: value for name, value in stored.items() if getattr(config, name) != value}
+    if replaced and distributed.launch_rank() == 0 and not config.quiet:
+        print("resume: the model is the checkpoint's, "
+              + ", ".join(f"{_flag(name)} {value} (not {getattr(config, name)})" for name, value in replaced.items()),
+              file=sys.stderr)
+    return dataclasses.replace(config, **stored)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

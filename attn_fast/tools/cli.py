@@ -26,11 +26,13 @@ import typing
 
 import torch
 
-from attn_fast.examples.captioning.model import INITIAL_STATES
+from attn_fast.examples.captioning.data import MIN_IMAGE_SIZE
+from attn_fast.examples.captioning.model import INITIAL_STATES, ImageEncoder
 from attn_fast.examples.captioning.train import CaptionTrainConfig
 from attn_fast.examples.errors import UserError
 from attn_fast.examples.seq2seq.model import DECODERS
 from attn_fast.examples.seq2seq.train import TrainConfig
+from attn_fast.examples.training import check_device
 from attn_fast.validation import BACKENDS
 
 
@@ -38,10 +40,7 @@ def _verify(args) -> int:
     from attn_fast.cpu_warmup import warm_cpu_math
     from attn_fast.tools.verify import available_backends, interpreter_note, parse_dtypes, run_verify
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("attn-fast verify: --device cuda asked for, but CUDA is not available", file=sys.stderr)
-        return 2
+    device = torch.device(args.device)  # (checked by main)
     warm_cpu_math()
     backends = args.backend or available_backends(device)
     failures = run_verify(device, backends, parse_dtypes(args.dtype, device), seed=args.seed)
@@ -55,12 +54,7 @@ def _train(args) -> int:
     """`attn-fast train`: the Seq2Seq example."""
     from attn_fast.examples.seq2seq.train import TrainConfig, train
 
-    if _cuda_missing("train", args.device):
-        return 2
-    if (args.data_tsv is None) != (args.valid_tsv is None):
-        print("attn-fast train: give both --data-tsv and --valid-tsv, or neither (the date task)", file=sys.stderr)
-        return 2
-    train(_config_from(args, TrainConfig))
+    train(_config_from(args, TrainConfig))  # (TrainConfig checks every option, train the files and --out-dir)
     return 0
 
 
@@ -103,9 +97,7 @@ def _train_captions(args) -> int:
     """`attn-fast train-captions`: the Show, Attend and Tell example."""
     from attn_fast.examples.captioning.train import CaptionTrainConfig, train
 
-    if _cuda_missing("train-captions", args.device):
-        return 2
-    train(_config_from(args, CaptionTrainConfig))
+    train(_config_from(args, CaptionTrainConfig))  # (checked as in _train)
     return 0
 
 
@@ -184,14 +176,6 @@ def _numbered(path: str, number: int) -> str:
     return f"{stem}-{number}.{extension}" if dot else f"{path}-{number}"
 
 
-def _cuda_missing(command: str, device: str) -> bool:
-    """True (and a message) when `device` is a CUDA device and this machine has none."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"attn-fast {command}: --device cuda asked for, but CUDA is not available", file=sys.stderr)
-        return True
-    return False
-
-
 # The command-line form of the config fields (`attn-fast train`: TrainConfig, `attn-fast train-captions`:
 # CaptionTrainConfig), by help group: argparse keywords besides the flag, type and default, which come from the
 # dataclass field. A name means the same in both configs; every field of either must be here.
@@ -203,7 +187,8 @@ _CONFIG_OPTIONS = {
         "train_size": dict(help="training examples of the generated task"),
         "valid_size": dict(help="validation examples of the generated task"),
         "data_seed": dict(help="seed of the generated splits and examples"),
-        "image_size": dict(help="side of the generated images (a multiple of 8)"),
+        "image_size": dict(help=f"side of the generated images (a multiple of {ImageEncoder.STRIDE}, at least "
+                                f"{MIN_IMAGE_SIZE})"),
     },
     "model": {
         "decoder": dict(choices=list(DECODERS), help="parallel: one attention call for all steps; bahdanau: the "
@@ -234,6 +219,8 @@ _CONFIG_OPTIONS = {
         "resume": dict(metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT (its last.pt)"),
         "valid_batch_size": dict(help="examples per greedy-decoding batch of the validation"),
         "quiet": dict(help="no progress bar or per-epoch lines"),
+        "overwrite": dict(help="start afresh in an --out-dir that holds files (its best.pt and last.pt are removed "
+                               "first); without it (or --resume) such a directory is refused"),
     },
 }
 
@@ -378,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     command = f"attn-fast {args.command}"
     try:
+        if getattr(args, "device", None) is not None:  # every command's --device, before any work
+            check_device(args.device)
         return args.handler(args)
     except UserError as error:
         if _debugging(args):

@@ -16,13 +16,16 @@ examples' shared ones (`attn_fast.examples.training`). What is the captioner's (
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from attn_fast.examples import checkpoints
 from attn_fast.examples.captioning.data import (
+    MIN_IMAGE_SIZE,
     Scene,
     WordVocab,
     batch_scenes,
@@ -31,15 +34,26 @@ from attn_fast.examples.captioning.data import (
     render_images,
 )
 from attn_fast.examples.captioning.metrics import grounding_score
-from attn_fast.examples.captioning.model import Captioner, caption_loss
-from attn_fast.examples.checkpoints import read_checkpoint, restore_model, run_info
+from attn_fast.examples.captioning.model import INITIAL_STATES, Captioner, ImageEncoder, caption_loss
+from attn_fast.examples.checkpoints import CHECKPOINT_TASKS, restore_model, run_info
+from attn_fast.examples.errors import UserError
 from attn_fast.examples.metrics import bleu, exact_match
-from attn_fast.examples.training import BatchLoss, RunConfig, RunResult, epoch_generator, run_training
+from attn_fast.examples.training import (
+    BatchLoss,
+    RunConfig,
+    RunResult,
+    check_device,
+    claim_out_dir,
+    epoch_generator,
+    resumed_config,
+    run_training,
+)
 
 __all__ = ["CaptionTrainConfig", "CaptionTrainResult", "CaptionTask", "train", "caption_images", "evaluate",
            "load_checkpoint", "CHECKPOINT_FORMAT"]
 
-CHECKPOINT_FORMAT = "attn-fast-captioning-checkpoint/1"
+TASK_NAME = "train-captions"  # the command that writes its checkpoints (`checkpoints.CHECKPOINT_TASKS`)
+CHECKPOINT_FORMAT = CHECKPOINT_TASKS[TASK_NAME].format
 MAX_CAPTION_WORDS = 20  # decoding limit; the grammar's longest caption has 13 words
 
 
@@ -50,13 +64,31 @@ class CaptionTrainConfig(RunConfig):
     2-core CPU (see `attn-fast train-captions --help`)."""
 
     # Data.
-    image_size: int = 64              # a multiple of 8; the grid is image_size / 8 cells a side
+    image_size: int = 64              # a multiple of 8, at least 48; the grid is image_size / 8 cells a side
     # Model.
     channels: int = 64                # annotation size C (CNN width)
     initial_state: str = "zeros"      # decoder's h_0, c_0: "zeros" or "mean" (the paper's; see model.py)
     attention_reg: float = 0.01       # λ of the doubly stochastic regularization (0: off)
     # Run.
     out_dir: str | None = "runs/captions"  # where best.pt and last.pt go; None: write no checkpoint
+
+    def validate(self, *, files: bool = False) -> None:
+        """`RunConfig.validate`, and the image size (a whole grid of 8-pixel cells, room for three shapes), the
+        CNN width, the initial state and the regularization weight."""
+        super().validate(files=files)
+        stride = ImageEncoder.STRIDE
+        size = self.image_size
+        if isinstance(size, bool) or not isinstance(size, int) or size % stride or size < MIN_IMAGE_SIZE:
+            raise UserError(f"--image-size must be a multiple of {stride} and at least {MIN_IMAGE_SIZE} (room for "
+                            f"three shapes), got {size!r}")
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 2:
+            # the first conv layer is channels // 2 wide
+            raise UserError(f"--channels must be an integer >= 2, got {self.channels!r}")
+        if self.initial_state not in INITIAL_STATES:
+            raise UserError(f"--initial-state must be one of {', '.join(INITIAL_STATES)}; got {self.initial_state!r}")
+        reg = self.attention_reg
+        if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not math.isfinite(reg) or reg < 0:
+            raise UserError(f"--attention-reg must be a number >= 0 (0: off), got {reg!r}")
 
 
 @dataclass
@@ -87,7 +119,7 @@ class CaptionTask:
         self.config = config
         splits = make_scene_splits(config.data_seed, (config.train_size, config.valid_size, 0), config.image_size)
         if not splits.train or not splits.valid:
-            raise ValueError(f"need training and validation scenes, got {config.train_size} and "
+            raise UserError(f"need training and validation scenes, got {config.train_size} and "
                              f"{config.valid_size}")
         self.train_scenes, self.valid_scenes = splits.train, splits.valid
         self.vocab = WordVocab() if checkpoint is None else WordVocab.from_dict(checkpoint["vocab"])
@@ -139,18 +171,26 @@ class CaptionTask:
 
 def train(config: CaptionTrainConfig) -> CaptionTrainResult:
     """Train a `Captioner` as `config` says (see the module docstring); prints a summary line. Under torchrun every
-    process calls this; each returns its own (identical) model."""
-    checkpoint = read_checkpoint(config.resume, CHECKPOINT_FORMAT, "captioning") if config.resume else None
-    task = CaptionTask(config, checkpoint)
-    return CaptionTrainResult(**vars(run_training(config, task, checkpoint)), vocab=task.vocab)
+    process calls this; each returns its own (identical) model. A bad config value, a foreign or damaged --resume
+    checkpoint, an output directory in use or holding another run: a `UserError` before any work. When resuming,
+    the model fields, image size included, are the checkpoint's (`resumed_config`)."""
+    config.validate(files=True)
+    with claim_out_dir(config):
+        checkpoint = checkpoints.load_checkpoint(config.resume, TASK_NAME, for_resume=True) if config.resume else None
+        config = resumed_config(config, checkpoint)
+        task = CaptionTask(config, checkpoint)
+        run = run_training(config, task, checkpoint)
+    return CaptionTrainResult(**vars(run), vocab=task.vocab)
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu", *,
                     attention_backend: str | None = None) -> tuple[Captioner, WordVocab, dict]:
     """(model in eval mode on `device`, vocabulary, info) from a checkpoint written by `train`. info: step, epoch,
     batch_in_epoch, best_valid_exact_match, valid, model_config, train_config. `attention_backend` overrides the
-    stored one (e.g. "torch" for a model trained on a GPU with "triton", loaded on a CPU)."""
-    checkpoint = read_checkpoint(path, CHECKPOINT_FORMAT, "captioning")
+    stored one (e.g. "torch" for a model trained on a GPU with "triton", loaded on a CPU). A file that is not such a
+    checkpoint, or a device this machine lacks, is a `UserError`."""
+    check_device(device)
+    checkpoint = checkpoints.load_checkpoint(path, TASK_NAME)
     model = restore_model(checkpoint, build_model, device, attention_backend)
     return model, WordVocab.from_dict(checkpoint["vocab"]), run_info(checkpoint)
 

@@ -18,21 +18,34 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
 
-from attn_fast.examples.checkpoints import read_checkpoint, restore_model, run_info
+from attn_fast.examples import checkpoints
+from attn_fast.examples.checkpoints import CHECKPOINT_TASKS, restore_model, run_info
+from attn_fast.examples.errors import UserError
 from attn_fast.examples.metrics import character_accuracy, exact_match
 from attn_fast.examples.seq2seq.data import Batch, CharVocab, Pair, batches, build_vocabs, make_date_splits, read_tsv
-from attn_fast.examples.seq2seq.model import Seq2Seq
-from attn_fast.examples.training import BatchLoss, RunConfig, RunResult, epoch_generator, run_training
+from attn_fast.examples.seq2seq.model import DECODERS, Seq2Seq
+from attn_fast.examples.training import (
+    BatchLoss,
+    RunConfig,
+    RunResult,
+    check_device,
+    claim_out_dir,
+    epoch_generator,
+    resumed_config,
+    run_training,
+)
 
 __all__ = ["TrainConfig", "TrainResult", "Seq2SeqTask", "train", "evaluate", "translate", "decode_sources",
            "Translation", "epoch_batches", "load_checkpoint", "CHECKPOINT_FORMAT"]
 
-CHECKPOINT_FORMAT = "attn-fast-seq2seq-checkpoint/1"
+TASK_NAME = "train"  # the command that writes its checkpoints (`checkpoints.CHECKPOINT_TASKS`)
+CHECKPOINT_FORMAT = CHECKPOINT_TASKS[TASK_NAME].format
 
 
 @dataclass
@@ -48,6 +61,18 @@ class TrainConfig(RunConfig):
     decoder: str = "parallel"         # "parallel" (one attention call for all steps) or "bahdanau"
     # Run.
     out_dir: str | None = "runs/seq2seq"  # where best.pt and last.pt go; None: write no checkpoint
+
+    def validate(self, *, files: bool = False) -> None:
+        """`RunConfig.validate`, and the decoder, and the TSV files (given both or neither; with `files`, files
+        that exist)."""
+        super().validate(files=files)
+        if self.decoder not in DECODERS:
+            raise UserError(f"--decoder must be one of {', '.join(DECODERS)}; got {self.decoder!r}")
+        if (self.data_tsv is None) != (self.valid_tsv is None):
+            raise UserError("give both --data-tsv and --valid-tsv, or neither (the date task)")
+        for flag, path in (("--data-tsv", self.data_tsv), ("--valid-tsv", self.valid_tsv)):
+            if files and path is not None and not Path(path).is_file():
+                raise UserError(f"{flag} {path}: no such file")
 
 
 @dataclass
@@ -66,8 +91,6 @@ class TrainResult(RunResult):
 
 def load_pairs(config: TrainConfig) -> tuple[list[Pair], list[Pair]]:
     """(train pairs, validation pairs): from the TSV files if given, else the date task."""
-    if (config.data_tsv is None) != (config.valid_tsv is None):
-        raise ValueError("give both data_tsv and valid_tsv (--data-tsv, --valid-tsv), or neither for the date task")
     if config.data_tsv is not None:
         return read_tsv(config.data_tsv), read_tsv(config.valid_tsv)
     splits = make_date_splits(config.data_seed, (config.train_size, config.valid_size, 0))
@@ -98,8 +121,8 @@ class Seq2SeqTask:
         self.config = config
         self.train_pairs, self.valid_pairs = load_pairs(config)
         if not self.train_pairs or not self.valid_pairs:
-            raise ValueError(f"need training and validation pairs, got {len(self.train_pairs)} and "
-                             f"{len(self.valid_pairs)}")
+            raise UserError(f"need training and validation pairs, got {len(self.train_pairs)} and "
+                            f"{len(self.valid_pairs)}")
         if checkpoint is None:
             self.src_vocab, self.tgt_vocab = build_vocabs(self.train_pairs)
         else:
@@ -149,10 +172,15 @@ class Seq2SeqTask:
 
 def train(config: TrainConfig) -> TrainResult:
     """Train a Seq2Seq model as `config` says (see the module docstring); returns a `TrainResult` and prints a
-    summary line. Under torchrun every process calls this; each returns its own (identical) model."""
-    checkpoint = read_checkpoint(config.resume, CHECKPOINT_FORMAT, "Seq2Seq") if config.resume else None
-    task = Seq2SeqTask(config, checkpoint)
-    run = run_training(config, task, checkpoint)
+    summary line. Under torchrun every process calls this; each returns its own (identical) model. A bad config
+    value, a missing file, a foreign or damaged --resume checkpoint, an output directory in use or holding another
+    run: a `UserError` before any work."""
+    config.validate(files=True)
+    with claim_out_dir(config):
+        checkpoint = checkpoints.load_checkpoint(config.resume, TASK_NAME, for_resume=True) if config.resume else None
+        config = resumed_config(config, checkpoint)
+        task = Seq2SeqTask(config, checkpoint)
+        run = run_training(config, task, checkpoint)
     return TrainResult(**vars(run), src_vocab=task.src_vocab, tgt_vocab=task.tgt_vocab)
 
 
@@ -161,8 +189,10 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
     """(model in eval mode on `device`, source vocabulary, target vocabulary, info) from a checkpoint written by
     `train`. info: step, epoch, batch_in_epoch, best_valid_exact_match, valid (metrics when it was written),
     model_config, train_config. `attention_backend` overrides the stored one (e.g. "torch" for a model trained
-    with "triton", loaded on a CPU)."""
-    checkpoint = read_checkpoint(path, CHECKPOINT_FORMAT, "Seq2Seq")
+    with "triton", loaded on a CPU). A file that is not such a checkpoint, or a device this machine lacks, is a
+    `UserError`."""
+    check_device(device)
+    checkpoint = checkpoints.load_checkpoint(path, TASK_NAME)
     model = restore_model(checkpoint, build_model, device, attention_backend)
     return (model, CharVocab.from_dict(checkpoint["src_vocab"]), CharVocab.from_dict(checkpoint["tgt_vocab"]),
             run_info(checkpoint))
