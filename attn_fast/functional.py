@@ -8,6 +8,7 @@ import torch
 
 from attn_fast.backends import cpu_kernels, reference, torch_backend
 from attn_fast.cpu_warmup import warm_cpu_math
+from attn_fast.masking import hidden_memory_keys
 from attn_fast.validation import AttentionCall, attention_call, can_read_values, check_backend
 
 #: Oldest CUDA compute capability the Triton kernels are used on. fp16/bf16 evaluate tanh with the inline PTX
@@ -166,11 +167,14 @@ def additive_attention_on_memory(
     dtypes, devices), never a value: nothing here reads a tensor back to the host, so a step can be captured in a
     CUDA graph (eagerly too).
 
-    The caller vouches for the values: key_lengths in [0, S] (checked once by `check_memory`) and `index` in
+    The caller vouches for the values: key_lengths in [0, S] (checked once by `check_memory`), `index` in
     [0, B_m) (an out-of-range index fails in the backends' gathers: IndexError on CPU, a device-side assert on
-    CUDA). `tanh_form` is the torch backend's block tanh form ("auto", "direct", "factorized"), as `check_memory`
-    chose it: anything but "auto" spares the torch backend its per-call magnitude scan (a host read); the other
-    backends ignore it. Autocast as in `additive_attention`.
+    CUDA), and finite key_proj and value at the keys key_lengths and a [B, S] key_padding_mask hide
+    (`hide_masked_keys` makes them so, once per memory; the layers' `precompute` calls it): the backends then skip
+    their check for a NaN or inf leaked from a hidden key (README "NaN and inf"), which reads a value back.
+    `tanh_form` is the torch backend's block tanh form ("auto", "direct", "factorized"), as `check_memory` chose it:
+    anything but "auto" spares the torch backend its per-call magnitude scan (a host read); the other backends
+    ignore it. Autocast as in `additive_attention`.
     """
     if tanh_form not in torch_backend.BLOCK_TANH_FORMS:
         raise ValueError(f"tanh_form must be one of {torch_backend.BLOCK_TANH_FORMS}, got {tanh_form!r}")
@@ -202,6 +206,28 @@ def check_memory(key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor, *
     if not can_read_values(call.key_proj):
         return "auto"
     return torch_backend.resolve_tanh_form("auto", call.key_proj[:0], call.key_proj, None)  # the keys alone
+
+
+def hide_masked_keys(key_proj: torch.Tensor, value: torch.Tensor, *, key_lengths: torch.Tensor | None = None,
+                     key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """key_proj [B, S, A] and value [B, S, D] of a decoding memory, with every key that key_lengths [B] or a
+    [B, S] key_padding_mask hides set to 0 when a NaN or inf sits there, else the tensors themselves.
+
+    Hidden keys never influence any result (README "NaN and inf"); a zero there changes nothing (and the gradients
+    at hidden keys stay 0, through the masked_fill). Steps against the memory can then skip the per-call check for
+    a non-finite value leaked from a hidden key, which reads a value back to the host. Validate first
+    (`check_memory`): this reads the values (one pass over each tensor), once per memory."""
+    hidden = hidden_memory_keys(key_proj.shape[1], key_lengths=key_lengths, key_padding_mask=key_padding_mask,
+                                device=key_proj.device)
+    if hidden is None or not can_read_values(key_proj):
+        return key_proj, value
+    hidden = hidden[:, :, None]
+
+    def zeroed(tensor: torch.Tensor) -> torch.Tensor:
+        leaked = bool((hidden & ~torch.isfinite(tensor.detach())).any())
+        return tensor.masked_fill(hidden, 0.0) if leaked else tensor
+
+    return zeroed(key_proj), zeroed(value)
 
 
 def prepare_key_exp(key_proj: torch.Tensor, tanh_form: str, backend: str = "auto") -> torch.Tensor | None:
@@ -277,6 +303,10 @@ def _attention(query_proj, key_proj, value, v, *, backend: str, tanh_form: str, 
 
 
 def _dispatch(call: AttentionCall, backend: str, tanh_form: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if call.device.type == "meta" and backend != "reference":
+        # Meta tensors have shapes and no values: every backend's answer is the torch op's fake (meta outputs with
+        # autograd); the reference computes on meta tensors as it is.
+        return torch_backend.attend(call, tanh_form=tanh_form)
     chosen = resolve_backend(backend, call.device, call.dtype)
     if chosen == "reference":
         return reference.attend(call)
