@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic, overload
 
 #: Keys per work item: a thread keeps the tile's keys (or e^{2k}) and its grad_row_keys rows, [TILE_KEYS, A], in L1
 #: next to one query row; fewer keys per tile when that is needed to give every thread work (`_tile_keys`).
@@ -34,6 +37,62 @@ TILE_KEYS = 16
 #: Newton steps where LLVM judges it faster. "nnan"/"ninf" are left out: saturated inputs make e^{2q} e^{2k} infinite
 #: on purpose (r = 0, t = 1 exactly), and NaN in dE must propagate.
 FASTMATH = {"contract", "arcp"}
+
+
+#: The reciprocal 1/x of the factorized form without a divide: this CPU's vdivps/vdivpd run at ~1.5 ns per element
+#: whatever the vector width (measured, benchmarks/NOTES.md), 4x the rest of the element's work. Instead, a seed
+#: from the exponent bits (relative error < 1/8) and Newton steps y += y (1 - x y), each squaring the error: 3 steps
+#: reach fp32's rounding (measured <= 0.5 ulp), 4 fp64's. Inputs above RECIPROCAL_LARGEST (where the seed would be
+#: subnormal) give r = 0, as 1/inf does; there 1/x < 1e-30 (1e-300), and t = 1 - 2r = 1 either way.
+NEWTON_STEPS = {32: 3, 64: 4}
+RECIPROCAL_LARGEST = {32: 1e30, 64: 1e300}
+_RECIPROCAL_MAGIC = {32: 0x7EF311C7, 64: 0x7FDE623822FC16E6}
+
+
+@intrinsic
+def _reciprocal_seed(typingctx, x):
+    """magic - bits(x), read back as a float of x's type: 1/x within 12.5% for positive normal x."""
+    width = x.bitwidth
+
+    def codegen(context, builder, signature, args):
+        integer = ir.IntType(width)
+        bits = builder.sub(ir.Constant(integer, _RECIPROCAL_MAGIC[width]), builder.bitcast(args[0], integer))
+        return builder.bitcast(bits, args[0].type)
+
+    return x(x), codegen
+
+
+def _reciprocal(x):
+    """1 / x for x >= 1 (compiled: see `_reciprocal_compiled`)."""
+    return 1.0 / x
+
+
+@overload(_reciprocal, inline="always", jit_options={"fastmath": {"contract", "arcp"}})
+def _reciprocal_compiled(x):
+    """1 / x for x >= 1 (or NaN, which propagates) by Newton steps from `_reciprocal_seed`; vectorizes."""
+    if not isinstance(x, types.Float):
+        return None
+    width = x.bitwidth
+    dtype = np.float32 if width == 32 else np.float64
+    one, zero, largest = dtype(1.0), dtype(0.0), dtype(RECIPROCAL_LARGEST[width])
+    if NEWTON_STEPS[width] == 3:
+        def reciprocal(x):
+            bounded = x if not (x > largest) else largest  # NaN stays NaN
+            y = _reciprocal_seed(bounded)
+            y = y + y * (one - bounded * y)
+            y = y + y * (one - bounded * y)
+            y = y + y * (one - bounded * y)
+            return zero if x > largest else y
+    else:
+        def reciprocal(x):
+            bounded = x if not (x > largest) else largest
+            y = _reciprocal_seed(bounded)
+            y = y + y * (one - bounded * y)
+            y = y + y * (one - bounded * y)
+            y = y + y * (one - bounded * y)
+            y = y + y * (one - bounded * y)
+            return zero if x > largest else y
+    return reciprocal
 
 
 def empty_output(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -162,7 +221,7 @@ def _tanh_pass(query_prep, keys, extra, has_extra, key_rows, v, grad_scores, cau
                     gk_row = key_grads[jj]
                     if factorized:
                         for a in range(attn_dim):
-                            r = one / (one + q_row[a] * k_row[a])
+                            r = _reciprocal(one + q_row[a] * k_row[a])
                             tanh_sums[a] += weight * r
                             d = weight * (r - r * r)
                             g_row[a] += d
