@@ -9,6 +9,16 @@ from setuptools import setup
 # too): locale data for the dates task, BLEU, progress bars, heatmaps / overlays / benchmark plots.
 EXAMPLES_REQUIRES = ["babel>=2.10", "sacrebleu>=2.0", "tqdm", "matplotlib"]
 
+# swap_attention's tests and framework bench against the real SpeechBrain 1.1.2 and OpenNMT-py 3.5.1: their
+# import-time dependencies only. The frameworks themselves go in with --no-deps (README, "Use it in your model"):
+# OpenNMT-py 3.5.1 pins torch<2.3 and SpeechBrain pulls a torchaudio built for another torch, either of which would
+# replace or break the installed torch.
+#   pip install -e ".[integrations]" && pip install --no-deps speechbrain==1.1.2 OpenNMT-py==3.5.1
+INTEGRATIONS_REQUIRES = [
+    "HyperPyYAML>=1.2",                                  # speechbrain.core
+    "ConfigArgParse", "pyonmttok", "spacy", "pyahocorasick", "rapidfuzz", "fasttext-wheel",  # onmt/__init__
+]
+
 setup(
     name="attn-fast",
     version="0.1.0",
@@ -21,6 +31,7 @@ setup(
         "attn_fast", "attn_fast.kernels", "attn_fast.backends", "attn_fast.backends.cpu_kernels", "attn_fast.nn",
         "attn_fast.examples",
         "attn_fast.examples.seq2seq", "attn_fast.examples.captioning", "attn_fast.tools", "attn_fast.tools.bench",
+        "attn_fast.integrations",
     ],
     package_dir={"attn_fast": "attn_fast", "attn_fast.kernels": "kernels"},
     # The bench's static sm_90 predictions (written by `python -m benchmarks.static_report`): no checkout needed.
@@ -37,6 +48,7 @@ setup(
         "captioning": EXAMPLES_REQUIRES,
         "bench": EXAMPLES_REQUIRES,
         "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff", *EXAMPLES_REQUIRES],
+        "integrations": INTEGRATIONS_REQUIRES,
     },
     entry_points={"console_scripts": ["attn-fast = attn_fast.tools.cli:main"]},
 )

@@ -15,6 +15,7 @@ default backend ("auto").
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -125,3 +126,55 @@ def adapt(module: nn.Module, backend: str) -> tuple[str, AdapterResult]:
                             f"returned {type(result).__name__}; it must return an nn.Module, a str or None")
         return entry.framework, result
     return "", None
+
+
+def recognize(module: nn.Module, framework_module: str, class_name: str) -> str | None:
+    """How `module` relates to the framework class `framework_module.class_name`, without importing the framework
+    (a model that holds its modules has imported it already; importing it here could fail or be slow):
+
+        "class"      an instance of that very class;
+        "structure"  an instance of another class of the same name (a vendored copy of the framework's code, or
+                     the framework loaded under another module path): the adapter must check its structure;
+        "subclass"   a subclass (of the class, or of a class of that name): its forward may differ, never swapped;
+        None         unrelated.
+    """
+    framework = sys.modules.get(framework_module)
+    framework_class = getattr(framework, class_name, None) if framework is not None else None
+    if isinstance(framework_class, type) and isinstance(module, framework_class):
+        return "class" if type(module) is framework_class else "subclass"
+    if type(module).__name__ == class_name:
+        return "structure"
+    if any(ancestor.__name__ == class_name for ancestor in type(module).__mro__[1:]):
+        return "subclass"
+    return None
+
+
+def qualified_name(cls: type) -> str:
+    """`module.Class`, as a report names a class."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def adopt_submodules(replacement: nn.Module, original: nn.Module) -> None:
+    """Make `replacement` hold the original's own parameters, buffers and child modules, the very objects, under
+    the same names and in the same order: state_dict keys and order, `parameters()` order, and an optimizer
+    built before the swap (it holds the Parameter objects) all stay valid."""
+    for name, parameter in original.named_parameters(recurse=False):
+        replacement.register_parameter(name, parameter)
+    saved = original.state_dict(keep_vars=True)  # a buffer of the module's own is saved under its bare name
+    for name, buffer in original.named_buffers(recurse=False):
+        replacement.register_buffer(name, buffer, persistent=name in saved)
+    for name, child in original.named_children():
+        replacement.add_module(name, child)
+
+
+def linear_shape(module: nn.Module, name: str, *, bias: bool | None) -> tuple[int, int] | str:
+    """(in_features, out_features) of child `name` when it is a plain nn.Linear (with a bias when `bias` is
+    True, without when False, either when None), else the reason it is not."""
+    child = getattr(module, name, None)
+    if type(child) is not nn.Linear:
+        return f"{name} is {type(child).__name__}, not nn.Linear"
+    if bias is True and child.bias is None:
+        return f"{name} has no bias"
+    if bias is False and child.bias is not None:
+        return f"{name} has a bias"
+    return child.in_features, child.out_features
