@@ -41,3 +41,23 @@ def visible_keys(
         query_positions = torch.arange(tgt_len, device=device)
         visible &= key_positions[None, :] <= query_positions[:, None]
     return visible
+
+
+def hidden_memory_keys(src_len: int, *, key_lengths: torch.Tensor | None = None,
+                       key_padding_mask: torch.Tensor | None = None,
+                       device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """Bool [B_m, S], True where key j of memory row b is hidden from every query row that reads it: beyond
+    key_lengths [B_m], or padding in a [B_m, S] key_padding_mask (a [B_q, T, S] mask and `causal` hide keys per
+    query step, not per memory row, and do not count here). None when neither is given.
+
+    A memory's keys hidden so may be zeroed in key_proj and value without changing any result (README, "NaN and
+    inf"); `attn_fast.functional.hide_masked_keys` does it once per decoding memory.
+    """
+    if key_padding_mask is not None and key_padding_mask.dim() != 2:
+        key_padding_mask = None
+    if key_lengths is None and key_padding_mask is None:
+        return None
+    if key_lengths is not None:
+        hidden = torch.arange(src_len, device=device)[None, :] >= key_lengths[:, None]
+        return hidden if key_padding_mask is None else hidden | key_padding_mask
+    return key_padding_mask

@@ -35,7 +35,15 @@ class AttentionCall:
                          prepared once per decoding memory (`functional.prepare_key_exp`); the torch backend's
                          factorized tanh and the Triton fp32 decode kernel then skip that exponential at every
                          step. Ignored by the reference and whenever extra_key_term is given.
-    Build it with `attention_call`, which validates; backends assume it is valid.
+        check_values     False when the caller vouched for the values (`attention_call(check_values=False)`,
+                         decode steps against a memory from the layers' `precompute`): the ranges of key_lengths
+                         and index, and finite key_proj / value at every hidden key (`precompute` zeroes them
+                         there once, `functional.hide_masked_keys`). Backends then read no value back to the
+                         host (README "NaN and inf": where they may, they check the context for a non-finite
+                         value leaked from a hidden key, and recompute it without that key).
+    Build it with `attention_call`, which validates; backends assume it is valid. The tensors are the user's own,
+    except an `index` or `key_lengths` of a small integer dtype (int8, int16, uint8), cast to int64 (the gathers
+    take int32/int64 only).
     """
 
     query_proj: torch.Tensor
@@ -49,6 +57,7 @@ class AttentionCall:
     index: torch.Tensor | None = None
     extra_key_term: torch.Tensor | None = None
     key_exp: torch.Tensor | None = None
+    check_values: bool = True
 
     @property
     def query_rows(self) -> int:  # B_q
@@ -134,6 +143,15 @@ def _require_shape(name: str, tensor: torch.Tensor, expected: str, ndim: int) ->
 def _require_integer(name: str, tensor: torch.Tensor) -> None:
     if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
         raise TypeError(f"{name} must have an integer dtype (e.g. torch.int64), got {tensor.dtype}")
+
+
+def _require_bool(name: str, value) -> None:
+    # Exactly bool: an int (0/1), a numpy.bool_ or a bool tensor is refused, with its qualified type name (a
+    # numpy.bool_'s plain __name__ is "bool" too, which made "must be a bool, got bool").
+    if not isinstance(value, bool):
+        kind = type(value)
+        qualified = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise TypeError(f"{name} must be a Python bool (True or False), got {qualified}; pass bool({name})")
 
 
 def check_backend(backend) -> str:
@@ -226,6 +244,8 @@ def attention_call(
         if index.dim() != 1 or index.shape[0] != query_rows:
             raise ValueError(f"index must be [B_q] = [{query_rows}] (one memory row per query row), "
                              f"got shape {tuple(index.shape)}")
+        if index.dtype not in (torch.int32, torch.int64):
+            index = index.long()  # index_select and the kernels' gathers take int32/int64 only; B_q elements
         if check_values and index.numel() and can_read_values(index):
             if int(index.min()) < 0 or int(index.max()) >= memory_rows:
                 raise ValueError(
@@ -256,6 +276,8 @@ def attention_call(
         _require_integer("key_lengths", key_lengths)
         if key_lengths.dim() != 1 or key_lengths.shape[0] != memory_rows:
             raise ValueError(f"key_lengths must be [B] = [{memory_rows}], got shape {tuple(key_lengths.shape)}")
+        if key_lengths.dtype not in (torch.int32, torch.int64):
+            key_lengths = key_lengths.long()  # as index: every backend then sees int32/int64 only
         if check_values and key_lengths.numel() and can_read_values(key_lengths):
             low, high = int(key_lengths.min()), int(key_lengths.max())
             if low < 0 or high > src_len:
@@ -272,11 +294,9 @@ def attention_call(
                 f"[{query_rows}, {tgt_len}, {src_len}], got shape {shape}"
             )
 
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if not isinstance(need_weights, bool):
-        raise TypeError(f"need_weights must be a bool, got {type(need_weights).__name__}")
+    _require_bool("causal", causal)
+    _require_bool("need_weights", need_weights)
 
     return AttentionCall(query_proj, key_proj, value, v, key_lengths=key_lengths, key_padding_mask=key_padding_mask,
                          causal=causal, need_weights=need_weights, index=index, extra_key_term=extra_key_term,
-                         key_exp=key_exp)
+                         key_exp=key_exp, check_values=check_values)

@@ -1,9 +1,11 @@
 """Every malformed call fails with a ValueError/TypeError naming the argument and what was expected."""
+import numpy as np
 import pytest
 import torch
 
 from attn_fast import additive_attention
 from attn_fast.tools.testing import random_case
+from attn_fast.validation import BACKENDS
 
 
 @pytest.fixture
@@ -107,15 +109,18 @@ def test_bad_extra_key_term(inputs):
         call(inputs, extra_key_term=torch.zeros(2, 4, 6))
 
 
+@pytest.mark.parametrize("bad, shown", [(1, "int"), (np.bool_(True), "numpy.bool"), (torch.tensor(True), "torch.Tensor")])
 @pytest.mark.parametrize("name", ["causal", "need_weights"])
-def test_flags_must_be_bool(inputs, name):
-    with pytest.raises(TypeError, match=rf"{name} must be a bool, got int"):
-        call(inputs, **{name: 1})
+def test_flags_must_be_bool(inputs, name, bad, shown):
+    # A numpy.bool_'s __name__ is "bool" too: the message names its module, never "must be a bool, got bool".
+    with pytest.raises(TypeError, match=rf"{name} must be a Python bool \(True or False\), got {shown}"):
+        call(inputs, **{name: bad})
 
 
 @pytest.mark.parametrize("backend", ["cuda", "", None, "Torch"])
 def test_unknown_backend(inputs, backend):
-    with pytest.raises(ValueError, match=r"backend must be one of 'auto', 'triton', 'torch', 'reference'"):
+    names = ", ".join(map(repr, BACKENDS))
+    with pytest.raises(ValueError, match=rf"backend must be one of {names}, got"):
         call(inputs, backend=backend)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from attn_fast.validation import AttentionCall, can_read_values
+
 #: Elements of a [B, T, S, A]- or [rows, S, D]-sized block held at once (4 MiB in fp32). Measured on 2 cores:
 #: blocks of about 1M elements stay in cache across the 3-4 passes each block takes; 4M-element blocks were 2x
 #: slower per element (benchmarks/NOTES.md).
@@ -107,7 +109,57 @@ def grad_of_scores(probs, value, index, grad_context, grad_weights, *, need_valu
         grad_probs = grad_weights.clone() if grad_probs is None else grad_probs.add_(grad_weights)
     if grad_probs is None:
         grad_probs = torch.zeros_like(probs)
+    elif grad_context is not None:
+        # dP at a key hidden from the row (P = 0 there) is dO . value_j, NaN when value_j is: it would reach every
+        # key of the row through rowsum(P * dP) as 0 * NaN. Where P = 0, dE = 0 whatever a finite dP is, so zeroing
+        # dP there changes nothing else (README "NaN and inf": hidden keys never influence anything).
+        grad_probs.masked_fill_(probs == 0, 0.0)
     row_dot = torch.linalg.vecdot(probs, grad_probs).unsqueeze(-1)
     return grad_probs.sub_(row_dot).mul_(probs), grad_value
 
 
+
+
+def context_may_hold_hidden_values(call: AttentionCall, context: torch.Tensor, *, lengths_skipped: bool) -> bool:
+    """Whether `context` [B_q, T, D] must be recomputed by `context_at_visible_keys`: True when some key is hidden
+    from some row and the context holds a NaN or inf, which a non-finite value at a hidden key leaves there through
+    P @ value (P = 0 there, and 0 * NaN = NaN). A row that sees a non-finite value is non-finite either way; the
+    recomputation then gives the same. False without a hidden key, when `lengths_skipped` and only key_lengths hide
+    keys (the kernel never reads them), and when the caller vouched for the values (`call.check_values`: a memory
+    whose hidden keys `precompute` zeroed) or none may be read (CUDA-graph capture, meta tensors).
+
+    Cost when it checks: one pass over the context and one host read, A * S times less work than the scores."""
+    if call.key_padding_mask is None and not call.causal and (call.key_lengths is None or lengths_skipped):
+        return False
+    if not call.check_values or not can_read_values(context):
+        return False
+    return not bool(torch.isfinite(context).all())
+
+
+def context_at_visible_keys(probs: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
+                            index: torch.Tensor | None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """context [B_q, T, D] = sum over the keys j visible to each row of probs[b, i, j] * value[b, j], in probs'
+    dtype: what P @ value is, except that a key hidden from a row is left out instead of multiplied by P = 0 (which
+    makes a NaN or inf value NaN). probs P [B_q, T, S]; value [B_m, S, D]; visible [B_q, T, S] bool; index [B_q]
+    or None. Differentiable (to probs and value), and bounded: blocks of at most `chunk_elements` elements of
+    [rows, steps, S, D]. The slow path, taken only when `context_may_hold_hidden_values` says so."""
+    query_rows, tgt_len, src_len = probs.shape
+    value_dim = value.shape[2]
+    value = value.to(probs.dtype)
+    per_step = max(1, src_len * value_dim)
+    steps = max(1, min(tgt_len, chunk_elements // per_step))
+    rows_per_block = max(1, chunk_elements // (per_step * steps))
+    blocks = []
+    for row_start in range(0, query_rows, rows_per_block):
+        rows = slice(row_start, min(row_start + rows_per_block, query_rows))
+        values = value[rows] if index is None else value.index_select(0, index[rows])  # [r, S, D]
+        step_blocks = []
+        for step_start in range(0, tgt_len, steps):
+            step_slice = slice(step_start, min(step_start + steps, tgt_len))
+            terms = probs[rows, step_slice, :, None] * values[:, None]  # [r, t, S, D]
+            terms = terms.masked_fill(~visible[rows, step_slice, :, None], 0.0)
+            step_blocks.append(terms.sum(dim=2))
+        blocks.append(torch.cat(step_blocks, dim=1) if step_blocks else values.new_zeros(values.shape[0], 0, value_dim))
+    if not blocks:
+        return probs.new_zeros(0, tgt_len, value_dim)
+    return torch.cat(blocks, dim=0)

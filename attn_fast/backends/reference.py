@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from attn_fast.validation import can_read_values
+
 
 def attend(call) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Additive attention by the book, for a validated `attn_fast.validation.AttentionCall` (shapes there).
@@ -33,10 +35,6 @@ def attend(call) -> tuple[torch.Tensor, torch.Tensor | None]:
     if call.extra_key_term is not None:
         key_proj = key_proj + call.extra_key_term
 
-    # e[b, i, j] = sum_a v[a] * tanh(query_proj[b, i, a] + key_proj[b, j, a])
-    hidden = torch.tanh(query_proj[:, :, None, :] + key_proj[:, None, :, :])  # [B, T, S, A]
-    scores = (hidden * v).sum(dim=-1)  # [B, T, S]
-
     visible = torch.ones(batch, tgt_len, src_len, dtype=torch.bool, device=query_proj.device)
     key_positions = torch.arange(src_len, device=query_proj.device)
     if key_lengths is not None:
@@ -47,6 +45,14 @@ def attend(call) -> tuple[torch.Tensor, torch.Tensor | None]:
     if call.causal:
         query_positions = torch.arange(tgt_len, device=query_proj.device)
         visible = visible & (key_positions[None, None, :] <= query_positions[None, :, None])
+
+    # e[b, i, j] = sum_a v[a] * tanh(query_proj[b, i, a] + key_proj[b, j, a]) at visible (i, j) only. A key hidden
+    # from a row never influences it (README, "NaN and inf"): its tanh argument is replaced by 0 *before* the tanh,
+    # so that neither the score nor any gradient (tanh' = 1 - t^2 would be NaN there, times a zero gradient) sees a
+    # NaN or inf in it.
+    summed = query_proj[:, :, None, :] + key_proj[:, None, :, :]  # [B, T, S, A]
+    hidden = torch.tanh(summed.masked_fill(~visible[..., None], 0.0))
+    scores = (hidden * v).sum(dim=-1)  # [B, T, S]
 
     # Softmax over visible keys only. Subtracting the (detached) row maximum changes nothing mathematically; a
     # row with no visible key has max -inf, which is replaced by 0 so that exp(-inf - 0) = 0 and the row sums
@@ -61,5 +67,12 @@ def attend(call) -> tuple[torch.Tensor, torch.Tensor | None]:
     row_sum = unnormalized.sum(dim=-1, keepdim=True)
     weights = unnormalized / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
 
-    context = weights @ value  # [B, T, D]
-    return context, (weights if call.need_weights else None)
+    # context[b, i] = sum over visible j of weights[b, i, j] * value[b, j]. weights @ value would multiply a hidden
+    # key's value by 0, which is NaN for a NaN or inf value: when the values are not all finite (or cannot be read:
+    # meta tensors, compiling), each row reads them through its own visibility ([B, T, S, D]) instead.
+    if can_read_values(value) and bool(torch.isfinite(value).all()):
+        context = weights @ value  # [B, T, D]
+    else:
+        context = (weights[..., None] * value[:, None, :, :]).masked_fill(~visible[..., None], 0.0).sum(dim=2)
+    # The weights returned are a copy: editing them in place must not touch what autograd saved.
+    return context, (weights.clone() if call.need_weights else None)

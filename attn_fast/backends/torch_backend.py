@@ -32,7 +32,7 @@ from attn_fast.backends.common import (
     masked_softmax_,
 )
 from attn_fast.masking import visible_keys
-from attn_fast.validation import AttentionCall
+from attn_fast.validation import AttentionCall, can_read_values
 
 #: tanh forms of this backend's blocks (`tanh_form=`); the kernels' forms are kernels/tanh.py TANH_FORMS.
 BLOCK_TANH_FORMS = ("auto", "direct", "factorized")
@@ -174,6 +174,17 @@ class _Operands:
         self.form = choose_tanh_form(tanh_form, self.dtype,
                                      lambda: largest_operand(self.query, self.keys, self.extra))
         self.blocks = plan_blocks(self.query_rows, self.tgt_len, self.src_len, self.attn_dim, chunk_elements)
+
+    def without_nan(self) -> None:
+        """NaN -> 0 and +-inf -> +-max in query, keys and extra key term (copies; the caller's tensors are not
+        touched), and the direct tanh form. For the backward's tanh pass only, where it changes nothing but what a
+        key hidden from a row contributes: there dE = 0, and 0 * tanh'(NaN) would be NaN. At a visible (i, j) with
+        a non-finite input, row i's P and dE are NaN already, and they carry the NaN on (README "NaN and inf")."""
+        self.query = torch.nan_to_num(self.query, nan=0.0)
+        self.keys = torch.nan_to_num(self.keys, nan=0.0)
+        self.extra = None if self.extra is None else torch.nan_to_num(self.extra, nan=0.0)
+        self.key_exp = None
+        self.form = _DirectTanh
 
     def gather(self, tensor: torch.Tensor, rows: slice) -> torch.Tensor:
         """`tensor` (memory-indexed) for query rows `rows`: a view without `index`, a bounded copy with it."""
@@ -340,7 +351,17 @@ def _backward_op(grad_context: torch.Tensor | None, grad_probs: torch.Tensor | N
     call = AttentionCall(query_proj, key_proj, value, v, causal=causal, index=index, extra_key_term=extra_key_term,
                          key_lengths=key_lengths)
     ops = _Operands(call, tanh_form, chunk_elements)
-    grads = _backward(ops, probs.to(ops.dtype), grad_context, grad_probs, chunk_elements, need_value_grad=True)
+    probs = probs.to(ops.dtype)
+    may_read = can_read_values(probs)
+    if not may_read:  # no host read allowed (CUDA-graph capture): take the NaN-proof pass at once
+        ops.without_nan()
+    grads = _backward(ops, probs, grad_context, grad_probs, chunk_elements, need_value_grad=True)
+    # A NaN or inf among the inputs at a pair (i, j) whose dE is 0 (a key hidden from the row) makes d_v non-finite
+    # (0 * tanh(NaN)), and so does a non-finite dE. Checking the [A] d_v costs nothing; the pass is then redone
+    # NaN-proof, which leaves only the NaN that a row's own visible inputs put in its dE.
+    if may_read and not bool(torch.isfinite(grads[3]).all()):
+        ops.without_nan()
+        grads = _backward(ops, probs, grad_context, grad_probs, chunk_elements, need_value_grad=True)
     inputs = (query_proj, key_proj, value, v, extra_key_term)
     return [query_proj.new_empty(0) if grad is None else grad.to(tensor.dtype) for grad, tensor in zip(grads, inputs)]
 
@@ -388,7 +409,18 @@ def attend(call: AttentionCall, *, tanh_form: str = "auto", chunk_elements: int 
     """
     if chunk_elements < 1:
         raise ValueError(f"chunk_elements must be at least 1, got {chunk_elements}")
-    if not torch.compiler.is_compiling():  # (a compiled graph cannot branch on data: there each op decides)
+    # Compiling, a graph cannot branch on data (there each op decides); meta tensors have no values to read.
+    if can_read_values(call.query_proj):
         tanh_form = resolve_tanh_form(tanh_form, call.query_proj, call.key_proj, call.extra_key_term)
     context, probs = _forward_op(*call.op_inputs(), tanh_form, chunk_elements, call.key_exp)
-    return context, (probs.to(call.dtype) if call.need_weights else None)
+    if common.context_may_hold_hidden_values(call, context, lengths_skipped=False):
+        # A NaN or inf value at a key hidden from a row reached its context as 0 * NaN: recompute the context from
+        # P without the hidden keys (differentiable through P, the op's second output). Rare: only then is it paid.
+        visible = visible_keys(call.query_rows, call.tgt_len, call.src_len, key_lengths=call.key_lengths,
+                               key_padding_mask=call.key_padding_mask, causal=call.causal, index=call.index,
+                               device=call.device)
+        context = common.context_at_visible_keys(probs, call.value, visible, call.index, chunk_elements)
+        context = context.to(call.dtype)
+    # The weights are a copy of P, never P itself: autograd saved P for the backward, and the caller may edit the
+    # weights in place. (An fp16/bf16 cast copies anyway; for fp32/fp64 it costs one [B, T, S] copy.)
+    return context, (probs.to(call.dtype, copy=True) if call.need_weights else None)

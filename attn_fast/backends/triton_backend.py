@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op, wrap_triton
 
+from attn_fast.backends import common
 from attn_fast.backends.common import grad_of_scores
 
 # `attn_fast.kernels` is the repository's top-level kernels/ folder, installed under this name by setup.py's
@@ -26,6 +27,7 @@ from attn_fast.backends.common import grad_of_scores
 # triton, which is why `attn_fast.functional` imports this module lazily.
 from attn_fast.kernels.backward import attention_backward_tanh_pass, grad_scores_buffer
 from attn_fast.kernels.forward import attention_forward
+from attn_fast.masking import visible_keys
 from attn_fast.validation import AttentionCall
 
 
@@ -69,6 +71,7 @@ def _setup_context(ctx, inputs, output):
     query_proj, key_proj, value, v, extra_key_term, key_lengths, _, index, causal = inputs[:9]  # not key_exp
     ctx.save_for_backward(query_proj, key_proj, value, v, extra_key_term, index, output[1], key_lengths)
     ctx.causal = causal
+    ctx.has_hidden_keys = causal or key_lengths is not None or inputs[6] is not None  # inputs[6]: key_padding_mask
 
 
 def _backward(ctx, grad_context, grad_probs):
@@ -87,6 +90,14 @@ def _backward_in_saved_dtypes(ctx, grad_context, grad_probs):
     if need_query or need_key or need_v or need_extra:
         # dE in the kernel's preferred layout (rows padded to 16 floats: vectorized loads of dE).
         aligned_grad_scores = grad_scores_buffer(*grad_scores.shape, grad_scores.device).copy_(grad_scores)
+        if ctx.has_hidden_keys:
+            # A key hidden from a row has dE = 0 there, but the tanh pass still computes 0 * tanh'(q + k), NaN for a
+            # NaN input. NaN -> 0 (and +-inf -> +-max) in its inputs changes nothing else: a row whose visible
+            # inputs are not finite has NaN dE already (README "NaN and inf"). Copies of [B_q, T, A], [B_m, S, A]
+            # and [B_q, S, A], T or S times smaller than the tanh work, and no host read.
+            query_proj, key_proj = torch.nan_to_num(query_proj, nan=0.0), torch.nan_to_num(key_proj, nan=0.0)
+            if extra_key_term is not None:
+                extra_key_term = torch.nan_to_num(extra_key_term, nan=0.0)
         grad_query, grad_row_keys, grad_v = _tanh_pass_op(
             query_proj, key_proj, v, aligned_grad_scores, index, extra_key_term, ctx.causal,
             torch.are_deterministic_algorithms_enabled(), key_lengths,
@@ -127,4 +138,15 @@ def attend(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     keep_probs = call.need_weights or (torch.is_grad_enabled() and any(t.requires_grad for t in call.float_inputs()))
     key_exp = call.key_exp if call.extra_key_term is None else None
     context, probs = _forward_op(*call.op_inputs(), keep_probs, key_exp)
-    return context, (probs.to(call.dtype) if call.need_weights else None)
+    # The kernel never loads a value beyond key_lengths, but keys hidden by key_padding_mask or causal inside a
+    # visited tile go through P @ value with P = 0, and 0 * NaN = NaN: recompute such a context from P without the
+    # hidden keys (README "NaN and inf"). Checked (one host read) only where the caller did not vouch for the values.
+    if common.context_may_hold_hidden_values(call, context, lengths_skipped=True):
+        if not keep_probs:
+            _, probs = _forward_op(*call.op_inputs(), True, key_exp)
+        visible = visible_keys(call.query_rows, call.tgt_len, call.src_len, key_lengths=call.key_lengths,
+                               key_padding_mask=call.key_padding_mask, causal=call.causal, index=call.index,
+                               device=call.device)
+        context = common.context_at_visible_keys(probs, call.value, visible, call.index).to(call.dtype)
+    # A copy of P, never P itself (saved for the backward; the caller may edit the weights in place).
+    return context, (probs.to(call.dtype, copy=True) if call.need_weights else None)

@@ -9,8 +9,15 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from attn_fast.functional import additive_attention, additive_attention_on_memory, check_memory, prepare_key_exp
-from attn_fast.validation import check_backend
+from attn_fast.functional import (
+    additive_attention,
+    additive_attention_on_memory,
+    autocast_dtype,
+    check_memory,
+    hide_masked_keys,
+    prepare_key_exp,
+)
+from attn_fast.validation import FLOATING_DTYPES, check_backend
 
 
 @dataclass
@@ -41,6 +48,27 @@ class AttentionMemory:
     key_exp: torch.Tensor | None = None
 
 
+def check_positive_int(name: str, size) -> None:
+    """ValueError unless `size` is an int >= 1 (a bool is not a size, though Python counts True as 1)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"{name} must be a positive int, got {size!r}")
+
+
+def check_layer_dtype(dtype):
+    """`dtype=` of a layer: None (torch's default) or a floating torch.dtype the op takes; TypeError otherwise."""
+    if dtype is not None and dtype not in FLOATING_DTYPES:
+        raise TypeError(f"dtype must be a floating torch.dtype (float16, bfloat16, float32 or float64) or None, "
+                        f"got {dtype!r}")
+    return dtype
+
+
+def check_input_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """A layer input must have the layer's dtype (outside autocast, which casts it); TypeError naming it otherwise,
+    rather than nn.Linear's RuntimeError about mat1 and mat2."""
+    if tensor.dtype != dtype and autocast_dtype(tensor.device) is None:
+        raise TypeError(f"{name} must have the layer's dtype {dtype}, got {tensor.dtype}")
+
+
 class AdditiveAttention(nn.Module):
     """Bahdanau attention: score(q_i, k_j) = v . tanh(W_q q_i + b + W_k k_j), softmax over keys, weighted values.
 
@@ -61,10 +89,9 @@ class AdditiveAttention(nn.Module):
     def __init__(self, query_dim: int, key_dim: int, attn_dim: int, *, bias: bool = True, normalize: bool = False,
                  dropout: float = 0.0, backend: str = "auto", device=None, dtype=None):
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
+        factory = {"device": device, "dtype": check_layer_dtype(dtype)}
         for name, size in (("query_dim", query_dim), ("key_dim", key_dim), ("attn_dim", attn_dim)):
-            if not isinstance(size, int) or size < 1:
-                raise ValueError(f"{name} must be a positive int, got {size!r}")
+            check_positive_int(name, size)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         self.query_dim, self.key_dim, self.attn_dim = query_dim, key_dim, attn_dim
@@ -95,21 +122,36 @@ class AdditiveAttention(nn.Module):
         """The v used in the scores: the parameter itself, or g * v / ||v|| with `normalize`."""
         if self.g is None:
             return self.v
-        return self.g * self.v / torch.linalg.vector_norm(self.v)
+        # v = 0 has no direction: the clamp makes it the zero score vector (uniform weights, zero gradients through
+        # the norm) instead of 0 / 0 = NaN everywhere.
+        norm = torch.linalg.vector_norm(self.v).clamp_min(torch.finfo(self.v.dtype).tiny)
+        return self.g * self.v / norm
 
     @torch.no_grad()
     def load_eager_weights(self, *, query_weight: torch.Tensor, key_weight: torch.Tensor, v: torch.Tensor,
                            query_bias: torch.Tensor | None = None, key_bias: torch.Tensor | None = None) -> None:
-        """Copy the weights of an eager Bahdanau module: W_q [A, Dq], W_k [A, Dk], v [A] (or [1, A]).
+        """Copy the weights of an eager Bahdanau module: W_q [A, Dq], W_k [A, Dk], v [A] (or [1, A], as an
+        nn.Linear(A, 1) holds it), query_bias and key_bias [A]. Floating tensors of exactly these shapes (anything
+        else is a ValueError / TypeError naming the argument: nothing is broadcast or reshaped but v's [1, A]).
 
         Both biases sit inside the tanh next to each other, so they are summed into `query_layer.bias`.
         """
+        attn_dim = self.attn_dim
+        expected = {"query_weight": (query_weight, [(attn_dim, self.query_dim)]),
+                    "key_weight": (key_weight, [(attn_dim, self.key_dim)]),
+                    "v": (v, [(attn_dim,), (1, attn_dim)]),
+                    "query_bias": (query_bias, [(attn_dim,)]), "key_bias": (key_bias, [(attn_dim,)])}
+        for name, (tensor, shapes) in expected.items():
+            if tensor is None and name.endswith("_bias"):
+                continue
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+            if not tensor.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
+            if tuple(tensor.shape) not in shapes:
+                allowed = " or ".join(str(list(shape)) for shape in shapes)
+                raise ValueError(f"{name} must have shape {allowed}, got {list(tensor.shape)}")
         v = v.reshape(-1)
-        expected = {"query_weight": (query_weight, (self.attn_dim, self.query_dim)),
-                    "key_weight": (key_weight, (self.attn_dim, self.key_dim)), "v": (v, (self.attn_dim,))}
-        for name, (tensor, shape) in expected.items():
-            if tuple(tensor.shape) != shape:
-                raise ValueError(f"{name} must have shape {list(shape)}, got {tuple(tensor.shape)}")
         biases = [b for b in (query_bias, key_bias) if b is not None]
         if biases and self.query_layer.bias is None:
             raise ValueError("the eager module has a bias but this layer was built with bias=False")
@@ -119,7 +161,7 @@ class AdditiveAttention(nn.Module):
         if self.g is not None:
             self.g.copy_(torch.linalg.vector_norm(v))  # so that g * v / ||v|| == v
         if self.query_layer.bias is not None:
-            self.query_layer.bias.copy_(sum(b.reshape(-1) for b in biases) if biases else 0.0)
+            self.query_layer.bias.copy_(sum(biases) if biases else 0.0)
 
     def _project(self, key: torch.Tensor, value: torch.Tensor | None, key_lengths,
                  key_padding_mask) -> AttentionMemory:
@@ -127,6 +169,7 @@ class AdditiveAttention(nn.Module):
         if not isinstance(key, torch.Tensor) or key.dim() != 3 or key.shape[-1] != self.key_dim:
             shape = tuple(key.shape) if isinstance(key, torch.Tensor) else type(key).__name__
             raise ValueError(f"key must be [B, S, key_dim={self.key_dim}], got {shape}")
+        check_input_dtype("key", key, self.key_layer.weight.dtype)
         return AttentionMemory(self.key_layer(key), key if value is None else value, key_lengths, key_padding_mask)
 
     def precompute(self, key: torch.Tensor, value: torch.Tensor | None = None, key_lengths=None,
@@ -142,6 +185,14 @@ class AdditiveAttention(nn.Module):
         memory = self._project(key, value, key_lengths, key_padding_mask)
         tanh_form = check_memory(memory.key_proj, memory.value, self.v.detach(), key_lengths=key_lengths,
                                  key_padding_mask=key_padding_mask, index=index)
+        # A NaN or inf at a hidden key (e.g. garbage in padding) is zeroed here, once, so that steps need no check
+        # for it (README "NaN and inf"); the tanh form is then chosen from the keys that count.
+        key_proj, value = hide_masked_keys(memory.key_proj, memory.value, key_lengths=key_lengths,
+                                           key_padding_mask=key_padding_mask)
+        if key_proj is not memory.key_proj or value is not memory.value:
+            memory = replace(memory, key_proj=key_proj, value=value)
+            tanh_form = check_memory(key_proj, value, self.v.detach(), key_lengths=key_lengths,
+                                     key_padding_mask=key_padding_mask, index=index)
         key_exp = prepare_key_exp(memory.key_proj, tanh_form, self.backend) if prepare_keys else None
         return replace(memory, checked=True, tanh_form=tanh_form, key_exp=key_exp)
 
@@ -170,6 +221,7 @@ class AdditiveAttention(nn.Module):
         if not isinstance(query, torch.Tensor) or query.dim() not in (2, 3) or query.shape[-1] != self.query_dim:
             shape = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
             raise ValueError(f"query must be [B, T, query_dim={self.query_dim}] or [B, query_dim], got {shape}")
+        check_input_dtype("query", query, self.query_layer.weight.dtype)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None = None, *,
                 key_lengths=None, key_padding_mask=None, causal: bool = False, need_weights: bool = False):
@@ -201,6 +253,7 @@ class AdditiveAttention(nn.Module):
         if not isinstance(query, torch.Tensor) or query.dim() != 2 or query.shape[-1] != self.query_dim:
             shape = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
             raise ValueError(f"query must be [B, query_dim={self.query_dim}] for a step, got {shape}")
+        check_input_dtype("query", query, self.query_layer.weight.dtype)
         context, weights = self._attend(query.unsqueeze(1), memory, extra_key_term=extra_key_term, index=index,
                                         need_weights=need_weights)
         return context.squeeze(1), (None if weights is None else weights.squeeze(1))

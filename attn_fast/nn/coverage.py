@@ -93,10 +93,13 @@ class CoverageAttention(nn.Module):
                            key_bias: torch.Tensor | None = None) -> None:
         """Copy an eager See et al. module: W_s [A, Dq], W_h [A, Dk], v [A] (or [1, A]), w_c [A] (or [A, 1], as
         an nn.Linear(1, A) holds it), b_attn [A]. Biases as in `AdditiveAttention.load_eager_weights`."""
+        if not isinstance(coverage_weight, torch.Tensor) or not coverage_weight.dtype.is_floating_point:
+            raise TypeError(f"coverage_weight must be a floating tensor, got "
+                            f"{getattr(coverage_weight, 'dtype', type(coverage_weight).__name__)}")
+        if tuple(coverage_weight.shape) not in ((self.attn_dim,), (self.attn_dim, 1)):
+            raise ValueError(f"coverage_weight must have shape [{self.attn_dim}] or [{self.attn_dim}, 1], "
+                             f"got {list(coverage_weight.shape)}")
         coverage_weight = coverage_weight.reshape(-1)
-        if tuple(coverage_weight.shape) != (self.attn_dim,):
-            raise ValueError(f"coverage_weight must have shape [{self.attn_dim}] (or [{self.attn_dim}, 1]), "
-                             f"got {tuple(coverage_weight.shape)}")
         self.attention.load_eager_weights(query_weight=query_weight, key_weight=key_weight, v=v,
                                           query_bias=query_bias, key_bias=key_bias)
         self.coverage_weight.copy_(coverage_weight)
@@ -142,7 +145,8 @@ def coverage_loss(weights: torch.Tensor, coverage: torch.Tensor, *, key_padding_
     those weights were added, same shape. key_padding_mask [..., S] bool (or broadcastable), True = key to ignore
     (weights from this library are already 0 there; this is for weights from elsewhere).
     query_padding_mask [...] bool, True = decoder row to leave out (padded target steps, as See et al. mask them).
-    reduction: "mean" over the rows kept (See et al.), "sum", or "none" (the per-row losses [...], 0 on left-out rows).
+    reduction: "mean" over the rows kept (See et al.; 0 when no row is kept), "sum", or "none" (the per-row losses
+    [...], 0 on left-out rows).
     """
     for name, tensor in (("weights", weights), ("coverage", coverage)):
         if not isinstance(tensor, torch.Tensor):
@@ -176,8 +180,8 @@ def coverage_loss(weights: torch.Tensor, coverage: torch.Tensor, *, key_padding_
         return per_row
     if reduction == "sum":
         return per_row.sum()
-    if query_padding_mask is None:
-        return per_row.mean()
+    if query_padding_mask is None:  # over no row at all (an empty batch) the mean is 0, not 0 / 0
+        return per_row.sum() / max(per_row.numel(), 1)
     # A tensor count (no host sync); all rows left out gives 0, not NaN.
     return per_row.sum() / (~query_padding_mask).sum().clamp(min=1)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from attn_fast.nn.additive import AdditiveAttention, AttentionMemory
+from attn_fast.nn.additive import AdditiveAttention, AttentionMemory, check_positive_int
 from attn_fast.nn.stateful import check_step_query, prepare_memory, reordered_index, uniform_weights
 
 INITIAL_WEIGHTS = ("uniform", "zeros")
@@ -87,10 +87,9 @@ class LocationSensitiveAttention(nn.Module):
                  bias: bool = False, backend: str = "auto", device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        if not isinstance(n_filters, int) or n_filters < 1:
-            raise ValueError(f"n_filters must be a positive int, got {n_filters!r}")
+        check_positive_int("n_filters", n_filters)
         # An even kernel cannot be centred: the convolution would shift the weights by half a position.
-        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
         self.attention = AdditiveAttention(query_dim, key_dim, attn_dim, bias=bias, backend=backend, **factory)
         self.location_conv = nn.Conv1d(2, n_filters, kernel_size, padding=(kernel_size - 1) // 2, bias=False,
@@ -128,6 +127,8 @@ class LocationSensitiveAttention(nn.Module):
     def location_features(self, prev_weights: torch.Tensor, cumulative_weights: torch.Tensor) -> torch.Tensor:
         """[B', S] previous and cumulative weights -> the location term [B', S, A] added to the key projection."""
         stacked = torch.stack((prev_weights, cumulative_weights), dim=1)  # [B', 2, S], Tacotron-2's channel order
+        if stacked.shape[-1] == 0:  # no key (S = 0): no feature, and Conv1d refuses an empty padded input
+            return stacked.new_zeros(stacked.shape[0], 0, self.attn_dim)
         return self.location_dense(self.location_conv(stacked).transpose(1, 2))
 
     def step(self, query: torch.Tensor, state: LocationState):
