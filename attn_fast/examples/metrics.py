@@ -5,7 +5,8 @@
     bleu(hypotheses, references)                             # 0..100, sacrebleu's corpus BLEU
 
 Every function takes one hypothesis and one reference string per example and raises ValueError when the counts
-differ.
+differ; `bleu` also when there is no example (a corpus score of nothing is undefined: sacrebleu would fail with an
+IndexError).
 """
 from __future__ import annotations
 
@@ -36,8 +37,11 @@ def character_accuracy(hypotheses: Sequence[str], references: Sequence[str]) -> 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str], *, tokenize: str = "13a") -> float:
     """Corpus BLEU (0..100) of `hypotheses` against one reference each, by sacrebleu. `tokenize` is sacrebleu's:
-    the default "13a" for text (TSV data, captions); "char" for the date task, whose targets are single words."""
+    the default "13a" for text (TSV data, captions); "char" for the date task, whose targets are single words.
+    ValueError for no examples."""
     import sacrebleu  # (imported here: everything else in the examples works without it)
 
     _check_counts(hypotheses, references)
+    if not references:
+        raise ValueError("BLEU of no examples: give at least one hypothesis and reference")
     return sacrebleu.corpus_bleu(list(hypotheses), [list(references)], tokenize=tokenize).score

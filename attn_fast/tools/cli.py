@@ -59,36 +59,83 @@ def _train(args) -> int:
 
 
 def _translate(args) -> int:
-    from attn_fast.examples.seq2seq.plots import alignment_heatmap
+    """`attn-fast translate`: one `source<TAB>output` line per source on stdout, in order, both fields escaped
+    (backslash, tab, newline, CR as \\\\, \\t, \\n, \\r). A source that cannot be translated (empty, longer than
+    --max-source-length, not UTF-8, or longer than a heatmap shows with --heatmap) gets one error line on stderr
+    and the others are still translated. Exit status: 2 when a source was refused, 1 when a heatmap could not be
+    written, else 0."""
+    from attn_fast.examples.figures import prepare_figure_path
+    from attn_fast.examples.seq2seq.data import escape_tsv_field, source_problem
+    from attn_fast.examples.seq2seq.plots import HEATMAP_MAX_SOURCE_LENGTH, alignment_heatmap
     from attn_fast.examples.seq2seq.train import decode_sources, load_checkpoint
 
+    _require_positive(args.beam, "--beam")
+    _require_positive(args.max_source_length, "--max-source-length")
     model, src_vocab, tgt_vocab, _ = load_checkpoint(args.checkpoint, args.device)
-    translations = decode_sources(model, args.sources, src_vocab, tgt_vocab, beam_size=args.beam, device=args.device)
-    for number, (source, (output, attention)) in enumerate(zip(args.sources, translations)):
-        print(f"{source}\t{output}")
+    if args.heatmap:  # a bad path or a missing directory: refused or made before any decoding, not after
+        prepare_figure_path(args.heatmap, "--heatmap")
+    problems = {}
+    for number, source in enumerate(args.sources):
+        problem = source_problem(source)
+        if problem is None and len(source) > args.max_source_length:
+            problem = f"the source has {len(source)} characters, more than --max-source-length {args.max_source_length}"
+        if problem is None and args.heatmap and len(source) > HEATMAP_MAX_SOURCE_LENGTH:
+            problem = (f"the source has {len(source)} characters, more than the {HEATMAP_MAX_SOURCE_LENGTH} a "
+                       f"--heatmap shows")
+        if problem is not None:
+            problems[number] = problem
+    accepted = [number for number in range(len(args.sources)) if number not in problems]
+    # The attention history only for heatmaps: without it decoding memory grows linearly in the source length.
+    decoded = decode_sources(model, [args.sources[number] for number in accepted], src_vocab, tgt_vocab,
+                             beam_size=args.beam, device=args.device, need_attention=bool(args.heatmap))
+    translations = dict(zip(accepted, decoded))
+    status = 0
+    for number, source in enumerate(args.sources):
+        if number in problems:
+            _input_error("translate", f"source {number + 1} {_quoted(source)}: {problems[number]}")
+            status = 2
+            continue
+        output, attention = translations[number]
+        print(f"{escape_tsv_field(source)}\t{escape_tsv_field(output)}", flush=True)
         if args.heatmap:
             path = args.heatmap if len(args.sources) == 1 else _numbered(args.heatmap, number)
-            alignment_heatmap(source, output, attention, path, title=f"{source} → {output}")
+            try:
+                alignment_heatmap(source, output, attention, path,
+                                  title=f"{escape_tsv_field(source)} → {escape_tsv_field(output)}")
+            except OSError as error:  # a full disk, a directory removed meanwhile: this heatmap only
+                _input_error("translate", f"source {number + 1}: cannot write the heatmap {path} "
+                                          f"({error.strerror or error})")
+                status = max(status, 1)
+                continue
             print(f"alignment heatmap: {path}", file=sys.stderr)
-    return 0
+    return status
 
 
 def _evaluate(args) -> int:
-    from attn_fast.examples.metrics import bleu
+    """`attn-fast evaluate`: exact match and character accuracy of greedy translations (and BLEU for --data-tsv),
+    one decoding of every source. A TSV that holds no pair, or a malformed line or one whose source exceeds
+    --max-source-length, is refused (with its line) before anything is decoded."""
+    from attn_fast.examples.metrics import bleu, character_accuracy, exact_match
     from attn_fast.examples.seq2seq.data import make_date_splits, read_tsv
-    from attn_fast.examples.seq2seq.train import evaluate, load_checkpoint, translate
+    from attn_fast.examples.seq2seq.train import load_checkpoint, translate
 
+    _require_positive(args.test_size, "--test-size")
+    _require_positive(args.max_source_length, "--max-source-length")
+    if args.data_tsv:  # read first: a bad file fails before the checkpoint is even loaded
+        pairs = read_tsv(args.data_tsv, max_source_length=args.max_source_length)
+        if not pairs:
+            raise UserError(f"--data-tsv {args.data_tsv}: no source<TAB>target pair in it (only blank lines, or "
+                            f"empty)")
     model, src_vocab, tgt_vocab, info = load_checkpoint(args.checkpoint, args.device)
-    if args.data_tsv:
-        pairs = read_tsv(args.data_tsv)
-    else:  # the date task's test split, from the seed the model was trained with
+    if not args.data_tsv:  # the date task's test split, from the seed the model was trained with
         data_seed = info["train_config"]["data_seed"]
         pairs = make_date_splits(seed=data_seed, sizes=(0, 0, args.test_size)).test
-    scores = evaluate(model, pairs, src_vocab, tgt_vocab, device=args.device)
-    line = f"{len(pairs)} pairs: exact match {scores['exact_match']:.4f}, char accuracy {scores['char_accuracy']:.4f}"
+    hypotheses = translate(model, [s for s, _ in pairs], src_vocab, tgt_vocab, device=args.device)
+    references = [t for _, t in pairs]
+    line = (f"{len(pairs)} pairs: exact match {exact_match(hypotheses, references):.4f}, char accuracy "
+            f"{character_accuracy(hypotheses, references):.4f}")
     if args.data_tsv:
-        hypotheses = translate(model, [s for s, _ in pairs], src_vocab, tgt_vocab, device=args.device)
-        line += f", BLEU {bleu(hypotheses, [t for _, t in pairs]):.2f}"
+        line += f", BLEU {bleu(hypotheses, references):.2f}"
     print(line)
     return 0
 
@@ -102,31 +149,62 @@ def _train_captions(args) -> int:
 
 
 def _caption(args) -> int:
+    """`attn-fast caption`: one `image<TAB>caption` line per image on stdout, in order (the path escaped as
+    translate's fields). An image that cannot be read or is not of the model's size gets one error line on stderr
+    and the others are still captioned. Exit status: 2 when an image was refused, 1 when an overlay could not be
+    written, else 0."""
     from attn_fast.examples.captioning.data import load_png
     from attn_fast.examples.captioning.plots import attention_overlay
     from attn_fast.examples.captioning.train import caption_images, load_checkpoint
+    from attn_fast.examples.figures import prepare_figure_path
+    from attn_fast.examples.seq2seq.data import escape_tsv_field
 
     if args.write_samples:
         return _write_caption_samples(args)
     if not args.images or not args.checkpoint:
-        print("attn-fast caption: give IMAGE.png files and --checkpoint (or --write-samples DIR)", file=sys.stderr)
-        return 2
+        raise UserError("give IMAGE.png files and --checkpoint (or --write-samples DIR)")
+    _require_positive(args.beam, "--beam")
     model, vocab, _ = load_checkpoint(args.checkpoint, args.device, attention_backend=args.attention_backend)
+    if args.overlay:  # refused or its directory made before any decoding
+        prepare_figure_path(args.overlay, "--overlay")
     size = model.encoder.image_size
-    images = [load_png(path) for path in args.images]
-    for path, image in zip(args.images, images):
+    images, problems = {}, {}
+    for number, path in enumerate(args.images):
+        try:
+            image = load_png(path)
+        except UserError as error:
+            problems[number] = str(error)
+            continue
         if tuple(image.shape) != (3, size, size):
-            print(f"attn-fast caption: {path} is {image.shape[2]}x{image.shape[1]} pixels, the model takes "
-                  f"{size}x{size}", file=sys.stderr)
-            return 2
-    captions, decoded = caption_images(model, torch.stack(images).to(args.device), vocab, beam_size=args.beam)
-    for number, (path, caption) in enumerate(zip(args.images, captions)):
-        print(f"{path}\t{caption}")
+            problems[number] = f"{path} is {image.shape[2]}x{image.shape[1]} pixels, the model takes {size}x{size}"
+        else:
+            images[number] = image
+    captions, attention = {}, {}
+    if images:
+        decoded_captions, decoded = caption_images(model, torch.stack(list(images.values())).to(args.device), vocab,
+                                                   beam_size=args.beam, need_attention=bool(args.overlay))
+        for row, number in enumerate(images):
+            captions[number] = decoded_captions[row]
+            attention[number] = decoded.attention[row] if args.overlay else None
+    status = 0
+    for number, path in enumerate(args.images):
+        if number in problems:
+            _input_error("caption", f"image {number + 1}: {problems[number]}")
+            status = 2
+            continue
+        caption = captions[number]
+        print(f"{escape_tsv_field(path)}\t{caption}", flush=True)
         if args.overlay:
             out = args.overlay if len(args.images) == 1 else _numbered(args.overlay, number)
-            attention_overlay(images[number], caption.split(), decoded.attention[number], out, title=caption)
+            try:
+                attention_overlay(images[number], caption.split(), attention[number], out, title=caption)
+            except OSError as error:  # this overlay only
+                _input_error("caption", f"image {number + 1}: cannot write the overlay {out} "
+                                        f"({error.strerror or error})")
+                status = max(status, 1)
+                continue
             print(f"attention overlay: {out}", file=sys.stderr)
-    return 0
+    return status
 
 
 def _write_caption_samples(args) -> int:
@@ -134,23 +212,29 @@ def _write_caption_samples(args) -> int:
     (file<TAB>reference caption). The data seed and image size are the checkpoint's when one is given."""
     from pathlib import Path
 
-    from attn_fast.examples.captioning.data import make_scene_splits, render_scene, save_png
+    from attn_fast.examples.captioning.data import MIN_IMAGE_SIZE, make_scene_splits, render_scene, save_png
+    from attn_fast.examples.seq2seq.data import escape_tsv_field
 
+    _require_positive(args.count, "--count")
     data_seed, image_size = args.data_seed, args.image_size
     if args.checkpoint:
         from attn_fast.examples.captioning.train import load_checkpoint
 
         _, _, info = load_checkpoint(args.checkpoint)
         data_seed, image_size = info["train_config"]["data_seed"], info["train_config"]["image_size"]
+    if image_size < MIN_IMAGE_SIZE:
+        raise UserError(f"--image-size must be at least {MIN_IMAGE_SIZE} (room for three shapes), got {image_size}")
+    out_dir = Path(args.write_samples)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--write-samples {args.write_samples}: a file is in the way; give a directory")
     sizes = {"train": (args.count, 0, 0), "valid": (0, args.count, 0), "test": (0, 0, args.count)}[args.split]
     scenes = getattr(make_scene_splits(data_seed, sizes, image_size), args.split)
-    out_dir = Path(args.write_samples)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     for number, scene in enumerate(scenes):
         path = out_dir / f"{args.split}-{number:03d}.png"
         save_png(render_scene(scene), path)
-        lines.append(f"{path}\t{scene.caption}\n")
+        lines.append(f"{escape_tsv_field(str(path))}\t{scene.caption}\n")
     (out_dir / "captions.tsv").write_text("".join(lines), encoding="utf-8")
     print("".join(lines), end="")
     return 0
@@ -160,6 +244,8 @@ def _evaluate_captions(args) -> int:
     from attn_fast.examples.captioning.data import make_scene_splits
     from attn_fast.examples.captioning.train import evaluate, load_checkpoint
 
+    _require_positive(args.test_size, "--test-size")
+    _require_positive(args.beam, "--beam")
     model, vocab, info = load_checkpoint(args.checkpoint, args.device)
     config = info["train_config"]
     scenes = make_scene_splits(config["data_seed"], (0, 0, args.test_size), config["image_size"]).test
@@ -174,6 +260,27 @@ def _evaluate_captions(args) -> int:
 def _numbered(path: str, number: int) -> str:
     stem, dot, extension = path.rpartition(".")
     return f"{stem}-{number}.{extension}" if dot else f"{path}-{number}"
+
+
+#: --max-source-length of translate and evaluate, in characters. Decoding is linear in memory but quadratic in
+#: time (up to 2 S + 10 steps over S keys), and the date task's sources are under 60 characters.
+DEFAULT_MAX_SOURCE_LENGTH = 1000
+
+
+def _require_positive(value: int, flag: str) -> None:
+    """UserError naming `flag` unless `value` is an integer >= 1."""
+    if value < 1:
+        raise UserError(f"{flag} must be a positive integer, got {value}")
+
+
+def _input_error(command: str, message: str) -> None:
+    """One input of `command` refused (the others go on): its line on stderr, in main()'s one-line error form."""
+    print(f"attn-fast {command}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+def _quoted(text: str, limit: int = 40) -> str:
+    """`text` for an error message: quoted, cut to `limit` characters, escapes visible (repr)."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
 # The command-line form of the config fields (`attn-fast train`: TrainConfig, `attn-fast train-captions`:
@@ -306,13 +413,20 @@ def build_parser() -> argparse.ArgumentParser:
     translate.add_argument("sources", nargs="+", help="source strings, e.g. '25 июня 2009 г.'")
     translate.add_argument("--checkpoint", required=True, help="best.pt or last.pt of attn-fast train")
     translate.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
-    translate.add_argument("--heatmap", help="save the alignment heatmap here (numbered for several sources)")
+    translate.add_argument("--heatmap", metavar="OUT.png",
+                           help="save the alignment heatmap here, .png, .svg or .pdf (numbered for several sources; "
+                                "its directory is made if missing; sources of up to 200 characters)")
+    translate.add_argument("--max-source-length", type=int, default=DEFAULT_MAX_SOURCE_LENGTH, metavar="CHARS",
+                           help=f"refuse longer sources (default {DEFAULT_MAX_SOURCE_LENGTH}; decoding time grows "
+                                f"with its square)")
     translate.add_argument("--device", default="cpu")
     translate.set_defaults(handler=_translate)
 
     evaluate = _add_evaluate_parser(commands, "evaluate", "train", _evaluate,
                                     scores="exact match and character accuracy (and BLEU for TSV data)")
     evaluate.add_argument("--data-tsv", help="source<TAB>target pairs (default: the date task's test split)")
+    evaluate.add_argument("--max-source-length", type=int, default=DEFAULT_MAX_SOURCE_LENGTH, metavar="CHARS",
+                          help=f"refuse a --data-tsv with longer sources (default {DEFAULT_MAX_SOURCE_LENGTH})")
 
     _add_train_parser(commands, "train-captions", CaptionTrainConfig, _train_captions,
                       summary="train the Show, Attend and Tell example model on generated scenes",
@@ -324,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--checkpoint", help="best.pt or last.pt of attn-fast train-captions")
     caption.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
     caption.add_argument("--overlay", metavar="OUT.png",
-                         help="save the per-word attention overlay here (numbered for several images)")
+                         help="save the per-word attention overlay here, .png, .svg or .pdf (numbered for several "
+                              "images; its directory is made if missing)")
     caption.add_argument("--attention-backend", choices=BACKENDS, help="override the checkpoint's attention backend")
     caption.add_argument("--device", default="cpu")
     samples = caption.add_argument_group("sample images (instead of captioning)")

@@ -37,6 +37,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from attn_fast.examples.errors import UserError
+
 __all__ = ["COLOURS", "KINDS", "RELATIONS", "IMAGE_SIZE", "Shape", "Scene", "SceneSplits", "relation",
            "caption_for", "sample_scene", "scene_split", "make_scene_splits", "render_scene", "render_images",
            "WordVocab", "CaptionBatch", "batch_scenes", "make_batch", "batches", "save_png", "load_png"]
@@ -221,17 +223,25 @@ def save_png(image: torch.Tensor, path: str | os.PathLike) -> None:
 
 
 def load_png(path: str | os.PathLike) -> torch.Tensor:
-    """Read a PNG as a [3, H, W] float32 image in 0..1 (an alpha channel is dropped; grey becomes RGB)."""
+    """Read a PNG as a [3, H, W] float32 image in 0..1 (an alpha channel is dropped; grey becomes RGB). A missing
+    file, one that is not an image, or an image of another layout raises UserError naming `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pixels = np.asarray(plt.imread(path), dtype=np.float32)
+    if not os.path.isfile(path):
+        raise UserError(f"{os.fspath(path)}: no such image file" if not os.path.exists(path)
+                        else f"{os.fspath(path)}: not a file")
+    try:
+        pixels = np.asarray(plt.imread(path), dtype=np.float32)
+    except (OSError, ValueError, SyntaxError) as error:  # PIL: unidentified or truncated image, bad chunks
+        raise UserError(f"{os.fspath(path)}: cannot read it as a PNG image ({error})") from None
     if pixels.ndim == 2:
         pixels = np.repeat(pixels[:, :, None], 3, axis=2)
     if pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
-        raise ValueError(f"{path}: expected an RGB(A) or grey image, got an array of shape {pixels.shape}")
+        raise UserError(f"{os.fspath(path)}: expected an RGB(A) or grey image, got an array of shape "
+                        f"{pixels.shape}")
     if pixels.max() > 1.0:  # 8-bit values (matplotlib returns floats in 0..1 for PNG, but be lenient)
         pixels = pixels / 255.0
     return torch.from_numpy(np.ascontiguousarray(pixels[:, :, :3])).permute(2, 0, 1).contiguous()

@@ -405,19 +405,17 @@ def read_tsv(path: str | os.PathLike, *, max_source_length: int | None = None) -
                                 f"got {len(fields)} tab-separated field(s): {line[:80]!r}")
             if max_source_length is not None and len(fields[0]) > max_source_length:
                 raise UserError(f"{path}:{lineno}: the source has {len(fields[0])} characters, more than the "
-                                f"{max_source_length} allowed (attn-fast: --max-source-length)")
+                                f"maximum source length, {max_source_length} (--max-source-length)")
             pairs.append((fields[0], fields[1]))
     return pairs
 
 
-def source_problem(source: str, *, max_length: int | None = None) -> str | None:
-    """Why `source` cannot be translated, in words for the user, or None when it can: it is empty, longer than
-    `max_length` characters, or holds text that was not valid UTF-8 (Python keeps such command-line bytes as lone
-    surrogates, U+DC80..U+DCFF, which no vocabulary holds and no file or figure can show)."""
+def source_problem(source: str) -> str | None:
+    """Why `source` cannot be translated, in words for the user, or None when it can: it is empty, or holds text
+    that was not valid UTF-8 (Python keeps such command-line bytes as lone surrogates, U+DC80..U+DCFF, which no
+    vocabulary holds and no file or figure can show)."""
     if not source:
         return "the source is empty"
-    if max_length is not None and len(source) > max_length:
-        return f"the source has {len(source)} characters, more than the {max_length} allowed"
     if any("\ud800" <= character <= "\udfff" for character in source):
         return "the source is not valid UTF-8 text"
     return None
