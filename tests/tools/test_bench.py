@@ -71,9 +71,9 @@ def test_compile_case_reports_compile_time_apart():
 def test_incorrect_backend_is_reported_failed_and_not_timed(monkeypatch):
     real_build = cases.build_attention
 
-    def build(backend, device):
+    def build(backend, device, mode="forward"):
         if backend != "torch":
-            return real_build(backend, device)
+            return real_build(backend, device, mode)
 
         def garbage(query_proj, key_proj, value, v, **options):
             return torch.randn(*query_proj.shape[:2], value.shape[-1], dtype=value.dtype), None
@@ -90,7 +90,7 @@ def test_incorrect_backend_is_reported_failed_and_not_timed(monkeypatch):
 
 
 def test_backend_that_raises_is_reported_failed(monkeypatch):
-    def build(backend, device):
+    def build(backend, device, mode="forward"):
         raise RuntimeError("compiler exploded")
 
     monkeypatch.setattr(cases, "build_attention", build)

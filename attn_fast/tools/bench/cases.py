@@ -7,6 +7,12 @@ Modes:
     decode_step       one decoder step: T = 1 query row against the shape's memory (key_proj [B, S, A] and
                       value [B, S, D] computed once), as `AdditiveAttention.step` calls the op; no autograd.
                       For a shape that already has T = 1 (tts_step) this is the same problem as its forward.
+    prepared_step     the same single step (T = 1; tts_step's own shape) through a prepared memory, as
+                      `AdditiveAttention.precompute` / `.step` run it: the memory is checked once and its keys
+                      prepared once (`check_memory` chooses the tanh form, `prepare_key_exp` keeps e^{2 key_proj}
+                      for the backends that use it), outside the timing; each timed call is
+                      `additive_attention_on_memory` (metadata checks only). The eager row is the reference
+                      backend through the same call; "compile" has no memory to prepare and times its plain step.
 
 Backends:
     reference  the eager reference (`attn_fast.additive_attention_reference`, validated like every row):
@@ -15,8 +21,11 @@ Backends:
     compile    `torch.compile(additive_attention_reference)`: compiled by the first call (timed apart, as
                `compile_s`), never inside the timing.
     torch      the memory-bounded chunked torch backend (`additive_attention(..., backend="torch")`).
+    cpu        the fused CPU kernels compiled by numba (`backend="cpu"`), CPU only, when numba imports.
     triton     the fused Triton kernels (`backend="triton"`), CUDA only: on CPU they run only under the
                numpy interpreter, which is a test tool, not a backend worth a timing.
+The library's backends are read from `attn_fast.validation.BACKENDS`, so a backend registered there gets a column
+here; one that cannot run on the device (`backend_unusable_reason`) gets no rows, and the run says why.
 
 Correct before timed: the first call of a case is compared with the float64 reference on the same (rounded)
 inputs, with the tolerances of `attn_fast.tolerances`; a case that fails (wrong numbers or an exception, e.g. a
@@ -30,13 +39,40 @@ import time
 
 import torch
 
-from attn_fast.functional import additive_attention, additive_attention_reference
+from attn_fast import validation
+from attn_fast.backends import cpu_kernels
+from attn_fast.functional import (
+    additive_attention,
+    additive_attention_on_memory,
+    additive_attention_reference,
+    check_memory,
+    prepare_key_exp,
+)
 from attn_fast.tolerances import forward_tolerance, gradient_tolerance, relative_error
 from attn_fast.tools.bench.shapes import DTYPES, ProblemShape, get_shape, make_inputs
 
-MODES = ("forward", "forward_backward", "decode_step")
-BACKENDS = ("reference", "compile", "torch", "triton")
-BACKEND_LABELS = {"reference": "eager", "compile": "compile(ref)", "torch": "torch", "triton": "triton"}
+MODES = ("forward", "forward_backward", "decode_step", "prepared_step")
+#: Modes whose problem is one decoder step (T = 1) whatever the shape's T.
+SINGLE_STEP_MODES = ("decode_step", "prepared_step")
+#: Column order of the library's backends; one registered later and not listed here comes after them.
+LIBRARY_BACKEND_ORDER = ("torch", "cpu", "triton")
+
+
+def registered_backends() -> tuple[str, ...]:
+    """The bench's backends: the eager reference, torch.compile of it, then every backend of the library
+    (`attn_fast.validation.BACKENDS`, less "auto" and "reference") in `LIBRARY_BACKEND_ORDER`."""
+    library = [backend for backend in validation.BACKENDS if backend not in ("auto", "reference")]
+    rank = {backend: position for position, backend in enumerate(LIBRARY_BACKEND_ORDER)}
+    return ("reference", "compile", *sorted(library, key=lambda backend: rank.get(backend, len(rank))))
+
+
+BACKENDS = registered_backends()
+BACKEND_LABELS = {"reference": "eager", "compile": "compile(ref)"}
+
+
+def backend_label(backend: str) -> str:
+    """The table's name of a backend: "eager" and "compile(ref)" for the two baselines, else its own name."""
+    return BACKEND_LABELS.get(backend, backend)
 #: The float64 oracle of the correctness check materializes [rows, T, S, A] in float64 (three such tensors with
 #: gradients); above this many bytes per tensor it runs on a prefix of the batch rows (the op is independent per
 #: batch row, so the first rows' outputs and input gradients are checked exactly; dv, a sum over rows, is then
@@ -44,13 +80,32 @@ BACKEND_LABELS = {"reference": "eager", "compile": "compile(ref)", "torch": "tor
 ORACLE_TENSOR_BYTES = 256 * 2**20
 
 
-def backends_for(device: torch.device) -> tuple[str, ...]:
-    """Backends worth timing on `device`: Triton only on CUDA (see the module docstring)."""
-    if device.type == "cuda":
-        from attn_fast.functional import triton_usable
+def backend_unusable_reason(backend: str, device: torch.device) -> str | None:
+    """Why `backend` is not timed on `device` (one line), or None when it is: Triton only on CUDA (on CPU it runs
+    only in the interpreter, a test tool), the fused CPU kernels only on CPU and only when numba imports."""
+    device = torch.device(device)
+    if backend == "triton":
+        if device.type != "cuda":
+            return "the Triton kernels are timed on CUDA only (on CPU they run in the numpy interpreter, a test tool)"
+        from attn_fast.functional import triton_unusable_reason
 
-        return BACKENDS if triton_usable(device) else BACKENDS[:3]
-    return BACKENDS[:3]
+        return triton_unusable_reason(device)
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the fused CPU kernels take CPU tensors, not {device.type}"
+        return cpu_kernels.unavailable_reason()
+    return None
+
+
+def backends_for(device: torch.device) -> tuple[str, ...]:
+    """Backends worth timing on `device`, in column order (see `backend_unusable_reason`)."""
+    return tuple(backend for backend in registered_backends() if backend_unusable_reason(backend, device) is None)
+
+
+def skipped_backends(device: torch.device) -> dict[str, str]:
+    """{backend: why it is not timed on `device`} for the registered backends that `backends_for` leaves out."""
+    reasons = {backend: backend_unusable_reason(backend, device) for backend in registered_backends()}
+    return {backend: reason for backend, reason in reasons.items() if reason is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +117,7 @@ class CaseSpec:
     shape_name: str
     dtype_name: str  # "fp32", "fp16", "bf16", "fp64"
     mode: str  # one of MODES
-    backend: str  # one of BACKENDS
+    backend: str  # one of registered_backends()
 
     @property
     def shape(self) -> ProblemShape:
@@ -70,8 +125,8 @@ class CaseSpec:
 
     @property
     def problem(self) -> ProblemShape:
-        """The problem actually run: the shape, or its single step for `decode_step`."""
-        return self.shape.decode_step() if self.mode == "decode_step" else self.shape
+        """The problem actually run: the shape, or its single step for `decode_step` and `prepared_step`."""
+        return self.shape.decode_step() if self.mode in SINGLE_STEP_MODES else self.shape
 
     @property
     def dtype(self) -> torch.dtype:
@@ -90,20 +145,35 @@ class CaseSpec:
         return dataclasses.asdict(self)
 
 
-def build_attention(backend: str, device: torch.device):
-    """The attention function of `backend`, called as fn(query_proj, key_proj, value, v, key_lengths=...) ->
-    (context, weights). For "compile", a fresh `torch.compile` of the reference (dynamo's caches are reset first, so
-    that an earlier case's graphs, guards or automatic-dynamic decisions do not leak into this one)."""
-    if backend == "reference":
-        return additive_attention_reference
+def build_attention(backend: str, device: torch.device, mode: str = "forward"):
+    """The attention function of `backend`, called as fn(query_proj, key_proj, value, v, key_lengths=...,
+    **memory_options) -> (context, weights). For "compile", a fresh `torch.compile` of the reference (dynamo's
+    caches are reset first, so that an earlier case's graphs, guards or automatic-dynamic decisions do not leak
+    into this one). For `prepared_step`, the library's step against a checked memory (`additive_attention_on_memory`),
+    which takes the memory's `tanh_form` and `key_exp` (`memory_options`)."""
     if backend == "compile":
         torch._dynamo.reset()
         return torch.compile(additive_attention_reference)
-    if backend in ("torch", "triton"):
-        if backend == "triton" and device.type != "cuda":
-            raise ValueError("the Triton backend is timed on CUDA only (on CPU it runs in the numpy interpreter)")
-        return functools.partial(additive_attention, backend=backend)
-    raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend not in registered_backends():
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(registered_backends())}")
+    reason = backend_unusable_reason(backend, device)
+    if reason is not None:
+        raise ValueError(f"backend {backend!r} is not timed on {device}: {reason}")
+    if mode == "prepared_step":
+        return functools.partial(additive_attention_on_memory, backend=backend)
+    if backend == "reference":
+        return additive_attention_reference
+    return functools.partial(additive_attention, backend=backend)
+
+
+def memory_options(backend: str, inputs) -> dict:
+    """What `AdditiveAttention.precompute` keeps for the steps of `backend`, from the inputs' memory (an
+    `AttentionCase`): the tanh form `check_memory` chooses (it validates the memory, values included, once) and the
+    prepared keys e^{2 key_proj} `prepare_key_exp` returns for that backend (None where it has no use for them)."""
+    tanh_form = check_memory(inputs.key_proj, inputs.value, inputs.v, key_lengths=inputs.key_lengths)
+    with torch.no_grad():
+        key_exp = prepare_key_exp(inputs.key_proj, tanh_form, backend)
+    return {"tanh_form": tanh_form, "key_exp": key_exp}
 
 
 class PreparedCase:
@@ -124,7 +194,12 @@ class PreparedCase:
         self.with_grad = spec.mode == "forward_backward"
         self.inputs = make_inputs(spec.problem, spec.dtype, self.device, requires_grad=self.with_grad, seed=seed)
         # May raise (e.g. Triton on CPU): the case then fails with that reason.
-        self.attention = attention if attention is not None else build_attention(spec.backend, self.device)
+        self.attention = (attention if attention is not None
+                          else build_attention(spec.backend, self.device, spec.mode))
+        # A prepared step's memory (tanh form, prepared keys) is built here, once, outside what is timed.
+        self.memory_options = {}
+        if spec.mode == "prepared_step" and spec.backend != "compile":
+            self.memory_options = memory_options(spec.backend, self.inputs)
         self.grad_context = None
         if self.with_grad:
             generator = torch.Generator(device="cpu").manual_seed(seed + 1)
@@ -144,7 +219,7 @@ class PreparedCase:
             context.backward(self.grad_context)
         else:
             with torch.no_grad():
-                context, _ = self.attention(*inputs.inputs(), key_lengths=inputs.key_lengths)
+                context, _ = self.attention(*inputs.inputs(), key_lengths=inputs.key_lengths, **self.memory_options)
         self.last_context = context
 
 
@@ -206,7 +281,8 @@ def check_case(prepared: PreparedCase) -> CheckResult:
 
 def case_specs(shape_names, dtype_names, modes, backends) -> list[CaseSpec]:
     """Every combination, in a stable order (shape, dtype, mode, backend), skipping `decode_step` for shapes that
-    already have T = 1 (their forward is the decode step)."""
+    already have T = 1 (their forward is the decode step; `prepared_step` is kept: it is the step through a
+    prepared memory)."""
     specs = []
     for shape_name in shape_names:
         for dtype_name in dtype_names:

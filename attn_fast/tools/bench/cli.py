@@ -5,6 +5,8 @@
                                           NMT-size model
     attn-fast bench --shape tiny --no-model --no-memory      a smoke run
     attn-fast bench --show benchmarks/results/cpu-full-*.json  the tables of a saved run
+    attn-fast bench --show RUN.json --markdown                  the README's CPU table of a saved run
+    attn-fast bench --threads 1 --no-scaling                    every row at one thread
 
 Exit code: 0 when every case ran correctly, 1 when some case failed (incorrect results or an error; the table says
 which), 2 on a bad request (e.g. --device cuda without CUDA). Missed performance targets do not change it: they
@@ -26,10 +28,11 @@ def _bench(args: argparse.Namespace) -> int:
     if args.show:  # print the tables of a saved run again (the README and NOTES quote them this way)
         import json
 
-        from attn_fast.tools.bench.report import format_report
+        from attn_fast.tools.bench.report import format_report, markdown_table
 
         with open(args.show, encoding="utf-8") as saved:
-            print(format_report(json.load(saved)))
+            result = json.load(saved)
+        print(markdown_table(result, args.show) if args.markdown else format_report(result))
         return 0
     from attn_fast.tools.bench.runner import run_bench
 
@@ -39,8 +42,8 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     result = run_bench(full=args.full, device=device, out_dir=args.out_dir, shapes=args.shape, dtypes=args.dtype,
                        modes=args.mode, backends=args.backend, model=not args.no_model, model_config=args.model_size,
-                       memory=not args.no_memory, ragged_batches=not args.no_ragged, threads=args.threads,
-                       seed=args.seed, progress=not args.quiet)
+                       memory=not args.no_memory, ragged_batches=not args.no_ragged, thread_scaling=args.scaling,
+                       threads=args.threads, seed=args.seed, progress=not args.quiet)
     failed = result["summary"]["failed"]
     failed_models = sum(entry["status"] != "ok" for entry in (result["model"] or {}).get("results", []))
     failed_ragged = sum(row["full"]["status"] != "ok" or row["ragged"]["status"] != "ok"
@@ -74,9 +77,16 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     bench.add_argument("--no-ragged", action="store_true",
                        help="skip the ragged-batch rows (forward + backward with lengths in [S/2, S] vs all S)")
-    bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own setting)")
+    bench.add_argument("--threads", type=int,
+                       help="torch CPU threads, which the fused 'cpu' backend follows (default: torch's own setting)")
+    bench.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=None,
+                       help="CPU: time the 'cpu' backend's forward, forward+backward and prepared step at 1 thread "
+                            "and at --threads, side by side (default: on with --full)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.add_argument("--show", metavar="RUN.json", help="print the tables of a saved run and exit (runs nothing)")
+    bench.add_argument("--markdown", action="store_true",
+                       help="with --show: print the README's CPU table (every backend's median and ratio to eager, "
+                            "peak memory) in Markdown instead")
     bench.set_defaults(handler=_bench)
     return bench

@@ -5,7 +5,7 @@ import json
 import math
 import pathlib
 
-from attn_fast.tools.bench.cases import BACKEND_LABELS
+from attn_fast.tools.bench.cases import backend_label
 
 
 def _number(value, form: str, missing: str = "-") -> str:
@@ -46,21 +46,28 @@ def roofline_table(rows: list[dict]) -> str:
 
 
 def op_table(result: dict) -> str:
-    """One row per case: median time, speed-up against eager, compile time, peak extra memory (of which "out MiB" are
-    the call's outputs: context and, with the backward, the input gradients), the size of eager's [B, T, S, A]
-    tensor, the memory saved against eager, the worst correctness error and the targets."""
+    """One row per case: median time, speed-up against eager, on CPU the tanh elements/s (millions; a forward +
+    backward counts each element twice, `cpu_limit.throughput`) and their fraction of the CPU limit, compile time,
+    peak extra memory (of which "out MiB" are the call's outputs: context and, with the backward, the input
+    gradients), the size of eager's [B, T, S, A] tensor, the memory saved against eager, the worst correctness error
+    and the targets."""
     header = (f"{'shape/dtype/mode':<30} {'backend':<12} {'status':<6} {'median ms':>10} {'x eager':>8} "
+              f"{'Melem/s':>8} {'% limit':>7} "
               f"{'compile s':>9} {'peak MiB':>9} {'out MiB':>8} {'4-D MiB':>8} {'mem saved':>9} {'max err':>8}  "
               "targets")
     lines = [header, "-" * len(header)]
     for case in result["cases"]:
         timing = case.get("timing") or {}
         memory = case.get("memory") or {}
+        throughput = case.get("throughput") or {}
         errors = (case.get("check") or {}).get("errors") or {}
         status = case["status"]
-        row = (f"{case['group']:<30} {BACKEND_LABELS[case['backend']]:<12} {status:<6} "
+        rate = throughput.get("elements_per_s")
+        row = (f"{case['group']:<30} {backend_label(case['backend']):<12} {status:<6} "
                f"{_number(timing.get('median_s') and timing['median_s'] * 1e3, '10.3f'):>10} "
                f"{_ratio(case.get('speedup_vs_eager'), '7.2f'):>8} "
+               f"{_number(rate and rate / 1e6, '8.1f', ''):>8} "
+               f"{_number(throughput.get('cpu_limit_fraction'), '7.1%', ''):>7} "
                f"{_number(case.get('compile_s'), '9.1f', ''):>9} "
                f"{_number(memory.get('peak_extra_mib'), '9.1f'):>9} "
                f"{_number(memory.get('outputs_mib'), '8.1f', ''):>8} "
@@ -95,6 +102,48 @@ def model_table(model: dict) -> str:
                      f"{entry['train_step']['median_s'] * 1e3:>9.1f} {speedups['train']} "
                      f"{entry['greedy_sentences_per_s']:>13.1f} {speedups['greedy']} "
                      f"{entry['beam_sentences_per_s']:>11.1f} {speedups['beam']}")
+    return "\n".join(lines)
+
+
+def cpu_limit_line(limit: dict) -> str:
+    """One line: the CPU limit at each thread count, the vector width it ran at and the fastmath flags."""
+    if not limit.get("available"):
+        return limit.get("note", "CPU limit not measured")
+    rates = ", ".join(f"{threads} thread(s) {entry['elements_per_s'] / 1e9:.2f}"
+                      for threads, entry in sorted(limit["by_threads"].items(), key=lambda item: int(item[0])))
+    packed = ", ".join(f"{name} {'/'.join(f'{count} {register}' for register, count in registers.items())}"
+                       for name, registers in limit["instructions"].items() if registers)
+    return (f"CPU limit (acc += v * (1 / (1 + eq * ek)), float32, numba, fastmath {'/'.join(limit['fastmath'])}): "
+            f"{rates} G elements/s; {limit['vector_bits']}-bit vectors ({packed or 'no packed instructions found'})")
+
+
+def scaling_table(scaling: dict) -> str:
+    """The thread-scaling rows (`scaling.run_scaling_bench`): median ms and % of the CPU limit per thread count,
+    the speed-up and the efficiency."""
+    if not scaling.get("rows"):
+        return scaling.get("note", "no thread scaling")
+    counts = [str(threads) for threads in scaling["thread_counts"]]
+    header = (f"{'shape/dtype/mode':<30} {'backend':<8} "
+              + " ".join(f"{f'{threads} thr ms':>10} {'% limit':>7}" for threads in counts)
+              + f" {'speed-up':>8} {'efficiency':>10}")
+    limit_speedup = scaling.get("limit_speedup")
+    title = (f"Thread scaling ({' vs '.join(counts)} threads; the CPU limit itself scaled "
+             f"{_ratio(limit_speedup, '.2f').strip()} over the same counts)")
+    lines = [title, header, "-" * len(header)]
+    for row in scaling["rows"]:
+        cells = []
+        for threads in counts:
+            entry = row["by_threads"].get(threads) or {}
+            median = entry.get("median_s")
+            cells.append(f"{_number(median and median * 1e3, '10.3f'):>10} "
+                         f"{_number((entry.get('throughput') or {}).get('cpu_limit_fraction'), '7.1%', ''):>7}")
+        group = f"{row['shape']}/{row['dtype']}/{row['mode']}"
+        line = (f"{group:<30} {row['backend']:<8} " + " ".join(cells)
+                + f" {_ratio(row.get('speedup'), '7.2f'):>8} {_number(row.get('efficiency'), '10.0%'):>10}")
+        lines.append(line)
+        failures = [entry.get("error") for entry in row["by_threads"].values() if entry.get("status") != "ok"]
+        if row.get("error") or failures:
+            lines.append(f"{'':<30} ^ {row.get('error') or failures[0]}")
     return "\n".join(lines)
 
 
@@ -137,6 +186,12 @@ def format_report(result: dict) -> str:
              f"{machine['threads']} thread(s), torch {machine['torch']}, triton {machine['triton']}, {result['date']}"
              + _load_note(machine),
              "times: " + result["timing_method"], ""]
+    skipped = (result.get("settings") or {}).get("skipped_backends") or {}
+    lines += [f"not timed: {backend_label(backend)} ({reason})" for backend, reason in skipped.items()]
+    if result.get("cpu_limit"):
+        lines.append(cpu_limit_line(result["cpu_limit"]))
+    if skipped or result.get("cpu_limit"):
+        lines.append("")
     lines.append(op_table(result))
     roofline = result.get("roofline") or {}
     if roofline.get("rows"):
@@ -145,10 +200,113 @@ def format_report(result: dict) -> str:
         lines += ["", model_table(result["model"])]
     if result.get("ragged"):
         lines += ["", ragged_table(result["ragged"])]
+    if result.get("scaling"):
+        lines += ["", scaling_table(result["scaling"])]
     summary = result["summary"]
     lines += ["", f"{summary['cases']} cases: {summary['ok']} ok, {summary['failed']} failed; targets "
                   f"{summary['targets_met']} met, {summary['targets_missed']} missed, "
                   f"{summary['targets_unmeasured']} not measured; {result['wall_s']:.0f} s"]
+    return "\n".join(lines)
+
+
+MODE_LABELS = {"forward": "forward", "forward_backward": "forward+backward", "decode_step": "decode step",
+               "prepared_step": "prepared step"}
+
+
+def _markdown_time(case: dict | None, fastest: bool) -> str:
+    """"19.7 ms (9.6×)" with the ratio to eager; bold for the fastest backend of the row; "failed" or "-"."""
+    if case is None:
+        return "-"
+    if case["status"] != "ok":
+        return "failed"
+    cell = f"{case['timing']['median_s'] * 1e3:.1f} ms"
+    speedup = case.get("speedup_vs_eager")
+    if speedup is not None and case["backend"] != "reference":
+        cell += f" (**{speedup:.1f}×**)" if fastest else f" ({speedup:.1f}×)"
+    return cell
+
+
+def markdown_table(result: dict, source: str | None = None) -> str:
+    """The README's CPU table of a run, in Markdown: one row per problem and mode, every backend's median with its
+    ratio to eager (the fastest in bold), the fused "cpu" backend's fraction of the CPU limit, and the peak extra
+    memory of each backend; then the Seq2Seq rows and the thread scaling when the run has them. Every figure comes
+    from `result` (a run's JSON), `source` names the file in the caption."""
+    machine, settings = result["machine"], result["settings"]
+    backends = list(dict.fromkeys(case["backend"] for case in result["cases"]))
+    by_key = {(case["group"], case["backend"]): case for case in result["cases"]}
+    groups = list(dict.fromkeys(case["group"] for case in result["cases"]))
+    limit_backend = "cpu" if "cpu" in backends else None
+    caption = (f"**CPU** ({machine['device_name']}, {machine['threads']} threads, torch {machine['torch']}, "
+               f"{result['date']}, {'/'.join(settings['dtypes'])}, `key_lengths` mask"
+               + (f"; from `{source}`" if source else "") + "; ratios against eager in parentheses):")
+    header = ["shape (B, T, S, A, D)", "mode", *(backend_label(backend) for backend in backends)]
+    if limit_backend:
+        header.append(f"{limit_backend}: % of CPU limit")
+    header.append("peak MiB (" + " / ".join(backend_label(backend) for backend in backends) + ")")
+    lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group in groups:
+        cases = [by_key.get((group, backend)) for backend in backends]
+        present = next(case for case in cases if case is not None)
+        sizes = ", ".join(str(present["sizes"][key]) for key in "BTSAD")
+        timed = [case for case in cases if case is not None and case["status"] == "ok"
+                 and case["backend"] != "reference"]
+        fastest = min(timed, key=lambda case: case["timing"]["median_s"], default=None)
+        row = [f"{present['shape']} ({sizes})", MODE_LABELS.get(present["mode"], present["mode"])]
+        row += [_markdown_time(case, case is fastest) for case in cases]
+        if limit_backend:
+            fraction = ((by_key.get((group, limit_backend)) or {}).get("throughput") or {}).get("cpu_limit_fraction")
+            row.append(_number(fraction, ".0%"))
+        peaks = [((case or {}).get("memory") or {}).get("peak_extra_mib") for case in cases]
+        row.append(" / ".join(_number(peak, ".1f") for peak in peaks))
+        lines.append("| " + " | ".join(row) + " |")
+    if result.get("cpu_limit"):
+        lines += ["", cpu_limit_line(result["cpu_limit"])]
+    if result.get("model"):
+        lines += ["", markdown_model_table(result["model"])]
+    if (result.get("scaling") or {}).get("rows"):
+        lines += ["", markdown_scaling_table(result["scaling"])]
+    return "\n".join(lines)
+
+
+def _with_ratio(text: str, entry: dict, metric: str) -> str:
+    """A model figure with its speed-up against the eager model of the same decoder, e.g. "812.0 ms (1.42×)"."""
+    speedup = entry.get(f"{metric}_speedup_vs_eager")
+    return text if speedup is None or entry["backend"] == "reference" else f"{text} ({speedup:.2f}×)"
+
+
+def markdown_model_table(model: dict) -> str:
+    """The Seq2Seq rows in Markdown: train step, greedy and beam throughput per decoder and backend."""
+    config = model["config"]
+    lines = [f"Seq2Seq '{config['name']}' (vocabulary {config['vocab_size']}, embed {config['embed_dim']}, hidden "
+             f"{config['hidden_dim']}, attention {config['attn_dim']}; B={config['batch']}, S={config['src_len']}, "
+             f"T={config['tgt_len']}, beam {config['beam_size']}):", "",
+             "| decoder | backend | train step | greedy sentences/s | beam sentences/s |", "|---|---|---|---|---|"]
+    for entry in model["results"]:
+        if entry["status"] != "ok":
+            lines.append(f"| {entry['decoder']} | {backend_label(entry['backend'])} | failed | - | - |")
+            continue
+
+        cells = [_with_ratio(f"{entry['train_step']['median_s'] * 1e3:.1f} ms", entry, "train"),
+                 _with_ratio(f"{entry['greedy_sentences_per_s']:.1f}", entry, "greedy"),
+                 _with_ratio(f"{entry['beam_sentences_per_s']:.1f}", entry, "beam")]
+        lines.append(f"| {entry['decoder']} | {backend_label(entry['backend'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_scaling_table(scaling: dict) -> str:
+    """The thread-scaling rows in Markdown: median per thread count, speed-up and the CPU limit's own speed-up."""
+    counts = [str(threads) for threads in scaling["thread_counts"]]
+    lines = [f"Thread scaling (the CPU limit itself: {_ratio(scaling.get('limit_speedup'), '.2f').strip()} from "
+             f"{counts[0]} to {counts[-1]} threads):", "",
+             "| shape | mode | backend | " + " | ".join(f"{threads} thread(s)" for threads in counts)
+             + " | speed-up |", "|" + "---|" * (4 + len(counts))]
+    for row in scaling["rows"]:
+        cells = []
+        for threads in counts:
+            median = (row["by_threads"].get(threads) or {}).get("median_s")
+            cells.append(_number(median and median * 1e3, ".1f") + (" ms" if median else ""))
+        lines.append(f"| {row['shape']} | {MODE_LABELS.get(row['mode'], row['mode'])} | {row['backend']} | "
+                     + " | ".join(cells) + f" | {_ratio(row.get('speedup'), '.2f')} |")
     return "\n".join(lines)
 
 
@@ -191,8 +349,8 @@ def write_plot(result: dict, path: pathlib.Path) -> None:
         offsets = [p + (index - (len(backends) - 1) / 2) * width for p in positions]
         speedups = [by_key.get((g, backend), {}).get("speedup_vs_eager") or 0 for g in groups]
         peaks = [max((by_key.get((g, backend), {}).get("memory") or {}).get("peak_extra_mib") or 0, 0) for g in groups]
-        axes[0].bar(offsets, speedups, width, label=BACKEND_LABELS[backend])
-        axes[1].bar(offsets, peaks, width, label=BACKEND_LABELS[backend])
+        axes[0].bar(offsets, speedups, width, label=backend_label(backend))
+        axes[1].bar(offsets, peaks, width, label=backend_label(backend))
     tanh_mib = [next((c["memory"]["tanh_tensor_mib"] for c in cases if c["group"] == g and c.get("memory")), None)
                 for g in groups]
     if any(tanh_mib):

@@ -2,15 +2,20 @@
 roofline, the targets; then the table, the JSON and the PNG.
 
 Quick (default), chosen to finish in about a minute on a quiet 2-core CPU:
-    CPU  shapes nmt_train and tts_step, fp32; forward, forward+backward and decode step; eager reference,
-         torch.compile(reference) and the torch backend; peak memory of eager and the torch backend for
-         nmt_train's forward and forward+backward (a fresh process each); the Seq2Seq model at the date-task
-         size ("date") with both decoders, eager and torch backend.
+    CPU  shapes nmt_train and tts_step, fp32; forward, forward+backward, decode step and the step through a
+         prepared memory; eager reference, torch.compile(reference), the torch backend and the fused "cpu"
+         backend (when numba imports); peak memory of eager and the fast backends for nmt_train's forward and
+         forward+backward (a fresh process each); the Seq2Seq model at the date-task size ("date") with both
+         decoders and every layer backend.
     GPU  all four named shapes, fp32, every mode and backend (Triton included), memory for every case; model
          at the date-task size.
 --full adds: caption and long (CPU), fp16 and bf16 (GPU), memory for every case (CPU, compile included), the
-model at NMT size ("nmt": embed 256, hidden 512, attention 256, vocabulary 8,000, S = T = 50), and longer timing
-(about 2 s of samples per case instead of 0.5 s).
+model at NMT size ("nmt": embed 256, hidden 512, attention 256, vocabulary 8,000, S = T = 50), longer timing
+(about 2 s of samples per case instead of 0.5 s) and, on CPU, the thread-scaling section (`scaling`).
+
+On CPU the run first measures the CPU limit of the factorized tanh's per-element arithmetic (`cpu_limit`, with 1
+thread and with the run's threads) in this process; every CPU row then reports its tanh elements/s and their
+fraction of that limit at the row's thread count.
 
 Like any multiprocessing code (the CPU memory probes fork from a forkserver), a script that calls `run_bench`
 needs the `if __name__ == "__main__":` guard.
@@ -29,9 +34,17 @@ import torch
 from tqdm.auto import tqdm
 
 from attn_fast.cpu_warmup import warm_cpu_math
+from attn_fast.tools.bench import cpu_limit, model_bench, ragged, report, roofline, scaling, targets
 from attn_fast.tools.bench import memory as memory_module
-from attn_fast.tools.bench import model_bench, ragged, report, roofline, targets
-from attn_fast.tools.bench.cases import MODES, CaseSpec, PreparedCase, backends_for, case_specs, check_case
+from attn_fast.tools.bench.cases import (
+    MODES,
+    CaseSpec,
+    PreparedCase,
+    backends_for,
+    case_specs,
+    check_case,
+    skipped_backends,
+)
 from attn_fast.tools.bench.shapes import get_shape
 from attn_fast.tools.bench.timing import input_sets_for_l2, time_cpu, time_cuda
 
@@ -82,16 +95,20 @@ def machine_info(device: torch.device) -> dict:
 
 def wants_memory(spec: CaseSpec, full: bool, device: torch.device, first_shape: str) -> bool:
     """Which cases get a memory measurement: all in --full or on GPU (it is cheap there); in the quick CPU run,
-    eager and the torch backend at the first shape's forward and forward+backward (a fresh process per case costs
+    eager and the fast backends at the first shape's forward and forward+backward (a fresh process per case costs
     seconds)."""
     if full or device.type == "cuda":
         return True
-    return spec.shape_name == first_shape and spec.mode != "decode_step" and spec.backend != "compile"
+    return (spec.shape_name == first_shape and spec.mode in ("forward", "forward_backward")
+            and spec.backend != "compile")
 
 
 def run_case(spec: CaseSpec, device: torch.device, *, target_s: float, measure_memory: bool, seed: int,
-             threads: int | None, mufu_limit: dict | None, static_predictions: dict | None) -> dict:
-    """One case: build, check against the float64 reference, and only if correct: time, roofline, memory."""
+             threads: int | None, mufu_limit: dict | None, static_predictions: dict | None,
+             cpu_limit_result: dict | None = None) -> dict:
+    """One case: build, check against the float64 reference, and only if correct: time, roofline (GPU) or tanh
+    elements/s against the CPU limit (CPU, `cpu_limit_result` as `cpu_limit.measure_cpu_limit` returns it),
+    memory."""
     record = {"key": spec.key, "group": spec.group, "shape": spec.shape_name, "dtype": spec.dtype_name,
               "mode": spec.mode, "backend": spec.backend, "sizes": spec.problem.as_dict(), "status": "failed"}
     prepared = None
@@ -121,6 +138,8 @@ def run_case(spec: CaseSpec, device: torch.device, *, target_s: float, measure_m
             del sets
         else:
             record["timing"] = time_cpu(prepared.run, target_s=target_s)
+            record["throughput"] = cpu_limit.throughput(roofline.tanh_evaluations(spec), record["timing"]["median_s"],
+                                                        record["timing"]["threads"], cpu_limit_result)
         record["status"] = "ok"
         if spec.backend == "triton" and mufu_limit is not None:
             fraction = roofline.measured_fraction(spec, record["timing"]["median_s"], mufu_limit)
@@ -168,11 +187,22 @@ def _summary(records: list[dict]) -> dict:
             "targets_unmeasured": sum(t["met"] is None for t in all_targets)}
 
 
+def _thread_scaling(shapes, dtype_name: str, backends, *, target_s: float, limit: dict | None, seed: int) -> dict:
+    """The scaling section: the fused "cpu" backend at 1 thread and at the run's count, or why it is not there."""
+    threads = torch.get_num_threads()
+    if "cpu" not in backends:
+        return {"rows": [], "note": "no thread scaling: the 'cpu' backend is not in this run"}
+    if threads < 2:
+        return {"rows": [], "note": f"no thread scaling: the run has {threads} thread"}
+    return scaling.run_scaling_bench(shapes, dtype_name, ["cpu"], thread_counts=(1, threads), target_s=target_s,
+                                     limit=limit, seed=seed)
+
+
 def run_bench(*, full: bool = False, device: str | torch.device | None = None,
               out_dir: str | os.PathLike | None = DEFAULT_OUT_DIR, shapes=None, dtypes=None, modes=None,
               backends=None, model: bool = True, model_config: str | None = None, memory: bool = True,
-              ragged_batches: bool = True, threads: int | None = None, seed: int = 0, progress: bool = True,
-              static_predictions_path=None, out=None) -> dict:
+              ragged_batches: bool = True, thread_scaling: bool | None = None, threads: int | None = None,
+              seed: int = 0, progress: bool = True, static_predictions_path=None, out=None) -> dict:
     """Run the benchmark and return the result dict (also written as JSON + PNG under `out_dir` unless None).
 
     Args:
@@ -180,19 +210,23 @@ def run_bench(*, full: bool = False, device: str | torch.device | None = None,
         device: "cpu" or "cuda" (default: cuda when available).
         out_dir: folder for bench-<device>-<UTC time>.json / .png; None writes nothing.
         shapes: shape names (`attn_fast.tools.bench.shapes.SHAPES`, incl. "tiny"); dtypes: "fp32", "fp16", "bf16",
-            "fp64"; modes: `cases.MODES`; backends: "reference", "compile", "torch", "triton". None = the
-            quick/full default for the device.
+            "fp64"; modes: `cases.MODES`; backends: `cases.registered_backends()` ("reference", "compile", then the
+            library's: "torch", "cpu", "triton"). None = the quick/full default for the device: every backend
+            that runs there (the others are listed, with the reason, under settings["skipped_backends"]).
         model / memory: run the Seq2Seq bench / the memory measurements.
         ragged_batches: time forward + backward with all keys visible and with ragged lengths (`ragged`), for
             the fast backends at the run's first dtype.
+        thread_scaling: time the "cpu" backend's cases at 1 thread and at the run's thread count (`scaling`;
+            CPU only, needs more than one thread). None = on with `full`.
         model_config: a `model_bench.MODEL_CONFIGS` name (default "date" quick, "nmt" full).
         threads: torch CPU threads (default: leave torch's setting); recorded either way.
         static_predictions_path: the static sm_90 predictions of the roofline table, a full report of
             `python -m benchmarks.static_report` or its predictions file (default: the package's own copy).
         out: where the table is printed (default stdout); progress bars go to stderr.
 
-    Returns {"date", "machine", "settings", "timing_method", "cases": [...], "roofline", "model", "ragged",
-    "summary", "wall_s", "files"}; every case holds its raw samples, errors, memory and targets.
+    Returns {"date", "machine", "settings", "timing_method", "cpu_limit", "cases": [...], "roofline", "model",
+    "ragged", "scaling", "summary", "wall_s", "files"}; every case holds its raw samples, errors, memory, targets
+    and on CPU its "throughput" (tanh elements/s, fraction of the CPU limit).
     """
     out = sys.stdout if out is None else out
     started = time.perf_counter()
@@ -207,19 +241,23 @@ def run_bench(*, full: bool = False, device: str | torch.device | None = None,
     shapes = list(shapes or (FULL_SHAPES if full else QUICK_SHAPES[kind]))
     dtypes = list(dtypes or (FULL_DTYPES if full else QUICK_DTYPES)[kind])
     modes = list(modes or MODES)
+    skipped = {} if backends else skipped_backends(device)
     backends = list(backends or backends_for(device))
     if "reference" not in backends:
         backends.insert(0, "reference")  # every ratio is against eager
     target_s = 2.0 if full else 0.5
     static_predictions = roofline.load_static_predictions(static_predictions_path)
     mufu_limit = roofline.gpu_mufu_limit(device) if device.type == "cuda" else None
+    # Measured before any case, in this process and on the threads the rows use (and on 1, for the scaling).
+    limit = cpu_limit.measure_cpu_limit((1, torch.get_num_threads())) if device.type == "cpu" else None
 
     specs = case_specs(shapes, dtypes, modes, backends)
     records = []
     for spec in tqdm(specs, desc="attn-fast bench", disable=not progress, file=sys.stderr):
         records.append(run_case(spec, device, target_s=target_s, seed=seed, threads=threads,
                                 measure_memory=memory and wants_memory(spec, full, device, shapes[0]),
-                                mufu_limit=mufu_limit, static_predictions=static_predictions))
+                                mufu_limit=mufu_limit, static_predictions=static_predictions,
+                                cpu_limit_result=limit))
     targets.annotate(records, device.type)
 
     model_result = None
@@ -230,28 +268,37 @@ def run_bench(*, full: bool = False, device: str | torch.device | None = None,
                                                    progress=progress)
 
     ragged_result = None
-    fast_backends = [backend for backend in backends if backend in ("torch", "triton")]
+    fast_backends = [backend for backend in backends if backend not in ("reference", "compile")]
     if ragged_batches and fast_backends:
         ragged_result = ragged.run_ragged_bench(shapes, dtypes[0], fast_backends, device, target_s=target_s / 2,
                                                 seed=seed)
+
+    scaling_result = None
+    if thread_scaling is None:
+        thread_scaling = full
+    if thread_scaling and device.type == "cpu":
+        scaling_result = _thread_scaling(shapes, dtypes[0], backends, target_s=target_s / 2, limit=limit, seed=seed)
 
     now = datetime.datetime.now(datetime.timezone.utc)
     result = {
         "date": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
         "machine": {**machine_info(device), "load_average_1m_start": load_at_start},
         "settings": {"full": full, "shapes": shapes, "dtypes": dtypes, "modes": modes, "backends": backends,
-                     "memory": memory, "model": model, "ragged_batches": ragged_batches, "seed": seed,
+                     "skipped_backends": skipped, "memory": memory, "model": model,
+                     "ragged_batches": ragged_batches, "thread_scaling": bool(thread_scaling), "seed": seed,
                      "target_sample_s": target_s,
                      "shape_sizes": {name: get_shape(name).as_dict() for name in shapes}},
         "timing_method": ("GPU: triton.testing.do_bench median, inputs rotated, CUDA graphs for decode_step"
                           if device.type == "cuda" else
                           f"CPU wall clock (time.perf_counter), median after warm-up, {torch.get_num_threads()} "
                           "thread(s)"),
+        "cpu_limit": limit,
         "cases": records,
         "roofline": roofline_rows(records, device, static_predictions),
         "mufu_limit": mufu_limit,
         "model": model_result,
         "ragged": ragged_result,
+        "scaling": scaling_result,
         "summary": _summary(records),
     }
     result["wall_s"] = time.perf_counter() - started

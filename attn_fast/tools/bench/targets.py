@@ -1,4 +1,6 @@
-"""The targets of issue 6, evaluated per case and recorded in the JSON (reported, never asserted by tests).
+"""The targets of issues 6 and 13, evaluated per case and recorded in the JSON (reported, never asserted by tests).
+Every figure compared with a threshold is a ratio computed from the run's own measurements (medians, peaks, the CPU
+limit measured in the same process); the thresholds are the issues'.
 
 CPU, torch backend:  at nmt_train, caption and long (the all-steps shapes the issue names), forward and
                      forward+backward: forward >= 3x eager, forward+backward >= 2x eager, peak extra memory
@@ -9,11 +11,31 @@ GPU, Triton backend: forward >= 10x eager and >= 3x torch.compile(reference) and
                      at the all-steps shapes (T > 1); >= 70% of the MUFU limit at long; a decode step (the
                      decode_step mode, and the forward of a T = 1 shape) >= 3x eager; peak memory <= 1/50 of
                      eager's, as on CPU.
-A target whose figure is missing (a backend failed, memory not measured) is recorded with "met": null.
+CPU, fused "cpu" backend (issue 13; "today's torch backend" = the torch backend's case of the same run):
+                     forward >= 4x the torch backend at nmt_train, caption and long, and >= 40x eager at caption,
+                     >= 60x at long; forward+backward >= 3x the torch backend there, >= 15x eager at caption, >= 18x
+                     at long; peak extra memory no more than the torch backend's at those shapes and modes ("as
+                     bounded as today"); the step through a prepared memory (prepared_step) >= 3x eager at tts_step
+                     and at nmt_train's decode step (B=32, S=50, A=256, D=512: the NMT decode step); the forward at
+                     long >= 50% of the measured CPU limit (tanh elements/s over the limit's elements/s at the same
+                     thread count, `cpu_limit`). The 1-thread vs n-thread scaling is reported (`scaling`), not a
+                     threshold.
+A target whose figure is missing (a backend failed, memory or the CPU limit not measured) is recorded with
+"met": null.
 """
 from __future__ import annotations
 
 ALL_STEPS_TARGET_SHAPES = ("nmt_train", "caption", "long")
+#: Issue 13, fused CPU backend: (mode, shape) -> least speed-up against eager; and per mode the least speed-up
+#: against the torch backend of the same run, at every all-steps shape.
+CPU_BACKEND_VS_EAGER = {("forward", "caption"): 40, ("forward", "long"): 60,
+                        ("forward_backward", "caption"): 15, ("forward_backward", "long"): 18}
+CPU_BACKEND_VS_TORCH = {"forward": 4, "forward_backward": 3}
+#: The decode-step shapes of issue 13 (tts_step's own T = 1, and nmt_train's decode step) and their least speed-up.
+CPU_BACKEND_STEP_SHAPES = ("tts_step", "nmt_train")
+CPU_BACKEND_STEP_VS_EAGER = 3
+#: The forward at long: least fraction of the measured CPU limit.
+CPU_BACKEND_LIMIT_FRACTION = 0.5
 
 
 def _target(wanted: str, value: float | None, met) -> dict:
@@ -35,7 +57,34 @@ def _median(case: dict | None) -> float | None:
 def _peak(case: dict | None) -> float | None:
     if case is None:
         return None
-    return case.get("memory", {}).get("peak_extra_mib")
+    return (case.get("memory") or {}).get("peak_extra_mib")
+
+
+def cpu_backend_targets(case: dict, group: dict[str, dict]) -> dict:
+    """Issue 13's targets of one case of the fused "cpu" backend (see the module docstring)."""
+    shape, mode = case["shape"], case["mode"]
+    eager, chunked = group.get("reference"), group.get("torch")
+    speedup = ratio(_median(eager), _median(case))
+    targets = {}
+    if shape in ALL_STEPS_TARGET_SHAPES and mode in CPU_BACKEND_VS_TORCH:
+        least = CPU_BACKEND_VS_TORCH[mode]
+        name = "forward" if mode == "forward" else "forward+backward"
+        targets[f"{name} >= {least}x torch backend"] = _target(
+            f">= {least}", ratio(_median(chunked), _median(case)), lambda x: x >= least)
+        if (mode, shape) in CPU_BACKEND_VS_EAGER:
+            least_eager = CPU_BACKEND_VS_EAGER[mode, shape]
+            targets[f"{name} >= {least_eager}x eager"] = _target(f">= {least_eager}", speedup,
+                                                                 lambda x: x >= least_eager)
+        targets["peak memory <= torch backend's"] = _target("<= 1", ratio(_peak(case), _peak(chunked)),
+                                                            lambda x: x <= 1)
+    if mode == "prepared_step" and shape in CPU_BACKEND_STEP_SHAPES:
+        targets[f"prepared step >= {CPU_BACKEND_STEP_VS_EAGER}x eager"] = _target(
+            f">= {CPU_BACKEND_STEP_VS_EAGER}", speedup, lambda x: x >= CPU_BACKEND_STEP_VS_EAGER)
+    if shape == "long" and mode == "forward":
+        fraction = (case.get("throughput") or {}).get("cpu_limit_fraction")
+        targets[f">= {CPU_BACKEND_LIMIT_FRACTION:.0%} of CPU limit"] = _target(
+            f">= {CPU_BACKEND_LIMIT_FRACTION}", fraction, lambda x: x >= CPU_BACKEND_LIMIT_FRACTION)
+    return targets
 
 
 def case_targets(case: dict, group: dict[str, dict], device_type: str) -> dict:
@@ -45,6 +94,8 @@ def case_targets(case: dict, group: dict[str, dict], device_type: str) -> dict:
     speedup = ratio(_median(eager), _median(case))
     memory_share = ratio(_peak(case), _peak(eager))
     targets = {}
+    if device_type == "cpu" and case["backend"] == "cpu":
+        targets.update(cpu_backend_targets(case, group))
     if (device_type == "cpu" and case["backend"] == "torch" and shape in ALL_STEPS_TARGET_SHAPES
             and mode in ("forward", "forward_backward")):
         if mode == "forward":
@@ -56,7 +107,7 @@ def case_targets(case: dict, group: dict[str, dict], device_type: str) -> dict:
                 ">= 1", ratio(_median(compiled), _median(case)), lambda x: x >= 1)
         targets["peak memory <= 1/50 of eager"] = _target("<= 0.02", memory_share, lambda x: x <= 0.02)
     if device_type == "cuda" and case["backend"] == "triton":
-        single_step = mode == "decode_step" or case["sizes"]["T"] == 1
+        single_step = mode in ("decode_step", "prepared_step") or case["sizes"]["T"] == 1
         if single_step:
             targets["decode step >= 3x eager"] = _target(">= 3", speedup, lambda x: x >= 3)
         elif mode == "forward":
