@@ -1,9 +1,11 @@
 """pytest-benchmark suite of the Seq2Seq model: training step, greedy decoding and beam search, per attention
-backend and decoder (`attn_fast.tools.bench.model_bench`; the "date"-size model by default, "nmt" with --bench-full).
+backend and decoder (`attn_fast.tools.bench.model_bench`; the "date"-size model by default, "nmt" with --bench-full),
+every layer backend that runs here (the fused "cpu" one included).
 Each model's teacher-forced logits are checked against float64 with the reference backend before it is timed."""
 import pytest
 import torch
 
+from attn_fast.tools.bench.cases import backends_for
 from attn_fast.tools.bench.model_bench import (
     DECODERS,
     MODEL_CONFIGS,
@@ -16,13 +18,10 @@ from attn_fast.tools.bench.model_bench import (
 
 
 def _backends():
-    backends = ["reference", "torch"]
-    if torch.cuda.is_available():
-        from attn_fast.functional import triton_usable
-
-        if triton_usable(torch.device("cuda")):
-            backends.append("triton")
-    return backends
+    """The layer's backends that run on this machine's bench device (the fused "cpu" one on CPU when numba imports,
+    Triton on a usable GPU); torch.compile(reference) is an op-level baseline only."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return [backend for backend in backends_for(device) if backend != "compile"]
 
 
 @pytest.fixture

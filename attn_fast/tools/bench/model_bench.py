@@ -12,8 +12,9 @@ model whose EOS logit is pushed to -1e4, so every sentence is decoded to exactly
 same for every backend and run (an untrained model would otherwise stop at random steps). Beam search shares the
 encoder memory across beams (`index`), as `Seq2Seq.beam_search` does.
 
-Backends are those of the `AdditiveAttention` layer: "reference" (eager), "torch" and, on CUDA, "triton";
-torch.compile(reference) is an op-level comparison only (the layer has no such backend).
+Backends are those of the `AdditiveAttention` layer that run on the device (`cases.backends_for`): "reference"
+(eager), "torch", on CPU the fused "cpu" kernels (when numba imports) and on CUDA "triton"; torch.compile(reference)
+is an op-level comparison only (the layer has no such backend).
 
 Correct before timed: each (backend, decoder) model's teacher-forced logits are compared with the same weights in
 float64 with the reference backend (relative error <= the fp32 forward tolerance times `MODEL_TOLERANCE_FACTOR`,
