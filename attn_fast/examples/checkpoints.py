@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -92,13 +93,19 @@ def load_checkpoint(path: str | os.PathLike, expected_task: str, *, for_resume: 
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty (0 bytes), not a checkpoint")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # (raised by a pickle that torch.save did not write, before the failure this function reports)
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as error:
         raise UserError(f"{path}: cannot read it ({error.strerror})") from error
     except Exception as error:
         # torch.load fails on a damaged file with RuntimeError, EOFError, KeyError, OSError (EINVAL) or
         # UnpicklingError, depending on where the bytes end and what they hold.
-        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        text = str(error).strip()
+        # the first sentence of torch's message; KeyError's and EOFError's texts say nothing (a byte value, "")
+        reason = (type(error).__name__ if isinstance(error, (KeyError, EOFError)) or not text
+                  else text.splitlines()[0].split(". ")[0][:160])
         raise UserError(f"{path} is not a readable checkpoint: truncated or damaged, or not written by torch.save "
                         f"({reason})") from error
     if not isinstance(checkpoint, dict) or "format" not in checkpoint:

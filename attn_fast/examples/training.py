@@ -2,9 +2,9 @@
 a `Task` (data, model, loss, validation scores) and hand it to `run_training`.
 
     config.validate(files=True)                         # config: a RunConfig; every value, before any work
+    checkpoint = load_checkpoint(config.resume, "train", for_resume=True) if config.resume else None
+    config = resumed_config(config, checkpoint)         # the model fields the run really has
     with claim_out_dir(config):                         # lock, refuse to overwrite, clean up (see below)
-        checkpoint = load_checkpoint(config.resume, "train", for_resume=True) if config.resume else None
-        config = resumed_config(config, checkpoint)     # the model fields the run really has
         run = run_training(config, task, checkpoint)    # task: built from the same config and checkpoint
 
 One run, in order:

@@ -175,9 +175,9 @@ def train(config: CaptionTrainConfig) -> CaptionTrainResult:
     checkpoint, an output directory in use or holding another run: a `UserError` before any work. When resuming,
     the model fields, image size included, are the checkpoint's (`resumed_config`)."""
     config.validate(files=True)
+    checkpoint = checkpoints.load_checkpoint(config.resume, TASK_NAME, for_resume=True) if config.resume else None
+    config = resumed_config(config, checkpoint)
     with claim_out_dir(config):
-        checkpoint = checkpoints.load_checkpoint(config.resume, TASK_NAME, for_resume=True) if config.resume else None
-        config = resumed_config(config, checkpoint)
         task = CaptionTask(config, checkpoint)
         run = run_training(config, task, checkpoint)
     return CaptionTrainResult(**vars(run), vocab=task.vocab)

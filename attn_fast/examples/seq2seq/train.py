@@ -176,9 +176,9 @@ def train(config: TrainConfig) -> TrainResult:
     value, a missing file, a foreign or damaged --resume checkpoint, an output directory in use or holding another
     run: a `UserError` before any work."""
     config.validate(files=True)
+    checkpoint = checkpoints.load_checkpoint(config.resume, TASK_NAME, for_resume=True) if config.resume else None
+    config = resumed_config(config, checkpoint)
     with claim_out_dir(config):
-        checkpoint = checkpoints.load_checkpoint(config.resume, TASK_NAME, for_resume=True) if config.resume else None
-        config = resumed_config(config, checkpoint)
         task = Seq2SeqTask(config, checkpoint)
         run = run_training(config, task, checkpoint)
     return TrainResult(**vars(run), src_vocab=task.src_vocab, tgt_vocab=task.tgt_vocab)
