@@ -65,7 +65,8 @@ def attend(call) -> tuple[torch.Tensor, torch.Tensor | None]:
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     unnormalized = torch.exp(scores - row_max)
     row_sum = unnormalized.sum(dim=-1, keepdim=True)
-    weights = unnormalized / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # (== 0, not > 0: a NaN row sum, from a NaN score the row sees, must stay NaN in every weight of the row)
+    weights = unnormalized / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)
 
     # context[b, i] = sum over visible j of weights[b, i, j] * value[b, j]. weights @ value would multiply a hidden
     # key's value by 0, which is NaN for a NaN or inf value: when the values are not all finite (or cannot be read:
@@ -73,6 +74,8 @@ def attend(call) -> tuple[torch.Tensor, torch.Tensor | None]:
     if can_read_values(value) and bool(torch.isfinite(value).all()):
         context = weights @ value  # [B, T, D]
     else:
-        context = (weights[..., None] * value[:, None, :, :]).masked_fill(~visible[..., None], 0.0).sum(dim=2)
+        # (value masked before the product: masking the product would still send 0 * NaN back to the weights)
+        visible_values = value[:, None, :, :].masked_fill(~visible[..., None], 0.0)  # [B, T, S, D]
+        context = (weights[..., None] * visible_values).sum(dim=2)
     # The weights returned are a copy: editing them in place must not touch what autograd saved.
     return context, (weights.clone() if call.need_weights else None)
