@@ -21,28 +21,9 @@ from attn_fast import additive_attention
 from attn_fast.backends import common
 from attn_fast.masking import visible_keys
 from attn_fast.tolerances import forward_tolerance, gradient_tolerance, relative_error
-from attn_fast.validation import BACKENDS
+from tests.backend_cases import RUN_BACKENDS, backend_device
 
 B, T, S, A, D = 2, 3, 5, 4, 3
-RUN_BACKENDS = [name for name in BACKENDS if name != "auto"]
-
-
-def backend_device(backend: str, triton_device: torch.device) -> torch.device:
-    """Where `backend` runs in this process, or a clean skip when it cannot run here."""
-    from attn_fast.functional import triton_unusable_reason
-
-    if backend == "triton":
-        reason = triton_unusable_reason(triton_device)
-        if reason is not None:
-            pytest.skip(f"triton backend unavailable: {reason}")
-        return triton_device
-    if backend == "cpu":
-        from attn_fast.functional import cpu_unusable_reason
-
-        reason = cpu_unusable_reason(torch.device("cpu"))
-        if reason is not None:
-            pytest.skip(f"cpu backend unavailable: {reason}")
-    return torch.device("cpu")
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ stay finite, which is checked per call.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -383,7 +384,10 @@ def _autograd_backward(ctx, grad_context, grad_probs):
     query_proj, key_proj, value, v, extra_key_term, index, probs, key_lengths = ctx.saved_tensors
     # backward() may be called inside the caller's torch.autocast: the gradients are computed in the dtypes the
     # forward saved, never re-cast (the forward ran with autocast off too, attn_fast.functional).
-    with torch.autocast(query_proj.device.type, enabled=False):
+    # (Meta tensors have no autocast to turn off: torch.autocast("meta") is an error.)
+    no_autocast = (contextlib.nullcontext() if query_proj.device.type == "meta"
+                   else torch.autocast(query_proj.device.type, enabled=False))
+    with no_autocast:
         grads = _backward_op(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, index, probs,
                              *ctx.options, key_lengths)
     if extra_key_term is None:
