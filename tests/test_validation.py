@@ -109,7 +109,9 @@ def test_bad_extra_key_term(inputs):
         call(inputs, extra_key_term=torch.zeros(2, 4, 6))
 
 
-@pytest.mark.parametrize("bad, shown", [(1, "int"), (np.bool_(True), "numpy.bool"), (torch.tensor(True), "torch.Tensor")])
+@pytest.mark.parametrize("bad, shown", [
+    (1, "int"), (np.bool_(True), "numpy.bool"), (torch.tensor(True), "torch.Tensor"),
+])
 @pytest.mark.parametrize("name", ["causal", "need_weights"])
 def test_flags_must_be_bool(inputs, name, bad, shown):
     # A numpy.bool_'s __name__ is "bool" too: the message names its module, never "must be a bool, got bool".
