@@ -228,3 +228,43 @@ def test_checkpoint_round_trip_through_coquis_decoder():
         actual = model(inputs, frames, mask)
     for got, want in zip(actual, expected):
         assert relative_error(got, want) <= forward_tolerance(torch.float32)
+
+
+class AttentionStep(nn.Module):
+    """One step of a (swapped) OriginalAttention, its state as inputs and outputs."""
+
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, query, inputs, mask, attention_weights, attention_weights_cum):
+        self.attention.attention_weights = attention_weights
+        self.attention.attention_weights_cum = attention_weights_cum.clone()  # forward adds to it in place
+        context = self.attention(query, inputs, self.attention.preprocess_inputs(inputs), mask)
+        return context, self.attention.attention_weights, self.attention.attention_weights_cum
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxscript", "onnxruntime")),
+                    reason="needs the export extra: pip install onnx onnxscript onnxruntime")
+@pytest.mark.slow  # torch.export + ONNX export: ~20 s on 2 busy cores
+def test_onnx_export_of_a_swapped_attention_step():
+    import onnxruntime
+
+    from attn_fast.export import export_onnx
+
+    model = nn.ModuleDict({"attention": original_attention()})
+    swap_attention(model, backend="torch")
+    step = AttentionStep(model["attention"]).eval()
+    previous = torch.rand(3, 9).softmax(-1)
+    inputs = (torch.randn(3, QUERY_DIM), torch.randn(3, 9, EMBEDDING_DIM),
+              torch.arange(9)[None, :] < torch.tensor([9, 0, 5])[:, None], previous, previous * 2)
+    with torch.no_grad():
+        onnx_program = export_onnx(step, inputs)
+        expected = step(*inputs)
+    session = onnxruntime.InferenceSession(onnx_program.model_proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    names = [entry.name for entry in session.get_inputs()]
+    outputs = session.run(None, {name: tensor.numpy() for name, tensor in zip(names, inputs)})
+    for got, want in zip(outputs, expected):
+        assert relative_error(torch.from_numpy(got), want) <= forward_tolerance(torch.float32)
+    assert (outputs[0][1] == 0).all() and (outputs[1][1] == 0).all()  # zeros, not NaN, in ONNX Runtime too

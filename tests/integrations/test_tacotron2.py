@@ -12,6 +12,7 @@ library's error measure and tolerance table.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import io
 
 import pytest
@@ -317,3 +318,50 @@ def test_a_module_with_more_submodules_is_left():
     model.decoder.attention_layer.extra = nn.Linear(2, 2)
     report = swap_attention(model)
     assert report.swapped == [] and "extra" in report.skipped[0].reason
+
+
+class DecodeStep(nn.Module):
+    """One step of the Decoder, its states as inputs and outputs (what a deployed decoding loop feeds back)."""
+
+    def __init__(self, decoder: Decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, decoder_input, attention_hidden, attention_cell, attention_weights, attention_weights_cum,
+                attention_context, memory, mask):
+        decoder = self.decoder
+        decoder.attention_hidden, decoder.attention_cell = attention_hidden, attention_cell
+        decoder.attention_weights, decoder.attention_context = attention_weights, attention_context
+        decoder.attention_weights_cum = attention_weights_cum.clone()  # decode adds to it in place
+        decoder.memory, decoder.mask = memory, mask
+        decoder.processed_memory = decoder.attention_layer.memory_layer(memory)
+        context, weights = decoder.decode(decoder_input)
+        return context, weights, decoder.attention_weights_cum, decoder.attention_hidden
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxscript", "onnxruntime")),
+                    reason="needs the export extra: pip install onnx onnxscript onnxruntime")
+@pytest.mark.slow  # torch.export + ONNX export of an LSTM step: ~20 s on 2 busy cores
+def test_onnx_export_of_a_swapped_decoder_step():
+    import onnxruntime
+
+    from attn_fast.export import export_onnx
+
+    model = randomized(Tacotron2())
+    swap_attention(model, backend="torch")
+    step = DecodeStep(model.decoder).eval()
+    batch, src_len = 3, 9
+    previous = torch.rand(batch, src_len).softmax(-1)
+    inputs = (torch.randn(batch, PRENET_DIM), torch.randn(batch, QUERY_DIM), torch.randn(batch, QUERY_DIM), previous,
+              previous * 2, torch.randn(batch, ENCODER_DIM), torch.randn(batch, src_len, ENCODER_DIM),
+              ~(torch.arange(src_len)[None, :] < torch.tensor([9, 0, 5])[:, None]))  # row 1: padding only
+    with torch.no_grad():
+        onnx_program = export_onnx(step, inputs)
+        expected = step(*inputs)
+    session = onnxruntime.InferenceSession(onnx_program.model_proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    names = [entry.name for entry in session.get_inputs()]
+    outputs = session.run(None, {name: tensor.numpy() for name, tensor in zip(names, inputs)})
+    for got, want in zip(outputs, expected):
+        assert relative_error(torch.from_numpy(got), want) <= forward_tolerance(torch.float32)
+    assert (outputs[1][1] == 0).all() and (outputs[0][1] == 0).all()  # zeros, not NaN, in ONNX Runtime too
