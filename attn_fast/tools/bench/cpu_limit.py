@@ -26,7 +26,6 @@ from __future__ import annotations
 import re
 import statistics
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -41,6 +40,7 @@ VECTOR_INSTRUCTIONS = ("vdivps", "vrcpps", "vrcp14ps", "vfmadd")
 REGISTER_BITS = {"xmm": 128, "ymm": 256, "zmm": 512}
 
 _KERNEL = None
+_VECTOR_REPORT = None
 
 
 def kernel_options() -> dict:
@@ -95,17 +95,15 @@ def _operands(workers: int):
 def vector_report(kernel) -> dict:
     """What the compiled loop runs on: {"instructions": {name: {"xmm"|"ymm"|"zmm": count}}, "vector_bits": the widest
     register holding packed division, reciprocal or FMA instructions (0 when the loop is scalar)}."""
-    with warnings.catch_warnings():  # numba warns that a kernel loaded from its cache has no assembly to show
-        warnings.simplefilter("ignore", UserWarning)
-        assembly = "\n".join(kernel.inspect_asm().values())
-    if not assembly.strip():
-        # Loaded from numba's on-disk cache, which keeps machine code but no assembly text: compile an uncached
-        # twin of the same function with the same options (a second or two) to read it.
+    if sum(kernel.stats.cache_hits.values()):
+        # Loaded from numba's on-disk cache, which keeps machine code but no assembly text (inspect_asm returns a
+        # placeholder and warns): compile an uncached twin of the same function with the same options (a second
+        # or two) to read it.
         import numba
 
-        twin = numba.njit(**kernel_options(), cache=False)(kernel.py_func)
-        twin(*_operands(1), 1)
-        assembly = "\n".join(twin.inspect_asm().values())
+        kernel = numba.njit(**kernel_options(), cache=False)(kernel.py_func)
+        kernel(*_operands(1), 1)
+    assembly = "\n".join(kernel.inspect_asm().values())
     instructions = {}
     for name in VECTOR_INSTRUCTIONS:
         counts = {register: len(re.findall(rf"\b{name}\w*\s+[^\n]*%{register}", assembly))
@@ -167,7 +165,10 @@ def measure_cpu_limit(thread_counts=None, *, target_s: float = 0.3) -> dict:
         kernel = _compiled_kernel()
         by_threads = {str(threads): time_limit(threads, target_s=target_s) for threads in thread_counts}
         compile_and_time_s = time.perf_counter() - start
-        vector = vector_report(kernel)
+        global _VECTOR_REPORT
+        if _VECTOR_REPORT is None:  # the same compiled loop for the whole process: read its assembly once
+            _VECTOR_REPORT = vector_report(kernel)
+        vector = _VECTOR_REPORT
     except ImportError as error:
         return {"available": False, "note": f"CPU limit not measured: numba is not importable ({error}); "
                                             "`pip install numba` to measure it"}

@@ -187,7 +187,8 @@ def _summary(records: list[dict]) -> dict:
             "targets_unmeasured": sum(t["met"] is None for t in all_targets)}
 
 
-def _thread_scaling(shapes, dtype_name: str, backends, *, target_s: float, limit: dict | None, seed: int) -> dict:
+def thread_scaling_section(shapes, dtype_name: str, backends, *, target_s: float, limit: dict | None,
+                           seed: int) -> dict:
     """The scaling section: the fused "cpu" backend at 1 thread and at the run's count, or why it is not there."""
     threads = torch.get_num_threads()
     if "cpu" not in backends:
@@ -277,7 +278,8 @@ def run_bench(*, full: bool = False, device: str | torch.device | None = None,
     if thread_scaling is None:
         thread_scaling = full
     if thread_scaling and device.type == "cpu":
-        scaling_result = _thread_scaling(shapes, dtypes[0], backends, target_s=target_s / 2, limit=limit, seed=seed)
+        scaling_result = thread_scaling_section(shapes, dtypes[0], backends, target_s=target_s / 2, limit=limit,
+                                                seed=seed)
 
     now = datetime.datetime.now(datetime.timezone.utc)
     result = {
