@@ -19,6 +19,10 @@ INTEGRATIONS_REQUIRES = [
     "ConfigArgParse", "pyonmttok", "spacy", "pyahocorasick", "rapidfuzz", "fasttext-wheel",  # onmt/__init__
 ]
 
+# ONNX export (attn_fast.export) and its tests: the dynamo exporter's packages and the runtime that checks the graphs
+# (the versions the tests were run with).
+EXPORT_REQUIRES = ["onnx>=1.23", "onnxscript>=0.7", "onnxruntime>=1.32"]
+
 setup(
     name="attn-fast",
     version="0.1.0",
@@ -47,8 +51,9 @@ setup(
         "seq2seq": EXAMPLES_REQUIRES,
         "captioning": EXAMPLES_REQUIRES,
         "bench": EXAMPLES_REQUIRES,
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff", *EXAMPLES_REQUIRES],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff", *EXAMPLES_REQUIRES, *EXPORT_REQUIRES],
         "integrations": INTEGRATIONS_REQUIRES,
+        "export": EXPORT_REQUIRES,
     },
     entry_points={"console_scripts": ["attn-fast = attn_fast.tools.cli:main"]},
 )
