@@ -53,6 +53,7 @@ def coqui_tacotron_layers():
 
 if importlib.util.find_spec("TTS") is None:
     pytest.skip("coqui-tts is not installed (pip install --no-deps coqui-tts)", allow_module_level=True)
+pytest.importorskip("scipy", reason="Coqui's attentions.py imports scipy")
 attentions, tacotron2 = coqui_tacotron_layers()
 
 
