@@ -99,16 +99,30 @@ def _forward(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_pa
             key_op = torch.mul(keys, 2.0).exp_()
     else:
         query_op, key_op = query, keys
+    values = value.to(dtype).contiguous()
+    # The context: in the kernel for a decode step, else P @ value by torch.bmm (several times faster for many
+    # steps, forward.attention_forward). A product multiplies hidden keys' values by their zero weights, which a
+    # NaN or inf value would turn into NaN: values that are not all finite take the kernel's loop, which skips them.
+    fuse_context = tgt_len == 1 or not bool(torch.isfinite(values).all())
     probs = common.empty_buffer((query_rows, tgt_len, src_len), dtype, query_proj.device)
-    context = common.empty_buffer((query_rows, tgt_len, value_dim), dtype, query_proj.device)
+    context = common.empty_buffer((query_rows, tgt_len, value_dim) if fuse_context else (0, 0, 0), dtype,
+                                  query_proj.device)
     use_torch_threads()
     forward.attention_forward(
         query_op.contiguous().numpy(), key_op.contiguous().numpy(), key_row_of.contiguous().numpy(),
-        v.to(dtype).contiguous().numpy(), value.to(dtype).contiguous().numpy(),
+        v.to(dtype).contiguous().numpy(), values.numpy(),
         all_rows.numpy() if index is None else index.contiguous().numpy(),
         key_limits(key_lengths, index, query_rows, src_len, query_proj.device).numpy(),
-        hidden_keys(key_padding_mask, index).numpy(), causal, factorized, probs.numpy(), context.numpy(),
+        hidden_keys(key_padding_mask, index).numpy(), causal, factorized, fuse_context, probs.numpy(),
+        context.numpy(),
     )
+    if fuse_context:
+        return context, probs
+    if index is None:
+        return torch.bmm(probs, values), probs
+    context = common.empty_buffer((query_rows, tgt_len, value_dim), dtype, query_proj.device)
+    for rows in common.row_blocks(query_rows, src_len, value_dim, common.DEFAULT_CHUNK_ELEMENTS):
+        torch.bmm(probs[rows], values.index_select(0, index[rows]), out=context[rows])  # memory rows, bounded
     return context, probs
 
 
@@ -151,12 +165,26 @@ def _backward(grad_context, grad_probs, query_proj, key_proj, value, v, extra_ke
     grad_scores, grad_value = common.grad_of_scores(probs, value, index, grad_context, grad_probs,
                                                     need_value_grad=True)
     limits = key_limits(key_lengths, index, query_rows, src_len, query_proj.device)
-    grad_query, grad_row_keys, grad_v = backward.tanh_pass_grads(
-        query.contiguous().numpy(), keys.contiguous().numpy(), None if extra is None else extra.contiguous().numpy(),
-        None if index is None else index.contiguous().numpy(), v.to(dtype).contiguous().numpy(),
-        grad_scores.contiguous().numpy(), limits.numpy(), causal, factorized, use_torch_threads(),
-    )
-    grad_query, grad_row_keys, grad_v = (torch.from_numpy(grad) for grad in (grad_query, grad_row_keys, grad_v))
+
+    def tanh_pass(query, keys, extra, factorized):
+        grads = backward.tanh_pass_grads(
+            query.contiguous().numpy(), keys.contiguous().numpy(),
+            None if extra is None else extra.contiguous().numpy(),
+            None if index is None else index.contiguous().numpy(), v.to(dtype).contiguous().numpy(),
+            grad_scores.contiguous().numpy(), limits.numpy(), causal, factorized, use_torch_threads(),
+        )
+        return tuple(torch.from_numpy(grad) for grad in grads)
+
+    grad_query, grad_row_keys, grad_v = tanh_pass(query, keys, extra, factorized)
+    # A NaN or inf input at a pair (i, j) whose dE is 0 (a key the padding mask hides: the pass skips only keys
+    # beyond key_lengths and, with causal, after the step) makes d_v non-finite through 0 * tanh'(NaN), and so does
+    # a non-finite dE. Checking the [A] d_v costs nothing; the pass is then redone with NaN -> 0 and inf -> max in
+    # copies of the inputs (direct form), which leaves only the NaN a row's own visible inputs put in its dE (as the
+    # torch backend does, README "NaN and inf").
+    if not bool(torch.isfinite(grad_v).all()):
+        grad_query, grad_row_keys, grad_v = tanh_pass(
+            torch.nan_to_num(query, nan=0.0), torch.nan_to_num(keys, nan=0.0),
+            None if extra is None else torch.nan_to_num(extra, nan=0.0), False)
     grad_extra = None
     if index is None:
         grad_keys = grad_row_keys

@@ -35,10 +35,56 @@ def is_hidden(hidden, row, step, key) -> bool:
     return hidden[row, step if hidden.shape[1] > 1 else 0, key]
 
 
+@numba.njit(inline="always", fastmath=set(FASTMATH), cache=True)
+def step_probabilities(query, key_op, key_row, v, v_sum, limit, hidden, row, step, factorized, scores):
+    """Scores of one (row, step) against its visible keys [0, limit) then, in place, their masked softmax: scores
+    [S] ends up holding P[row, step, :], 0 at hidden keys."""
+    src_len = scores.shape[0]
+    attn_dim = query.shape[0]
+    zero = v.dtype.type(0.0)
+    one = v.dtype.type(1.0)
+    two = v.dtype.type(2.0)
+    # A NaN score fails every comparison, so it never becomes the maximum; it turns the whole row into NaN through
+    # exp below, as the reference's softmax does.
+    row_max = -np.inf
+    for key in range(src_len):
+        if key >= limit or is_hidden(hidden, row, step, key):
+            scores[key] = zero
+            continue
+        keys = key_op[key_row, key]
+        total = zero
+        if factorized:
+            for a in range(attn_dim):
+                total += v[a] / (one + query[a] * keys[a])
+            score = v_sum - two * total
+        else:
+            for a in range(attn_dim):
+                total += v[a] * math.tanh(query[a] + keys[a])
+            score = total
+        scores[key] = score
+        if score > row_max:
+            row_max = score
+    # As common.masked_softmax_: an infinite maximum (all visible scores -inf, or one +inf) is replaced by 0, and a
+    # zero sum (no visible key) by 1, so that an empty row gets zero weights instead of NaN.
+    if not math.isfinite(row_max):
+        row_max = zero
+    total_weight = zero
+    for key in range(limit):
+        if not is_hidden(hidden, row, step, key):
+            weight = math.exp(scores[key] - row_max)
+            scores[key] = weight
+            total_weight += weight
+    if total_weight == zero:
+        total_weight = one
+    for key in range(limit):
+        scores[key] = scores[key] / total_weight
+
+
 @numba.njit(parallel=True, fastmath=set(FASTMATH), cache=True)
 def attention_forward(query_op, key_op, key_row_of, v, value, value_row_of, key_limits, hidden, causal, factorized,
-                      probs, context):
-    """Fill probs P [B_q, T, S] and context [B_q, T, D] (both in the compute dtype, every element written).
+                      fuse_context, probs, context):
+    """Fill probs P [B_q, T, S] and, with `fuse_context`, context [B_q, T, D] (both in the compute dtype, every
+    element written).
 
     query_op [B_q, T, A]: e^{2 query_proj} (factorized) or query_proj (direct).
     key_op [B_k, S, A]: e^{2 key} (factorized) or the keys (direct); key row key_row_of[b] (int64 [B_q]) serves
@@ -47,13 +93,16 @@ def attention_forward(query_op, key_op, key_row_of, v, value, value_row_of, key_
     key_limits int64 [B_q]: keys j >= key_limits[b] are hidden (key_lengths through `index`, else S).
     hidden bool [B_q, 1 or T, S] (True = hidden) or [0, 1, 1] for none; causal: keys j > i are hidden.
     All float arrays share one dtype (float32 or float64) and are C-contiguous.
+
+    Work items: (query row, step), in parallel. The fused context reads the whole [S, D] value row once per step:
+    right for a decode step (T = 1: a matrix-vector product anyway, and no gather of the memory rows), several
+    times slower than a batched matrix product for many steps (benchmarks/NOTES.md), where the caller leaves it
+    to `torch.bmm` on P.
     """
     rows, steps, attn_dim = query_op.shape
     src_len = key_op.shape[1]
     value_dim = value.shape[2]
     zero = v.dtype.type(0.0)
-    one = v.dtype.type(1.0)
-    two = v.dtype.type(2.0)
     v_sum = zero
     for a in range(attn_dim):
         v_sum += v[a]
@@ -63,48 +112,19 @@ def attention_forward(query_op, key_op, key_row_of, v, value, value_row_of, key_
         limit = min(key_limits[row], src_len)
         if causal:
             limit = min(limit, step + 1)
-        key_row = key_row_of[row]
-        query = query_op[row, step]
         scores = probs[row, step]
-        # Scores of the visible keys, and their maximum. A NaN score fails every comparison, so it never becomes
-        # the maximum; it turns the whole row into NaN through exp below, as the reference's softmax does.
-        row_max = -np.inf
-        for key in range(src_len):
-            if key >= limit or is_hidden(hidden, row, step, key):
-                scores[key] = zero
-                continue
-            keys = key_op[key_row, key]
-            total = zero
-            if factorized:
-                for a in range(attn_dim):
-                    total += v[a] / (one + query[a] * keys[a])
-                score = v_sum - two * total
-            else:
-                for a in range(attn_dim):
-                    total += v[a] * math.tanh(query[a] + keys[a])
-                score = total
-            scores[key] = score
-            if score > row_max:
-                row_max = score
-        # As common.masked_softmax_: an infinite maximum (all visible scores -inf, or one +inf) is replaced by 0,
-        # and a zero sum (no visible key) by 1, so that an empty row gets zero weights instead of NaN.
-        if not math.isfinite(row_max):
-            row_max = zero
-        total_weight = zero
-        for key in range(limit):
-            if not is_hidden(hidden, row, step, key):
-                weight = math.exp(scores[key] - row_max)
-                scores[key] = weight
-                total_weight += weight
-        if total_weight == zero:
-            total_weight = one
+        step_probabilities(query_op[row, step], key_op, key_row_of[row], v, v_sum, limit, hidden, row, step,
+                           factorized, scores)
+        if not fuse_context:
+            continue
         out = context[row, step]
         for d in range(value_dim):
             out[d] = zero
         values = value[value_row_of[row]]
         for key in range(limit):
+            # A key hidden from the step is skipped, never multiplied by its zero weight: a NaN or inf value there
+            # must not reach the step.
             if not is_hidden(hidden, row, step, key):
-                weight = scores[key] / total_weight
-                scores[key] = weight
+                weight = scores[key]
                 for d in range(value_dim):
                     out[d] += weight * values[key, d]
