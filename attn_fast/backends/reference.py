@@ -70,8 +70,9 @@ def attend(call) -> tuple[torch.Tensor, torch.Tensor | None]:
 
     # context[b, i] = sum over visible j of weights[b, i, j] * value[b, j]. weights @ value would multiply a hidden
     # key's value by 0, which is NaN for a NaN or inf value: when the values are not all finite (or cannot be read:
-    # meta tensors, compiling), each row reads them through its own visibility ([B, T, S, D]) instead.
-    if can_read_values(value) and bool(torch.isfinite(value).all()):
+    # meta tensors, compiling), each row reads them through its own visibility ([B, T, S, D]) instead. A decode
+    # step against a memory from `precompute` (call.check_values False) reads nothing: its hidden keys hold zeros.
+    if not call.check_values or (can_read_values(value) and bool(torch.isfinite(value).all())):
         context = weights @ value  # [B, T, D]
     else:
         # (value masked before the product: masking the product would still send 0 * NaN back to the weights)

@@ -112,7 +112,7 @@ def test_loading_eager_weights_gives_the_same_outputs(normalize):
 
 def test_load_eager_weights_checks_shapes():
     layer = make_layer()
-    with pytest.raises(ValueError, match=r"key_weight must have shape \[11, 9\], got \(11, 8\)"):
+    with pytest.raises(ValueError, match=r"key_weight must have shape \[11, 9\], got \[11, 8\]"):
         layer.load_eager_weights(query_weight=torch.zeros(ATTN_DIM, QUERY_DIM), key_weight=torch.zeros(ATTN_DIM, 8),
                                  v=torch.zeros(ATTN_DIM))
 
