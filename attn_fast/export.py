@@ -12,7 +12,8 @@ ops (tanh scores, the masks, the zero-safe masked softmax, the weighted values),
     onnx_program = torch.onnx.export(exported, args, dynamo=True)
 
 gives a graph that ONNX Runtime runs. Only the exported graph changes; eager and compiled calls keep the fused
-kernels.
+kernels. `register_onnx_decompositions()` (opt-in) lets a plain `torch.onnx.export(model, args, dynamo=True)` find
+the decompositions itself.
 
 What the decomposition computes, and what it costs:
 - The reference formula (`attn_fast.backends.reference`, the oracle of every test), in the backend's compute dtype
@@ -33,11 +34,14 @@ from collections.abc import Callable
 
 import torch
 
-from attn_fast.backends import reference
+# The CPU backend's op is registered when its module is imported, which dispatch does lazily (its numba kernels
+# are compiled on first use, not on import): imported here so that `decompositions()` always covers it.
+from attn_fast.backends import cpu_backend, reference  # noqa: F401
 from attn_fast.backends.common import compute_dtype
 from attn_fast.validation import AttentionCall
 
-__all__ = ["FORWARD_OPS", "decompose", "decompositions", "export_onnx", "exact_attention"]
+__all__ = ["FORWARD_OPS", "decompose", "decompositions", "exact_attention", "export_onnx",
+           "register_onnx_decompositions"]
 
 #: The forward ops of the backends, by name in the `attn_fast` op namespace. Each takes the call flat
 #: (`AttentionCall.op_inputs`: query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask, index,
@@ -130,3 +134,20 @@ def export_onnx(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
     """
     exported = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
     return torch.onnx.export(decompose(exported), tuple(args), kwargs=kwargs, dynamo=True, **onnx_options)
+
+
+def register_onnx_decompositions() -> None:
+    """Opt-in: add `decompositions()` to the table PyTorch's ONNX exporter draws its decompositions from, so that a
+    plain `torch.onnx.export(model, args, dynamo=True)` of a model that uses attn-fast gives standard ONNX ops.
+
+    That table, `torch._decomp.decomposition_table`, is private to PyTorch (checked with torch 2.13, whose ONNX
+    exporter builds its table from it and `torch.export.default_decompositions()`); `torch.export`'s own defaults
+    and `torch.compile` select their decompositions by op lists and do not take ours from it. Registering twice
+    is harmless. Prefer `export_onnx` or `decompose`, which touch no global state; call this once before the
+    export, after the backends your model uses have run once (the Triton op exists only after its first use).
+    """
+    table = getattr(torch._decomp, "decomposition_table", None)
+    if not isinstance(table, dict):
+        raise RuntimeError("this PyTorch has no torch._decomp.decomposition_table: use attn_fast.export.export_onnx "
+                           "or attn_fast.export.decompose instead")
+    table.update(decompositions())

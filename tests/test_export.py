@@ -203,3 +203,21 @@ def test_onnx_of_a_location_sensitive_beam_step():
         expected = model(*inputs)
     for got, want in zip(run_onnx(onnx_program, inputs), expected):
         assert relative_error(got, want) <= forward_tolerance(torch.float32)
+
+
+@needs_onnx
+@pytest.mark.slow  # an ONNX export: ~10 s on 2 busy cores
+def test_plain_torch_onnx_export_after_registering_the_decompositions():
+    """register_onnx_decompositions(): torch.onnx.export(model, dynamo=True) of the model itself, no decompose."""
+    from attn_fast.export import register_onnx_decompositions
+
+    register_onnx_decompositions()
+    register_onnx_decompositions()  # twice is harmless
+    model = Attend("torch").eval()
+    inputs = (torch.randn(2, 3, 6), torch.randn(2, 5, 5), torch.tensor([5, 2]), torch.rand(2, 3, 5) < 0.2)
+    onnx_program = torch.onnx.export(model, inputs, dynamo=True)
+    assert {node.op_type for node in onnx_program.model_proto.graph.node} >= {"Tanh", "Exp"}
+    with torch.no_grad():
+        expected = model(*inputs)
+    for got, want in zip(run_onnx(onnx_program, inputs), expected):
+        assert relative_error(got, want) <= forward_tolerance(torch.float32)
