@@ -22,11 +22,12 @@ from attn_fast.integrations.registry import (
     adapt,
     register_adapter,
     registered_adapters,
+    unregister_adapter,
 )
 from attn_fast.validation import check_backend
 
 __all__ = ["Skipped", "SwapReport", "Swapped", "register_adapter", "registered_adapters", "replacement_for",
-           "swap_attention"]
+           "swap_attention", "unregister_adapter"]
 
 #: The modules that register the built-in adapters when imported, in the order their adapters are tried.
 BUILTIN_ADAPTER_MODULES = ("speechbrain", "opennmt", "tacotron2", "coqui")

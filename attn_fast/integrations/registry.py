@@ -109,6 +109,15 @@ def register_adapter(framework: str, adapter: Adapter) -> None:
     _ADAPTERS.append(RegisteredAdapter(framework, adapter, _accepts_backend(adapter)))
 
 
+def unregister_adapter(adapter: Adapter) -> bool:
+    """Remove `adapter` from the registry; False when it was not registered."""
+    for position, entry in enumerate(_ADAPTERS):
+        if entry.adapter is adapter:
+            del _ADAPTERS[position]
+            return True
+    return False
+
+
 def registered_adapters() -> tuple[RegisteredAdapter, ...]:
     """The registry, in the order the adapters are tried."""
     return tuple(_ADAPTERS)
