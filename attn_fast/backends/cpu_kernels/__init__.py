@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 import os
 
+import torch
+
 #: LLVM fast-math flags of every kernel (see the module docstring for why not "fast").
 FASTMATH = frozenset({"contract", "reassoc", "arcp", "nsz"})
 
@@ -30,9 +32,14 @@ FASTMATH = frozenset({"contract", "reassoc", "arcp", "nsz"})
 THREADING_LAYER = "workqueue"
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant instead of tracing an import
 def unavailable_reason() -> str | None:
     """Why the fused CPU kernels cannot run in this process (one line), or None when numba imports."""
+    return _probe_numba()
+
+
+@functools.cache
+def _probe_numba() -> str | None:
     try:
         import numba
     except ImportError as error:
@@ -46,7 +53,6 @@ def use_torch_threads() -> int:
     """Set numba's thread count for the next kernel launch to torch's (capped at the pool numba started with);
     returns it."""
     import numba
-    import torch
 
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
