@@ -208,3 +208,15 @@ def test_inputs_are_not_modified_and_thread_count_is_restored():
     assert numba.get_num_threads() == before
     for name, copy in copies.items():
         assert np.array_equal(getattr(problem, name), copy), name
+
+
+def test_mixed_dtypes_and_strided_arrays_are_refused():
+    problem = make_problem(np.float32)
+    with pytest.raises(TypeError, match="grad_scores"):
+        dataclasses.replace(problem, grad_scores=problem.grad_scores.astype(np.float64)).call(True, 1)
+    with pytest.raises(TypeError, match="keys"):
+        dataclasses.replace(problem, keys=np.asfortranarray(problem.keys)).call(True, 1)
+    with pytest.raises(TypeError, match="key_limits"):
+        dataclasses.replace(problem, key_limits=problem.key_limits.astype(np.int32)).call(True, 1)
+    with pytest.raises(ValueError, match="v has shape"):
+        dataclasses.replace(problem, v=problem.v[:-1].copy()).call(True, 1)

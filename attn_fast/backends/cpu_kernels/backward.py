@@ -335,6 +335,30 @@ def _tile_keys(query_rows: int, src_len: int, num_threads: int) -> int:
     return max(1, min(TILE_KEYS, src_len // tiles_wanted if tiles_wanted > 1 else TILE_KEYS))
 
 
+def _check_arrays(query, keys, extra, index, v, grad_scores, key_limits) -> None:
+    """One float dtype, C-contiguous, int64 indices, matching sizes: anything else would compile a slower
+    specialization (or read out of bounds) instead of failing."""
+    if query.dtype not in (np.float32, np.float64):
+        raise TypeError(f"query must be float32 or float64, got {query.dtype}")
+    query_rows, tgt_len, attn_dim = query.shape
+    expected = {"keys": (None, None, attn_dim), "extra": (query_rows, keys.shape[1], attn_dim), "v": (attn_dim,),
+                "grad_scores": (query_rows, tgt_len, keys.shape[1])}
+    for name, array in (("keys", keys), ("extra", extra), ("v", v), ("grad_scores", grad_scores)):
+        if array is None:
+            continue
+        if array.dtype != query.dtype or not array.flags.c_contiguous:
+            raise TypeError(f"{name} must be C-contiguous {query.dtype}, got {array.dtype}"
+                            f"{'' if array.flags.c_contiguous else ' (not C-contiguous)'}")
+        shape = expected[name]
+        if len(array.shape) != len(shape) or any(want not in (None, got) for want, got in zip(shape, array.shape)):
+            raise ValueError(f"{name} has shape {array.shape}, expected {shape} (None: any)")
+    if not query.flags.c_contiguous:
+        raise TypeError("query must be C-contiguous")
+    for name, array, length in (("index", index, query_rows), ("key_limits", key_limits, query_rows)):
+        if array is not None and (array.dtype != np.int64 or array.shape != (length,)):
+            raise TypeError(f"{name} must be int64 of shape ({length},), got {array.dtype} {array.shape}")
+
+
 def tanh_pass_grads(query, keys, extra, index, v, grad_scores, key_limits, causal, factorized, num_threads):
     """The tanh pass of the backward: (grad_query [B_q, T, A], grad_row_keys [B_q, S, A], grad_v [A]).
 
@@ -342,11 +366,16 @@ def tanh_pass_grads(query, keys, extra, index, v, grad_scores, key_limits, causa
     extra [B_q, S, A] or None, index int64 [B_q] or None (the memory row of each query row; None: row b reads
     keys[b]), v [A], grad_scores dE [B_q, T, S], key_limits int64 [B_q] (keys j >= key_limits[b] are skipped: the
     caller guarantees dE = 0 there). `causal` skips j > i. `factorized` takes the e^{2q} e^{2k} form, valid while
-    every |q| and |k| (keys + extra) stays within common.EXP_SAFE_MAGNITUDE; else the direct tanh. Runs on
-    `num_threads` numba threads (the previous count is restored). Returns new arrays in the input dtype,
-    accumulated in it (grad_v through float64 partials). grad_row_keys is per query row: the caller sums it into
-    memory rows through `index`.
+    every |q| and |k| (keys + extra) stays within common.EXP_SAFE_MAGNITUDE; else the direct tanh.
+
+    Runs on `num_threads` numba threads (at most numba.config.NUMBA_NUM_THREADS; the previous count is restored);
+    the result is bit-identical on repeat for one thread count. Returns new arrays in the input dtype, accumulated
+    in it (grad_v through float64 partials). grad_row_keys is per query row: the caller sums it into memory rows
+    through `index` (it is also the gradient of `extra`).
     """
+    _check_arrays(query, keys, extra, index, v, grad_scores, key_limits)
+    # More threads than numba started cannot run; the count used decides the summation order (and so the bits).
+    num_threads = max(1, min(int(num_threads), numba.config.NUMBA_NUM_THREADS))
     dtype = query.dtype
     query_rows, tgt_len, attn_dim = query.shape
     src_len = keys.shape[1]
