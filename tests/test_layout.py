@@ -20,7 +20,8 @@ RINGS = (
     ("attn_fast.examples",),
     ("attn_fast.tools",),
 )
-BACKENDS = ("attn_fast.backends.reference", "attn_fast.backends.torch_backend", "attn_fast.backends.triton_backend")
+BACKENDS = ("attn_fast.backends.reference", "attn_fast.backends.torch_backend", "attn_fast.backends.triton_backend",
+            "attn_fast.backends.cpu_backend")
 
 
 def ring_of(module: str) -> int:
