@@ -1,6 +1,7 @@
 """The captioning trainer and metrics: the grounding score on hand-made cases, a short run that beats chance (exact
 match, BLEU and grounding against baselines computed from the data), checkpoints that round-trip to identical
-captions and attention, stop + resume equal to an uninterrupted run, and a 2-process run (the shared loop's
+captions and attention, stop + resume equal to an uninterrupted run (and at the checkpoint's image size whatever the
+config says), config values checked on construction, and a 2-process run (the shared loop's
 DistributedDataParallel) that keeps both ranks' weights identical."""
 import os
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from attn_fast.examples.captioning.data import Scene, Shape, make_scene_splits, render_images
 from attn_fast.examples.captioning.metrics import box_coverage, grounding_score, mass_in_box
 from attn_fast.examples.captioning.train import CaptionTrainConfig, caption_images, evaluate, load_checkpoint, train
+from attn_fast.examples.errors import UserError
 from attn_fast.examples.metrics import bleu, exact_match
 
 TINY = dict(image_size=48, embed_dim=16, hidden_dim=48, attn_dim=24, channels=32, attention_backend="torch",
@@ -163,3 +165,29 @@ def test_two_process_gloo_run_keeps_identical_weights(tmp_path):
         assert torch.equal(weight, ranks[1]["state"][name]), name
     checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert checkpoint["world_size"] == 2 and checkpoint["step"] == 4
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("image_size", 16, "--image-size must be a multiple of 8 and at least 48 .*got 16"),
+    ("image_size", 52, "--image-size must be a multiple of 8"),
+    ("channels", 1, "--channels must be an integer >= 2"),
+    ("initial_state", "random", "--initial-state must be one of zeros, mean"),
+    ("attention_reg", -0.1, "--attention-reg must be a number >= 0"),
+    ("batch_size", 0, "--batch-size must be a positive integer"),
+])
+def test_config_values_are_checked_on_construction(field, value, message):
+    with pytest.raises(UserError, match=message):
+        CaptionTrainConfig(**{field: value})
+
+
+def test_resume_trains_and_records_the_checkpoints_image_size(tmp_path):
+    # The model's image size is the checkpoint's, so the scenes must be rendered at it too: a resume given another
+    # --image-size trains on 48-pixel scenes and says so in train_config.
+    common = dict(train_size=16, valid_size=4, batch_size=8, **dict(TINY, channels=8, hidden_dim=16))
+    first = train(CaptionTrainConfig(max_steps=1, out_dir=str(tmp_path), **common))
+    resumed = train(CaptionTrainConfig(max_steps=2, out_dir=str(tmp_path), resume=first.last_checkpoint,
+                                       **dict(common, image_size=64, channels=16)))
+    saved = torch.load(resumed.last_checkpoint, weights_only=True)
+    assert saved["step"] == 2 and resumed.model.encoder.image_size == 48
+    assert saved["train_config"]["image_size"] == saved["model_config"]["image_size"] == 48
+    assert saved["train_config"]["channels"] == saved["model_config"]["channels"] == 8

@@ -1,13 +1,16 @@
 """The Seq2Seq trainer: a short run on the date task beats a frequency baseline computed from the data, checkpoints
-round-trip to identical greedy outputs, stop + resume equals an uninterrupted run bit for bit, checkpoint writes are
-atomic, and `attn-fast train` runs from the command line."""
+round-trip to identical greedy outputs, stop + resume equals an uninterrupted run bit for bit (and records the model
+it really resumed), checkpoint writes are atomic, checkpoint reads refuse damaged and foreign files by name, config
+values are checked before any work, and `attn-fast train` runs from the command line."""
 import os
 from collections import Counter
 
 import pytest
 import torch
 
-from attn_fast.examples.checkpoints import save_checkpoint
+from attn_fast.examples import checkpoints
+from attn_fast.examples.checkpoints import CHECKPOINT_TASKS, save_checkpoint
+from attn_fast.examples.errors import UserError
 from attn_fast.examples.metrics import character_accuracy
 from attn_fast.examples.seq2seq import build_vocabs, make_date_splits, read_tsv
 from attn_fast.examples.seq2seq.train import TrainConfig, load_checkpoint, train, translate
@@ -133,3 +136,86 @@ def test_cli_needs_both_tsv_files(tmp_path, capsys):
     assert main(["train", "--data-tsv", str(tmp_path / "train.tsv"), "--quiet"]) == 2
     assert "--valid-tsv" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("batch_size", 0, "--batch-size must be a positive integer, got 0"),
+    ("batch_size", 2.5, "--batch-size must be a positive integer, got 2.5"),
+    ("lr", float("nan"), "--lr must be a positive number, got nan"),
+    ("lr", 0.0, "--lr must be a positive number"),
+    ("hidden_dim", 0, "--hidden-dim must be a positive integer"),
+    ("dropout", 1.5, r"--dropout must be in \[0, 1\), got 1.5"),
+    ("max_steps", -1, "--max-steps must be a positive integer, got -1"),
+    ("epochs", 0, "--epochs must be a positive integer, got 0"),
+    ("time_limit", float("inf"), "--time-limit must be a positive number of seconds"),
+    ("grad_clip", -1.0, "--grad-clip must be a number >= 0"),
+    ("decoder", "luong", "--decoder must be one of bahdanau, parallel"),
+    ("attention_backend", "cuda", "--attention-backend must be one of"),
+    ("device", "gpu", "--device 'gpu' is not a torch device"),
+])
+def test_config_values_are_checked_on_construction(field, value, message):
+    with pytest.raises(UserError, match=message):
+        TrainConfig(**{field: value})
+    config = TrainConfig()
+    setattr(config, field, value)  # changed after construction: train checks again before any work
+    with pytest.raises(UserError, match=message):
+        train(config)
+
+
+def test_config_combinations_and_files_are_checked_before_any_work(tmp_path):
+    with pytest.raises(UserError, match="give both --data-tsv and --valid-tsv"):
+        TrainConfig(data_tsv="train.tsv")
+    with pytest.raises(UserError, match="--overwrite starts a new run and --resume continues one"):
+        TrainConfig(resume="last.pt", overwrite=True)
+    config = TrainConfig(data_tsv=str(tmp_path / "train.tsv"), valid_tsv=str(tmp_path / "valid.tsv"),
+                         out_dir=str(tmp_path / "run"))  # a path is only looked at when the run starts
+    with pytest.raises(UserError, match="--data-tsv .*train.tsv: no such file"):
+        train(config)
+    with pytest.raises(UserError, match="--resume .*last.pt: no such checkpoint file"):
+        train(TrainConfig(resume=str(tmp_path / "last.pt"), out_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_load_checkpoint_names_the_file_and_the_problem(tmp_path):
+    written = {"format": CHECKPOINT_TASKS["train"].format, "model_config": {}, "model": {}, "step": 1, "epoch": 0,
+               "batch_in_epoch": 1, "best_valid_exact_match": None, "valid": {}, "train_config": {},
+               "src_vocab": {}, "tgt_vocab": {}}
+    torch.save(written, tmp_path / "whole.pt")
+    assert checkpoints.load_checkpoint(tmp_path / "whole.pt", "train")["step"] == 1
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[:len(data) - 100])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({key: value for key, value in written.items() if key != "model_config"}, tmp_path / "keyless.pt")
+    torch.save(dict(written, format=CHECKPOINT_TASKS["train-captions"].format), tmp_path / "captions.pt")
+    torch.save(dict(written, format="attn-fast-seq2seq-checkpoint/9"), tmp_path / "future.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    expected = {
+        "truncated.pt": "truncated.pt is not a readable checkpoint: truncated or damaged",
+        "empty.pt": r"empty.pt is empty \(0 bytes\)",
+        "keyless.pt": "keyless.pt is a checkpoint of attn-fast train without model_config",
+        "captions.pt": "captions.pt is a checkpoint of attn-fast train-captions, not train$",
+        "future.pt": "future.pt has checkpoint format 'attn-fast-seq2seq-checkpoint/9'",
+        "list.pt": r"list.pt is not an attn-fast checkpoint \(no format entry\)",
+        "missing.pt": "missing.pt: no such checkpoint file",
+        ".": "is a directory, not a checkpoint file",
+    }
+    for name, message in expected.items():
+        with pytest.raises(UserError, match=message):
+            checkpoints.load_checkpoint(tmp_path / name, "train")
+    with pytest.raises(UserError, match="without optimizer, rng"):  # enough to evaluate, not to resume
+        checkpoints.load_checkpoint(tmp_path / "whole.pt", "train", for_resume=True)
+
+
+def test_resume_records_the_model_it_really_trains(tmp_path, capsys):
+    common = dict(train_size=64, valid_size=8, batch_size=16, **dict(TINY, quiet=False))
+    first = train(TrainConfig(max_steps=1, out_dir=str(tmp_path), **common))
+    capsys.readouterr()
+    # The architecture is the checkpoint's: --hidden-dim 64 and --decoder bahdanau cannot apply to it.
+    resumed = train(TrainConfig(max_steps=2, out_dir=str(tmp_path), resume=first.last_checkpoint,
+                                **dict(common, hidden_dim=64, decoder="bahdanau")))
+    assert "resume: the model is the checkpoint's, --decoder parallel (not bahdanau), --hidden-dim 32 (not 64)" in (
+        capsys.readouterr().err)
+    saved = torch.load(resumed.last_checkpoint, weights_only=True)
+    assert saved["step"] == 2
+    for name in ("hidden_dim", "decoder", "embed_dim"):
+        assert saved["train_config"][name] == saved["model_config"][name] == TINY.get(name, "parallel")
