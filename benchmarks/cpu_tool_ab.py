@@ -11,6 +11,8 @@ Sections:
   every tool), by each tool at the issue's shapes, 1 and 2 threads; each result checked against a float64
   computation first (max abs error of P printed); next to them the whole forward of the torch backend and of the
   "cpu" backend (scores, softmax and context), and for the decode step (e^{2k} prepared) eager's.
+- named: the issue's targets at the bench's named shapes, 2 threads: the cpu vs the torch backend's forward, and a
+  decode step through a prepared memory vs eager.
 - threading: numba's kernel alternating with a threaded torch op (a 512x512 matmul), per threading layer
   ("workqueue", "omp"), each in a fresh process: kernel time after the torch op vs alone.
 - first-call: a fresh process's import + first forward with an empty numba cache and with the cache written.
@@ -194,6 +196,50 @@ def tools_section(rounds: int) -> list[dict]:
     return [row for name, sizes in ISSUE_SHAPES.items() for row in shape_rows(name, sizes, cpp, cpp_build_s, rounds)]
 
 
+def named_section(rounds: int) -> list[dict]:
+    """The issue's targets at the bench's named shapes (attn_fast/tools/bench/shapes.py), 2 threads: forward of the
+    torch and cpu backends (all steps), and a decode step through a prepared memory (check_memory and
+    prepare_key_exp once, as precompute runs them) of both backends against eager; each checked first against the
+    float64 reference (the float64 torch backend above 4e7 tanh elements), relative error of the context printed."""
+    import attn_fast
+    from attn_fast.functional import additive_attention_on_memory, check_memory, prepare_key_exp
+    from attn_fast.tolerances import relative_error
+    from attn_fast.tools.bench.shapes import NAMED_SHAPES, make_inputs
+
+    torch.set_num_threads(2)
+    rows = []
+    for shape in NAMED_SHAPES.values():
+        for problem in ((shape,) if shape.tgt_len == 1 else (shape, shape.decode_step())):
+            case = make_inputs(problem, torch.float32, "cpu")
+            options = case.options()
+            if problem.tanh_elements <= 4e7:
+                expected, _ = attn_fast.additive_attention_reference(*(t.double() for t in case.inputs()), **options)
+            else:  # the float64 reference would hold several [B, T, S, A] float64 tensors (GBs): the torch backend
+                expected, _ = attn_fast.additive_attention(*(t.double() for t in case.inputs()), **options,
+                                                           backend="torch")
+            candidates = {}
+            if problem.tgt_len > 1:
+                for backend in ("torch", "cpu"):
+                    candidates[f"{backend}_forward"] = functools.partial(attn_fast.additive_attention,
+                                                                         *case.inputs(), **options, backend=backend)
+            else:
+                memory_options = dict(key_lengths=options["key_lengths"], key_padding_mask=None)
+                candidates["eager_reference"] = functools.partial(attn_fast.additive_attention, *case.inputs(),
+                                                                  **options, backend="reference")
+                for backend in ("torch", "cpu"):
+                    form = check_memory(case.key_proj, case.value, case.v, **memory_options)
+                    candidates[f"{backend}_prepared_step"] = functools.partial(
+                        additive_attention_on_memory, *case.inputs(), **memory_options, backend=backend,
+                        tanh_form=form, key_exp=prepare_key_exp(case.key_proj, form, backend))
+            with torch.no_grad():
+                errors = {name: relative_error(run()[0], expected) for name, run in candidates.items()}
+                medians = interleaved_medians(candidates, rounds if problem.tanh_elements < 1e8 else 3)
+            row = dict(shape=shape.name, sizes=list(problem.sizes), threads=2, ms=medians, context_error=errors)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 THREADING_PROBE = textwrap.dedent("""
     import json, os, statistics, sys, time
     import numba
@@ -264,7 +310,7 @@ def first_call_section() -> list[dict]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--section", choices=("tools", "threading", "first-call", "all"), default="all")
+    parser.add_argument("--section", choices=("tools", "named", "threading", "first-call", "all"), default="all")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/cpu-tool-ab-<UTC>.json)")
     arguments = parser.parse_args(argv)
@@ -277,6 +323,8 @@ def main(argv=None) -> None:
         results["numba"] = None
     if arguments.section in ("tools", "all"):
         results["tools"] = tools_section(arguments.rounds)
+    if arguments.section in ("named", "all"):
+        results["named"] = named_section(arguments.rounds)
     if arguments.section in ("threading", "all"):
         results["threading"] = threading_section(max(arguments.rounds, 15))
     if arguments.section in ("first-call", "all"):
