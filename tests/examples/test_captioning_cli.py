@@ -2,6 +2,10 @@
 train-captions options map to the captioning config, and each task's commands refusing the other's options."""
 import dataclasses
 import importlib
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -9,6 +13,7 @@ from attn_fast.examples.captioning.train import CaptionTrainConfig, load_checkpo
 from attn_fast.tools.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +58,35 @@ def test_caption_rejects_images_of_another_size(checkpoint, tmp_path, capsys):
     assert main(["caption", str(tmp_path / "test-000.png"), "--checkpoint", str(checkpoint)]) == 2
     assert "the model takes 48x48" in capsys.readouterr().err
     assert main(["caption", str(tmp_path / "test-000.png")]) == 2  # no checkpoint
+
+
+@pytest.mark.slow
+def test_caption_reports_bad_images_and_captions_the_rest(checkpoint, tmp_path, capsys):
+    """Through the real entry point: an unreadable and a missing image get one error line each, the good one is
+    captioned and its overlay written into a directory that did not exist; nothing else is touched."""
+    samples = tmp_path / "samples"
+    assert main(["caption", "--write-samples", str(samples), "--count", "1", "--checkpoint", str(checkpoint)]) == 0
+    capsys.readouterr()
+    good, not_png, missing = samples / "test-000.png", tmp_path / "notes.png", tmp_path / "missing.png"
+    not_png.write_text("not an image", encoding="utf-8")
+    overlay = tmp_path / "figures" / "new" / "overlay.png"
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPOSITORY), PYTHONIOENCODING="utf-8")
+    environment.pop("ATTN_FAST_DEBUG", None)
+    completed = subprocess.run([sys.executable, "-m", "attn_fast.tools.cli", "caption", str(good), str(not_png),
+                                str(missing), "--checkpoint", str(checkpoint), "--overlay", str(overlay)],
+                               capture_output=True, text=True, encoding="utf-8", cwd=REPOSITORY, env=environment,
+                               timeout=300)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("attn-fast caption: error: ")]
+    assert len(errors) == 2, completed.stderr
+    assert f"image 2: {not_png}: cannot read it as a PNG image" in errors[0]
+    assert f"image 3: {missing}: no such image file" in errors[1]
+    [line] = completed.stdout.splitlines()
+    assert line.startswith(f"{good}\t") and line.count("\t") == 1
+    figure = overlay.parent / "overlay-0.png"
+    assert figure.read_bytes()[:8] == PNG_MAGIC and sorted(overlay.parent.iterdir()) == [figure]
+    assert sorted(p.name for p in samples.iterdir()) == ["captions.tsv", "test-000.png"]
+    assert not_png.read_text(encoding="utf-8") == "not an image" and not missing.exists()
 
 
 def test_evaluate_prints_caption_scores(checkpoint, capsys):
