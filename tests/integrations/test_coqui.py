@@ -269,3 +269,22 @@ def test_onnx_export_of_a_swapped_attention_step():
     for got, want in zip(outputs, expected):
         assert relative_error(torch.from_numpy(got), want) <= forward_tolerance(torch.float32)
     assert (outputs[0][1] == 0).all() and (outputs[1][1] == 0).all()  # zeros, not NaN, in ONNX Runtime too
+
+
+def test_a_swap_in_the_middle_of_an_utterance_carries_the_state_on(float64_default):
+    original = original_attention()
+    inputs = torch.randn(2, 6, EMBEDDING_DIM)
+    mask = torch.arange(6)[None, :] < torch.tensor([6, 4])[:, None]
+    queries = torch.randn(2, 5, QUERY_DIM)
+    with torch.no_grad():
+        original.init_states(inputs)
+        processed = original.preprocess_inputs(inputs)
+        for step in range(2):
+            original(queries[:, step], inputs, processed, mask)
+        replacement = CoquiOriginalAttention(copy.deepcopy(original), backend="torch")
+        for step in range(2, 5):
+            expected = original(queries[:, step], inputs, processed, mask)
+            actual = replacement(queries[:, step], inputs, processed, mask)
+            assert relative_error(actual, expected) <= forward_tolerance(torch.float64)
+        assert relative_error(replacement.attention_weights_cum, original.attention_weights_cum) <= forward_tolerance(
+            torch.float64)

@@ -365,3 +365,10 @@ def test_onnx_export_of_a_swapped_decoder_step():
     for got, want in zip(outputs, expected):
         assert relative_error(torch.from_numpy(got), want) <= forward_tolerance(torch.float32)
     assert (outputs[1][1] == 0).all() and (outputs[0][1] == 0).all()  # zeros, not NaN, in ONNX Runtime too
+
+
+def test_other_modules_are_not_recognized_and_cannot_be_wrapped():
+    assert replacement_for(nn.Linear(3, 3)) is None
+    assert replacement_for(LocationLayer(FILTERS, KERNEL, ATTN_DIM)) is None
+    with pytest.raises(ValueError, match="not laid out as NVIDIA"):
+        Tacotron2Attention(nn.Linear(3, 3))
