@@ -217,34 +217,22 @@ def _plan_items(key_limits, tgt_len, src_len, tile_keys, causal, num_workers):
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _prepare_query(query, factorized, two):
-    """e^{2q} [B_q, T, A] for the factorized form, else the query itself."""
-    if not factorized:
-        return query
-    out = np.empty_like(query)
-    flat_in = query.reshape(-1, query.shape[2])
-    flat_out = out.reshape(-1, query.shape[2])
-    for n in numba.prange(flat_in.shape[0]):
-        for a in range(flat_in.shape[1]):
-            flat_out[n, a] = _exp(two * flat_in[n, a])
-    return out
-
-
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _tanh_pass(query_prep, keys, extra, has_extra, key_rows, v, grad_scores, causal, factorized, consts,
+def _tanh_pass(query, keys, extra, has_extra, key_rows, v, grad_scores, causal, factorized, consts,
                item_rows, item_starts, covered, worker_bounds, tile_keys,
                grad_query, grad_row_keys, query_partials, gv_partials, weight_sums):
     """The pass itself; see the module docstring. consts = [1, 2, scale] in the input dtype (scale = 4 for the
     factorized form, 1 for the direct one), so that no float64 literal widens fp32 arithmetic."""
-    query_rows, tgt_len, attn_dim = query_prep.shape
+    query_rows, tgt_len, attn_dim = query.shape
     src_len = keys.shape[1]
     num_workers = worker_bounds.shape[0] - 1
     one = consts[0]
     two = consts[1]
     scale = consts[2]
 
-    # Everything no item writes: keys past a row's coverage, and the grad_query rows of rows without items.
-    for b in numba.prange(query_rows):
+    # Everything no item writes: keys past a row's coverage, and the grad_query rows of rows without items. On the
+    # calling thread: one parallel region per call (on a busy machine each region waits for every thread to be
+    # scheduled, which cost a decode step more than its work).
+    for b in range(query_rows):
         for j in range(covered[b], src_len):
             for a in range(attn_dim):
                 grad_row_keys[b, j, a] = 0
@@ -254,10 +242,12 @@ def _tanh_pass(query_prep, keys, extra, has_extra, key_rows, v, grad_scores, cau
                     grad_query[b, i, a] = 0
 
     for w in numba.prange(num_workers):
-        key_tile = np.empty((tile_keys, attn_dim), query_prep.dtype)  # e^{2k} or k of the tile's keys
-        key_grads = np.empty((tile_keys, attn_dim), query_prep.dtype)
-        row_grads = np.empty((tgt_len, attn_dim), query_prep.dtype)  # this worker's sum over keys for its row
-        tanh_sums = np.zeros(attn_dim, query_prep.dtype)  # sum dE r (factorized) or sum dE t (direct), one item
+        dtype = query.dtype
+        key_tile = np.empty((tile_keys, attn_dim), dtype)  # e^{2k} or k of the tile's keys
+        key_grads = np.empty((tile_keys, attn_dim), dtype)
+        row_query = np.empty((tgt_len, attn_dim), dtype)  # e^{2q} or q of the worker's current row
+        row_grads = np.empty((tgt_len, attn_dim), dtype)  # this worker's sum over keys for its row
+        tanh_sums = np.zeros(attn_dim, dtype)  # sum dE r (factorized) or sum dE t (direct), one item
         weight_sum = 0.0  # sum of dE, float64
         owns_row = True
         for a in range(attn_dim):
@@ -265,9 +255,14 @@ def _tanh_pass(query_prep, keys, extra, has_extra, key_rows, v, grad_scores, cau
         first, last = worker_bounds[w], worker_bounds[w + 1]
         for item in range(first, last):
             b = item_rows[item]
-            if item == first or item_rows[item - 1] != b:
+            if item == first or item_rows[item - 1] != b:  # the worker's first item of row b
                 row_grads[:, :] = 0
                 owns_row = item_starts[item] == 0
+                # e^{2q} once per row and worker (twice only for a row split between workers); the later items of
+                # the row start at later keys, hence (causal) at later steps.
+                for i in range(item_starts[item] if causal else 0, tgt_len):
+                    for a in range(attn_dim):
+                        row_query[i, a] = _exp(two * query[b, i, a]) if factorized else query[b, i, a]
             key_start = item_starts[item]
             key_stop = min(key_start + tile_keys, covered[b])
             keys_in_tile = key_stop - key_start
@@ -281,7 +276,7 @@ def _tanh_pass(query_prep, keys, extra, has_extra, key_rows, v, grad_scores, cau
                     key_grads[jj, a] = 0
             step_start = key_start if causal else 0
             for i in range(step_start, tgt_len):
-                q_row = query_prep[b, i]
+                q_row = row_query[i]
                 g_row = row_grads[i]
                 stop = min(keys_in_tile, i + 1 - key_start) if causal else keys_in_tile
                 for jj in range(stop):
@@ -390,13 +385,12 @@ def tanh_pass_grads(query, keys, extra, index, v, grad_scores, key_limits, causa
     try:
         item_rows, item_starts, covered, worker_bounds = _plan_items(
             key_limits, tgt_len, src_len, tile_keys, causal, num_threads)
-        query_prep = _prepare_query(query, factorized, consts[1])
         grad_query = empty_output((query_rows, tgt_len, attn_dim), dtype)
         grad_row_keys = empty_output((query_rows, src_len, attn_dim), dtype)
         query_partials = empty_output((num_threads, tgt_len, attn_dim), dtype)
         gv_partials = empty_output((num_threads, attn_dim), np.float64)
         weight_sums = empty_output((num_threads,), np.float64)
-        _tanh_pass(query_prep, keys, extra_arg, has_extra, key_rows, v, grad_scores, causal, factorized, consts,
+        _tanh_pass(query, keys, extra_arg, has_extra, key_rows, v, grad_scores, causal, factorized, consts,
                    item_rows, item_starts, covered, worker_bounds, tile_keys,
                    grad_query, grad_row_keys, query_partials, gv_partials, weight_sums)
     finally:
