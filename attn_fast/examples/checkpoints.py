@@ -138,10 +138,18 @@ def model_config_of(checkpoint: dict, attention_backend: str | None = None) -> d
 
 
 def restore_model(checkpoint: dict, build_model: Callable[[dict], torch.nn.Module], device: torch.device | str,
-                  attention_backend: str | None = None) -> torch.nn.Module:
-    """The checkpoint's model, rebuilt by `build_model(model_config)` with its weights, on `device`, in eval mode."""
-    model = build_model(model_config_of(checkpoint, attention_backend))
-    model.load_state_dict(checkpoint["model"])
+                  attention_backend: str | None = None, *,
+                  path: str | os.PathLike = "the checkpoint") -> torch.nn.Module:
+    """The checkpoint's model, rebuilt by `build_model(model_config)` with its weights, on `device`, in eval mode.
+    A model_config that builds no model, or weights that do not fit it, is a `UserError` naming `path` (the file
+    is damaged or edited: `load_checkpoint` checked the rest)."""
+    try:
+        model = build_model(model_config_of(checkpoint, attention_backend))  # TypeError: unknown or missing keys
+        model.load_state_dict(checkpoint["model"])  # RuntimeError: missing, unexpected or misshapen weights
+    except (TypeError, RuntimeError) as error:
+        reason = " ".join(str(error).split())[:200] or type(error).__name__  # torch's first line says too little
+        raise UserError(f"{path}: its model_config and weights do not make a model (damaged, or written by another "
+                        f"version): {reason}") from error
     return model.to(device).eval()
 
 

@@ -341,9 +341,17 @@ def resumed_config(config: RunConfig, checkpoint: dict | None) -> RunConfig:
     """`config` with the model fields of a resumed run set to the checkpoint's (its model_config: sizes, decoder,
     dropout...; the attention backend stays the config's, a runtime choice), so that the run, its data (the
     captioner's image size) and the train_config it stores agree with the model it really trains. Prints which
-    given values were replaced (rank 0, unless quiet). `config` itself when not resuming."""
+    given values were replaced (rank 0, unless quiet). `config` itself when not resuming. A `UserError` when the
+    stopping rule leaves nothing to train (--max-steps or --epochs already reached by the checkpoint): such a run
+    would do nothing and report success."""
     if checkpoint is None:
         return config
+    if config.max_steps is not None and config.max_steps <= checkpoint["step"]:
+        raise UserError(f"--max-steps {config.max_steps}: --resume {config.resume} is already at step "
+                        f"{checkpoint['step']} (--max-steps counts the steps before the resume too)")
+    if config.max_steps is None and config.epochs <= checkpoint["epoch"]:
+        raise UserError(f"--epochs {config.epochs}: --resume {config.resume} has already done {checkpoint['epoch']} "
+                        f"epoch(s) (--epochs counts the epochs before the resume too)")
     model_fields = {f.name for f in dataclasses.fields(config)} & set(checkpoint["model_config"]) - {
         "attention_backend"}
     stored = {name: checkpoint["model_config"][name] for name in sorted(model_fields)}

@@ -206,7 +206,7 @@ def test_load_checkpoint_names_the_file_and_the_problem(tmp_path):
         checkpoints.load_checkpoint(tmp_path / "whole.pt", "train", for_resume=True)
 
 
-def test_resume_records_the_model_it_really_trains(tmp_path, capsys):
+def test_resume_records_the_model_it_really_trains_and_refuses_to_do_nothing(tmp_path, capsys):
     common = dict(train_size=64, valid_size=8, batch_size=16, **dict(TINY, quiet=False))
     first = train(TrainConfig(max_steps=1, out_dir=str(tmp_path), **common))
     capsys.readouterr()
@@ -219,3 +219,14 @@ def test_resume_records_the_model_it_really_trains(tmp_path, capsys):
     assert saved["step"] == 2
     for name in ("hidden_dim", "decoder", "embed_dim"):
         assert saved["train_config"][name] == saved["model_config"][name] == TINY.get(name, "parallel")
+
+    # A resume whose stopping rule is already met would train nothing and exit 0: refused.
+    with pytest.raises(UserError, match="--max-steps 2: --resume .*last.pt is already at step 2"):
+        train(TrainConfig(max_steps=2, out_dir=str(tmp_path), resume=resumed.last_checkpoint, **common))
+    save_checkpoint(dict(saved, epoch=1), tmp_path / "epoch-1.pt")
+    with pytest.raises(UserError, match=r"--epochs 1: --resume .*epoch-1.pt has already done 1 epoch\(s\)"):
+        train(TrainConfig(epochs=1, out_dir=str(tmp_path), resume=str(tmp_path / "epoch-1.pt"), **common))
+    # Weights that do not fit the stored model_config: named as a damaged file, not a state_dict traceback.
+    save_checkpoint(dict(saved, model_config=dict(saved["model_config"], hidden_dim=48)), tmp_path / "misfit.pt")
+    with pytest.raises(UserError, match="misfit.pt: its model_config and weights do not make a model"):
+        load_checkpoint(tmp_path / "misfit.pt")

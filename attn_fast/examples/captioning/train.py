@@ -191,7 +191,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
     checkpoint, or a device this machine lacks, is a `UserError`."""
     check_device(device)
     checkpoint = checkpoints.load_checkpoint(path, TASK_NAME)
-    model = restore_model(checkpoint, build_model, device, attention_backend)
+    model = restore_model(checkpoint, build_model, device, attention_backend, path=path)
     return model, WordVocab.from_dict(checkpoint["vocab"]), run_info(checkpoint)
 
 

@@ -193,7 +193,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
     `UserError`."""
     check_device(device)
     checkpoint = checkpoints.load_checkpoint(path, TASK_NAME)
-    model = restore_model(checkpoint, build_model, device, attention_backend)
+    model = restore_model(checkpoint, build_model, device, attention_backend, path=path)
     return (model, CharVocab.from_dict(checkpoint["src_vocab"]), CharVocab.from_dict(checkpoint["tgt_vocab"]),
             run_info(checkpoint))
 
