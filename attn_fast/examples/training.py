@@ -285,7 +285,8 @@ def claim_out_dir(config: RunConfig) -> Iterator[Path | None]:
     lock = _lock_directory(out_dir)
     try:
         for entry in out_dir.iterdir():
-            if is_stale_temporary(entry.name, CHECKPOINT_NAMES):  # the lock says no live run is writing it
+            # the lock says that no live run is writing it
+            if is_stale_temporary(entry.name, CHECKPOINT_NAMES) and entry.is_file() and not entry.is_symlink():
                 entry.unlink(missing_ok=True)
         held = sorted(entry.name for entry in out_dir.iterdir() if entry.name != LOCK_NAME)
         if held and config.resume is None:
