@@ -80,6 +80,35 @@ def step_probabilities(query, key_op, key_row, v, v_sum, limit, hidden, row, ste
         scores[key] = scores[key] / total_weight
 
 
+@numba.njit(inline="always", fastmath=set(FASTMATH), cache=True)
+def forward_item(item, query_op, key_op, key_row_of, v, v_sum, value, value_row_of, key_limits, hidden, causal,
+                 factorized, fuse_context, probs, context):
+    """One work item of `attention_forward`: P (and the context) of query row item // T, step item % T."""
+    steps = query_op.shape[1]
+    src_len = key_op.shape[1]
+    value_dim = value.shape[2]
+    row = item // steps
+    step = item - row * steps
+    limit = min(key_limits[row], src_len)
+    if causal:
+        limit = min(limit, step + 1)
+    scores = probs[row, step]
+    step_probabilities(query_op[row, step], key_op, key_row_of[row], v, v_sum, limit, hidden, row, step, factorized,
+                       scores)
+    if fuse_context:
+        out = context[row, step]
+        for d in range(value_dim):
+            out[d] = 0.0
+        values = value[value_row_of[row]]
+        for key in range(limit):
+            # A key hidden from the step is skipped, never multiplied by its zero weight: a NaN or inf value there
+            # must not reach the step.
+            if not is_hidden(hidden, row, step, key):
+                weight = scores[key]
+                for d in range(value_dim):
+                    out[d] += weight * values[key, d]
+
+
 @numba.njit(parallel=True, fastmath=set(FASTMATH), cache=True)
 def attention_forward(query_op, key_op, key_row_of, v, value, value_row_of, key_limits, hidden, causal, factorized,
                       fuse_context, probs, context):
@@ -94,37 +123,18 @@ def attention_forward(query_op, key_op, key_row_of, v, value, value_row_of, key_
     hidden bool [B_q, 1 or T, S] (True = hidden) or [0, 1, 1] for none; causal: keys j > i are hidden.
     All float arrays share one dtype (float32 or float64) and are C-contiguous.
 
-    Work items: (query row, step), in parallel. The fused context reads the whole [S, D] value row once per step:
+    Work items: (query row, step), in parallel (`forward_item`). Only loops inside a `prange` body are vectorized
+    by numba 0.68 here (the same loops in a serial njit function compile to scalar divisions, 6x slower, checked
+    with inspect_asm), so there is no serial variant for small calls, though a parallel launch costs ~60 us even on
+    one thread (benchmarks/NOTES.md). The fused context reads the whole [S, D] value row once per step:
     right for a decode step (T = 1: a matrix-vector product anyway, and no gather of the memory rows), several
     times slower than a batched matrix product for many steps (benchmarks/NOTES.md), where the caller leaves it
     to `torch.bmm` on P.
     """
-    rows, steps, attn_dim = query_op.shape
-    src_len = key_op.shape[1]
-    value_dim = value.shape[2]
-    zero = v.dtype.type(0.0)
-    v_sum = zero
-    for a in range(attn_dim):
+    v_sum = v.dtype.type(0.0)
+    for a in range(v.shape[0]):
         v_sum += v[a]
-    for item in numba.prange(rows * steps):
-        row = item // steps
-        step = item - row * steps
-        limit = min(key_limits[row], src_len)
-        if causal:
-            limit = min(limit, step + 1)
-        scores = probs[row, step]
-        step_probabilities(query_op[row, step], key_op, key_row_of[row], v, v_sum, limit, hidden, row, step,
-                           factorized, scores)
-        if not fuse_context:
-            continue
-        out = context[row, step]
-        for d in range(value_dim):
-            out[d] = zero
-        values = value[value_row_of[row]]
-        for key in range(limit):
-            # A key hidden from the step is skipped, never multiplied by its zero weight: a NaN or inf value there
-            # must not reach the step.
-            if not is_hidden(hidden, row, step, key):
-                weight = scores[key]
-                for d in range(value_dim):
-                    out[d] += weight * values[key, d]
+    for item in numba.prange(query_op.shape[0] * query_op.shape[1]):
+        forward_item(item, query_op, key_op, key_row_of, v, v_sum, value, value_row_of, key_limits, hidden, causal,
+                     factorized, fuse_context, probs, context)
+
