@@ -129,17 +129,22 @@ def numba_probs(qe, ke, v, limits):
     return probs
 
 
-def interleaved_medians(candidates: dict, rounds: int) -> dict[str, float]:
-    """ms per call: every candidate once per round (after one warm-up call each), median over the rounds."""
+def interleaved_medians(candidates: dict, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """ms per call, wall clock and this process's CPU time: every candidate once per round (after one warm-up
+    call each), median over the rounds. On a shared, oversubscribed VM the CPU time of a one-thread call is the
+    steadier measure (time spent descheduled is not in it); a two-thread call's CPU time sums both threads."""
     for run in candidates.values():
         run()
-    times = {name: [] for name in candidates}
+    wall = {name: [] for name in candidates}
+    cpu = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, run in candidates.items():
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             run()
-            times[name].append(time.perf_counter() - started)
-    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
+            cpu[name].append(time.process_time() - started_cpu)
+            wall[name].append(time.perf_counter() - started)
+    return ({name: 1e3 * statistics.median(values) for name, values in wall.items()},
+            {name: 1e3 * statistics.median(values) for name, values in cpu.items()})
 
 
 def shape_rows(name: str, sizes: tuple, cpp, cpp_build_s: float, rounds: int) -> list[dict]:
@@ -182,8 +187,9 @@ def shape_rows(name: str, sizes: tuple, cpp, cpp_build_s: float, rounds: int) ->
     for threads in (1, 2):
         torch.set_num_threads(threads)
         with torch.no_grad():
-            medians = interleaved_medians({**kernels, **whole}, rounds)
-        row = dict(shape=name, sizes=list(sizes), threads=threads, ms=medians, max_abs_error_of_P=errors,
+            medians, cpu_medians = interleaved_medians({**kernels, **whole}, rounds)
+        row = dict(shape=name, sizes=list(sizes), threads=threads, ms=medians, cpu_ms=cpu_medians,
+                   max_abs_error_of_P=errors,
                    inductor_compile_s=inductor_compile_s, cpp_build_s=cpp_build_s)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -233,8 +239,9 @@ def named_section(rounds: int) -> list[dict]:
                         tanh_form=form, key_exp=prepare_key_exp(case.key_proj, form, backend))
             with torch.no_grad():
                 errors = {name: relative_error(run()[0], expected) for name, run in candidates.items()}
-                medians = interleaved_medians(candidates, rounds if problem.tanh_elements < 1e8 else 3)
-            row = dict(shape=shape.name, sizes=list(problem.sizes), threads=2, ms=medians, context_error=errors)
+                medians, cpu_medians = interleaved_medians(candidates, rounds if problem.tanh_elements < 1e8 else 3)
+            row = dict(shape=shape.name, sizes=list(problem.sizes), threads=2, ms=medians, cpu_ms=cpu_medians,
+                       context_error=errors)
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
