@@ -100,29 +100,38 @@ def _forward(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_pa
     else:
         query_op, key_op = query, keys
     values = value.to(dtype).contiguous()
-    # The context: in the kernel for a decode step, else P @ value by torch.bmm (several times faster for many
-    # steps, forward.attention_forward). A product multiplies hidden keys' values by their zero weights, which a
-    # NaN or inf value would turn into NaN: values that are not all finite take the kernel's loop, which skips them.
-    fuse_context = tgt_len == 1 or not bool(torch.isfinite(values).all())
     probs = common.empty_buffer((query_rows, tgt_len, src_len), dtype, query_proj.device)
-    context = common.empty_buffer((query_rows, tgt_len, value_dim) if fuse_context else (0, 0, 0), dtype,
-                                  query_proj.device)
+    arrays = (query_op.contiguous().numpy(), key_op.contiguous().numpy(), key_row_of.contiguous().numpy(),
+              v.to(dtype).contiguous().numpy(), values.numpy(),
+              all_rows.numpy() if index is None else index.contiguous().numpy(),
+              key_limits(key_lengths, index, query_rows, src_len, query_proj.device).numpy(),
+              hidden_keys(key_padding_mask, index).numpy(), causal, factorized)
+
+    def fused(probs):
+        """P and the context by the kernel, which skips hidden keys in the context too."""
+        context = common.empty_buffer((query_rows, tgt_len, value_dim), dtype, query_proj.device)
+        use_torch_threads()
+        forward.attention_forward(*arrays, True, probs.numpy(), context.numpy())
+        return context
+
+    # The context: in the kernel for a decode step (T = 1), else P @ value by torch.bmm, several times faster for
+    # many steps (forward.attention_forward).
+    if tgt_len == 1:
+        return fused(probs), probs
     use_torch_threads()
-    forward.attention_forward(
-        query_op.contiguous().numpy(), key_op.contiguous().numpy(), key_row_of.contiguous().numpy(),
-        v.to(dtype).contiguous().numpy(), values.numpy(),
-        all_rows.numpy() if index is None else index.contiguous().numpy(),
-        key_limits(key_lengths, index, query_rows, src_len, query_proj.device).numpy(),
-        hidden_keys(key_padding_mask, index).numpy(), causal, factorized, fuse_context, probs.numpy(),
-        context.numpy(),
-    )
-    if fuse_context:
-        return context, probs
+    forward.attention_forward(*arrays, False, probs.numpy(), torch.empty(0, 0, 0, dtype=dtype).numpy())
     if index is None:
-        return torch.bmm(probs, values), probs
-    context = common.empty_buffer((query_rows, tgt_len, value_dim), dtype, query_proj.device)
-    for rows in common.row_blocks(query_rows, src_len, value_dim, common.DEFAULT_CHUNK_ELEMENTS):
-        torch.bmm(probs[rows], values.index_select(0, index[rows]), out=context[rows])  # memory rows, bounded
+        context = torch.bmm(probs, values)
+    else:
+        context = common.empty_buffer((query_rows, tgt_len, value_dim), dtype, query_proj.device)
+        for rows in common.row_blocks(query_rows, src_len, value_dim, common.DEFAULT_CHUNK_ELEMENTS):
+            torch.bmm(probs[rows], values.index_select(0, index[rows]), out=context[rows])  # memory rows, bounded
+    # A product multiplies a hidden key's value by its weight 0, which turns a NaN or inf value there into NaN. Where
+    # keys can be hidden and the context is not all finite (a [B_q, T, D] check, rare to fail), the kernel's loop
+    # redoes it, skipping hidden keys (P comes out the same).
+    has_hidden = key_lengths is not None or key_padding_mask is not None or causal
+    if has_hidden and not bool(torch.isfinite(context).all()):
+        context = fused(probs)
     return context, probs
 
 
