@@ -267,15 +267,24 @@ THREADING_PROBE = textwrap.dedent("""
                                   False, True, False, probs.numpy(), torch.zeros(0, 0, 0).numpy())
 
     kernel(); left @ right
-    alone, after_torch, torch_after_kernel = [], [], []
+    times = {name: ([], []) for name in ("kernel_alone", "kernel_after_torch_op", "torch_op_after_kernel")}
+
+    def timed(name, run):
+        wall, cpu = times[name]
+        started, started_cpu = time.perf_counter(), time.process_time()
+        run()
+        cpu.append(time.process_time() - started_cpu); wall.append(time.perf_counter() - started)
+
     for _ in range(int(sys.argv[2])):
-        started = time.perf_counter(); kernel(); alone.append(time.perf_counter() - started)
+        timed("kernel_alone", kernel)
         left @ right
-        started = time.perf_counter(); kernel(); after_torch.append(time.perf_counter() - started)
-        started = time.perf_counter(); left @ right; torch_after_kernel.append(time.perf_counter() - started)
-    print(json.dumps(dict(layer=numba.threading_layer(), kernel_alone_ms=1e3 * statistics.median(alone),
-                          kernel_after_torch_op_ms=1e3 * statistics.median(after_torch),
-                          torch_op_after_kernel_ms=1e3 * statistics.median(torch_after_kernel))))
+        timed("kernel_after_torch_op", kernel)
+        timed("torch_op_after_kernel", lambda: left @ right)
+    row = dict(layer=numba.threading_layer())
+    for name, (wall, cpu) in times.items():
+        row[name + "_ms"] = 1e3 * statistics.median(wall)
+        row[name + "_cpu_ms"] = 1e3 * statistics.median(cpu)
+    print(json.dumps(row))
 """)
 
 FIRST_CALL_PROBE = textwrap.dedent("""
