@@ -3,6 +3,7 @@ against the torch backend's backward op, at the named bench shapes, `key_lengths
 
     python -m benchmarks.cpu_backward_tanh_pass [--threads 2] [--calls 5] [--shapes caption,long]
                                                [--dtype fp32|fp64] [--form factorized|direct]
+    python -m benchmarks.cpu_backward_tanh_pass --micro     # the per-element costs behind the kernel's choices
 
 Per shape: P from the torch backend's forward op, dE = common.grad_of_scores(P, value, dO) with a random dO; then,
 alternating call by call so that drift in the machine's speed hits both, (a) `tanh_pass_grads` on dE and
@@ -20,11 +21,12 @@ import resource
 import statistics
 import time
 
+import numba
 import numpy as np
 import torch
 
 from attn_fast.backends import common
-from attn_fast.backends.cpu_kernels.backward import tanh_pass_grads
+from attn_fast.backends.cpu_kernels.backward import FASTMATH, tanh_pass_grads, vector_exp, vector_reciprocal
 from attn_fast.cpu_warmup import warm_cpu_math
 from attn_fast.tolerances import relative_error
 from attn_fast.tools.bench.shapes import NAMED_SHAPES, ProblemShape, make_inputs
@@ -95,6 +97,83 @@ def measure(shape: ProblemShape, calls: int, threads: int, dtype: torch.dtype, f
             "speedup_vs_tanh_pass": torch_tanh_pass / medians["kernel"]}
 
 
+def _element_loops(dtype):
+    """The factorized hot loop's element with a divide and with `vector_reciprocal`; libm exp and `vector_exp`."""
+    one, weight = dtype(1.0), dtype(0.3)
+
+    @numba.njit(fastmath=FASTMATH)
+    def with_divide(eq, ek, grads, sums, rounds):
+        for _ in range(rounds):
+            for a in range(eq.shape[0]):
+                r = one / (one + eq[a] * ek[a])
+                sums[a] += weight * r
+                grads[a] += weight * (r - r * r)
+
+    @numba.njit(fastmath=FASTMATH)
+    def with_newton(eq, ek, grads, sums, rounds):
+        for _ in range(rounds):
+            for a in range(eq.shape[0]):
+                r = vector_reciprocal(one + eq[a] * ek[a])
+                sums[a] += weight * r
+                grads[a] += weight * (r - r * r)
+
+    @numba.njit(fastmath=FASTMATH)
+    def libm_exp(x, out, rounds):
+        for _ in range(rounds):
+            for a in range(x.shape[0]):
+                out[a] = np.exp(x[a])
+
+    @numba.njit(fastmath=FASTMATH)
+    def polynomial_exp(x, out, rounds):
+        for _ in range(rounds):
+            for a in range(x.shape[0]):
+                out[a] = vector_exp(x[a])
+
+    return with_divide, with_newton, libm_exp, polynomial_exp
+
+
+def micro(rounds: int = 20000, width: int = 256) -> None:
+    """Single thread, L1-resident rows of `width` elements, process CPU time per element (min of 5 interleaved
+    runs), and the largest error of each function against float64/longdouble over its whole input range."""
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        loops = _element_loops(dtype)
+        eq, ek = (rng.uniform(0.0, 3.0, width).astype(dtype) for _ in range(2))
+        x = rng.uniform(-80.0, 80.0, width).astype(dtype)
+        args = {0: (eq, ek, np.zeros(width, dtype), np.zeros(width, dtype)), 1: None, 2: (x, np.empty_like(x))}
+        args[1], args[3] = args[0], args[2]
+        for index, loop in enumerate(loops):
+            loop(*args[index], 1)  # compile
+        best = [float("inf")] * 4
+        for _ in range(5):
+            for index, loop in enumerate(loops):
+                start = cpu_seconds()
+                loop(*args[index], rounds)
+                best[index] = min(best[index], cpu_seconds() - start)
+        per_element = [1e9 * seconds / (rounds * width) for seconds in best]
+        # Accuracy over the ranges the kernel uses: 1 + e^{2q} e^{2k} in [1, 1e30), 2x in the exp-safe range.
+        denominators = (1.0 + np.exp(rng.uniform(-80.0, 69.0, 1 << 20))).astype(dtype)
+        exponents = rng.uniform(-80.0, 80.0, 1 << 20).astype(dtype)
+        reciprocals, exps = np.empty_like(denominators), np.empty_like(exponents)
+        _fill(denominators, reciprocals, exponents, exps)
+        eps = float(np.finfo(dtype).eps)
+        exact_reciprocal = 1.0 / denominators.astype(np.longdouble)
+        exact_exp = np.exp(exponents.astype(np.longdouble))
+        reciprocal_ulps = float(np.max(np.abs(reciprocals - exact_reciprocal) / exact_reciprocal)) / eps
+        exp_ulps = float(np.max(np.abs(exps - exact_exp) / exact_exp)) / eps
+        print(f"{np.dtype(dtype).name}: element with divide {per_element[0]:.3f} ns, with vector_reciprocal "
+              f"{per_element[1]:.3f} ns; libm exp {per_element[2]:.3f} ns, vector_exp {per_element[3]:.3f} ns "
+              f"(ns per element, 1 thread, CPU time); max error vector_reciprocal {reciprocal_ulps:.2f} eps, "
+              f"vector_exp {exp_ulps:.2f} eps")
+
+
+@numba.njit(fastmath=FASTMATH)
+def _fill(denominators, reciprocals, exponents, exps):
+    for n in range(denominators.shape[0]):
+        reciprocals[n] = vector_reciprocal(denominators[n])
+        exps[n] = vector_exp(exponents[n])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -102,7 +181,11 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--dtype", choices=("fp32", "fp64"), default="fp32")
     parser.add_argument("--form", choices=("factorized", "direct"), default="factorized")
+    parser.add_argument("--micro", action="store_true", help="per-element costs and errors of the kernel's pieces")
     args = parser.parse_args()
+    if args.micro:
+        micro()
+        return
     torch.set_num_threads(args.threads)
     warm_cpu_math()
     print(f"torch {torch.__version__}, numpy {np.__version__}, {args.threads} thread(s), {args.calls} alternating "

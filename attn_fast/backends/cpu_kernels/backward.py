@@ -9,8 +9,12 @@ With t = tanh(q[b, i] + k[b, j]) and k[b, j] = keys[index[b] or b, j] + extra[b,
 
 Two forms of t (the caller chooses, as the torch backend does, common.EXP_SAFE_MAGNITUDE):
   factorized  r = 1 / (1 + e^{2q} e^{2k}) with e^{2q}, e^{2k} computed once per query step / key of a tile:
-              t = 1 - 2r, 1 - t^2 = 4 (r - r^2); per element one FMA, one reciprocal and three FMAs.
-  direct      t = tanh(q + k) per element, exact for saturated inputs, where e^{2x} overflows.
+              t = 1 - 2r, 1 - t^2 = 4 (r - r^2); per element one FMA, one reciprocal and five multiply-adds.
+              The reciprocal is Newton steps from an exponent-bit seed, not a divide, and e^x a polynomial, not a
+              libm call (`vector_reciprocal`, `vector_exp`): both vectorize, and both measured several times
+              faster on this CPU (benchmarks/NOTES.md).
+  direct      t = tanh(q + k) per element (numba's scalar libm tanh), exact for saturated inputs, where e^{2x}
+              overflows; slow, it is the fallback.
 
 Work: items are (query row b, tile of TILE_KEYS keys), ordered by row then tile; the items are cut into one
 contiguous range per thread with equal numbers of (step, key) pairs (causal and key_limits make items unequal). A
@@ -18,7 +22,9 @@ thread owns its items' grad_row_keys tiles outright; it sums a row's grad_query 
 accumulator and writes it to grad_query when it holds the row's first item, else (a row split between threads,
 at most one per thread) into its own partial, added afterwards in thread order. grad_v goes through per-thread
 float64 partials summed in thread order. Nothing is atomic and every order is fixed by the thread count: repeated
-calls with the same `num_threads` give bit-identical results.
+calls with the same `num_threads` give bit-identical results. Each call is one parallel region (a thread computes
+e^{2q} of the rows it visits itself), so that a decode step does not wait several times for every thread to be
+scheduled on a busy machine.
 """
 from __future__ import annotations
 
@@ -36,9 +42,10 @@ from numba.extending import intrinsic, overload
 TILE_KEYS = 16
 
 #: LLVM fast-math flags of the compiled loops. "contract" fuses r - r*r and 1 - t*t into single-rounding FMAs (more
-#: accurate than two roundings, and fewer instructions); "arcp" lets 1/x be an approximate reciprocal refined by
-#: Newton steps where LLVM judges it faster. "nnan"/"ninf" are left out: saturated inputs make e^{2q} e^{2k} infinite
-#: on purpose (r = 0, t = 1 exactly), and NaN in dE must propagate.
+#: accurate than two roundings, and fewer instructions); "arcp" changed nothing measurable (LLVM keeps vdivps, and
+#: the factorized loop divides no more). "reassoc" is not needed (no loop here reduces across A) and would break the
+#: shifter rounding of `vector_exp`. "nnan"/"ninf" are left out: saturated inputs make e^{2q} e^{2k} infinite on purpose
+#: (r = 0, t = 1 exactly), and NaN in dE must propagate.
 FASTMATH = {"contract", "arcp"}
 
 
@@ -65,15 +72,16 @@ def _reciprocal_seed(typingctx, x):
     return x(x), codegen
 
 
-def _reciprocal(x):
-    """1 / x for x >= 1 (compiled: see `_reciprocal_compiled`)."""
+def vector_reciprocal(x):
+    """1 / x for x >= 1, to be called from numba-compiled loops, which it lets vectorize
+    (`_vector_reciprocal_compiled`; this Python body is what plain Python calls get)."""
     return 1.0 / x
 
 
 # Not inline="always": numba's own inlining of these overloads made the prange loops that call them serial
 # ("more than one entry to or exit from the loop"); LLVM inlines them anyway, and the loops still vectorize.
-@overload(_reciprocal, jit_options={"fastmath": {"contract", "arcp"}})
-def _reciprocal_compiled(x):
+@overload(vector_reciprocal, jit_options={"fastmath": {"contract", "arcp"}})
+def _vector_reciprocal_compiled(x):
     """1 / x for x >= 1 (or NaN, which propagates) by Newton steps from `_reciprocal_seed`; vectorizes."""
     if not isinstance(x, types.Float):
         return None
@@ -126,13 +134,14 @@ def _times_power_of_two(typingctx, p, shifted, shifter):
     return p(p, shifted, shifter), codegen
 
 
-def _exp(x):
-    """e^x (compiled: see `_exp_compiled`)."""
+def vector_exp(x):
+    """e^x, to be called from numba-compiled loops, which it lets vectorize (`_vector_exp_compiled`; this Python body
+    is what plain Python calls get)."""
     return np.exp(x)
 
 
-@overload(_exp, jit_options={"fastmath": {"contract", "arcp"}})
-def _exp_compiled(x):
+@overload(vector_exp, jit_options={"fastmath": {"contract", "arcp"}})
+def _vector_exp_compiled(x):
     """e^x by range reduction and a polynomial, written so that LLVM vectorizes it (see EXP_LARGEST)."""
     if not isinstance(x, types.Float):
         return None
@@ -262,7 +271,7 @@ def _tanh_pass(query, keys, extra, has_extra, key_rows, v, grad_scores, causal, 
                 # the row start at later keys, hence (causal) at later steps.
                 for i in range(item_starts[item] if causal else 0, tgt_len):
                     for a in range(attn_dim):
-                        row_query[i, a] = _exp(two * query[b, i, a]) if factorized else query[b, i, a]
+                        row_query[i, a] = vector_exp(two * query[b, i, a]) if factorized else query[b, i, a]
             key_start = item_starts[item]
             key_stop = min(key_start + tile_keys, covered[b])
             keys_in_tile = key_stop - key_start
@@ -272,7 +281,7 @@ def _tanh_pass(query, keys, extra, has_extra, key_rows, v, grad_scores, causal, 
                     k = keys[memory_row, key_start + jj, a]
                     if has_extra:
                         k += extra[b, key_start + jj, a]
-                    key_tile[jj, a] = _exp(two * k) if factorized else k
+                    key_tile[jj, a] = vector_exp(two * k) if factorized else k
                     key_grads[jj, a] = 0
             step_start = key_start if causal else 0
             for i in range(step_start, tgt_len):
@@ -286,7 +295,7 @@ def _tanh_pass(query, keys, extra, has_extra, key_rows, v, grad_scores, causal, 
                     gk_row = key_grads[jj]
                     if factorized:
                         for a in range(attn_dim):
-                            r = _reciprocal(one + q_row[a] * k_row[a])
+                            r = vector_reciprocal(one + q_row[a] * k_row[a])
                             tanh_sums[a] += weight * r
                             d = weight * (r - r * r)
                             g_row[a] += d
