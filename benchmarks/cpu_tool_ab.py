@@ -202,7 +202,7 @@ def tools_section(rounds: int) -> list[dict]:
     return [row for name, sizes in ISSUE_SHAPES.items() for row in shape_rows(name, sizes, cpp, cpp_build_s, rounds)]
 
 
-def named_section(rounds: int) -> list[dict]:
+def named_section(rounds: int, threads: int = 2) -> list[dict]:
     """The issue's targets at the bench's named shapes (attn_fast/tools/bench/shapes.py), 2 threads: forward of the
     torch and cpu backends (all steps), and a decode step through a prepared memory (check_memory and
     prepare_key_exp once, as precompute runs them) of both backends against eager; each checked first against the
@@ -212,7 +212,7 @@ def named_section(rounds: int) -> list[dict]:
     from attn_fast.tolerances import relative_error
     from attn_fast.tools.bench.shapes import NAMED_SHAPES, make_inputs
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     rows = []
     for shape in NAMED_SHAPES.values():
         for problem in ((shape,) if shape.tgt_len == 1 else (shape, shape.decode_step())):
@@ -240,7 +240,7 @@ def named_section(rounds: int) -> list[dict]:
             with torch.no_grad():
                 errors = {name: relative_error(run()[0], expected) for name, run in candidates.items()}
                 medians, cpu_medians = interleaved_medians(candidates, rounds if problem.tanh_elements < 1e8 else 3)
-            row = dict(shape=shape.name, sizes=list(problem.sizes), threads=2, ms=medians, cpu_ms=cpu_medians,
+            row = dict(shape=shape.name, sizes=list(problem.sizes), threads=threads, ms=medians, cpu_ms=cpu_medians,
                        context_error=errors)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -328,6 +328,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--section", choices=("tools", "named", "threading", "first-call", "all"), default="all")
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2, help="torch (and numba) threads of the named section")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/cpu-tool-ab-<UTC>.json)")
     arguments = parser.parse_args(argv)
     results = dict(date=datetime.now(timezone.utc).isoformat(), torch=torch.__version__, cpus=os.cpu_count())
@@ -340,7 +341,7 @@ def main(argv=None) -> None:
     if arguments.section in ("tools", "all"):
         results["tools"] = tools_section(arguments.rounds)
     if arguments.section in ("named", "all"):
-        results["named"] = named_section(arguments.rounds)
+        results["named"] = named_section(arguments.rounds, arguments.threads)
     if arguments.section in ("threading", "all"):
         results["threading"] = threading_section(max(arguments.rounds, 15))
     if arguments.section in ("first-call", "all"):
