@@ -203,7 +203,7 @@ def tools_section(rounds: int) -> list[dict]:
 
 
 def named_section(rounds: int, threads: int = 2) -> list[dict]:
-    """The issue's targets at the bench's named shapes (attn_fast/tools/bench/shapes.py), 2 threads: forward of the
+    """The issue's targets at the bench's named shapes (attn_fast/tools/bench/shapes.py), at `threads`: forward of the
     torch and cpu backends (all steps), and a decode step through a prepared memory (check_memory and
     prepare_key_exp once, as precompute runs them) of both backends against eager; each checked first against the
     float64 reference (the float64 torch backend above 4e7 tanh elements), relative error of the context printed."""
