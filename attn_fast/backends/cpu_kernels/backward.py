@@ -13,8 +13,10 @@ Two forms of t (the caller chooses, as the torch backend does, common.EXP_SAFE_M
               The reciprocal is Newton steps from an exponent-bit seed, not a divide, and e^x a polynomial, not a
               libm call (`vector_reciprocal`, `vector_exp`): both vectorize, and both measured several times
               faster on this CPU (benchmarks/NOTES.md).
-  direct      t = tanh(q + k) per element (numba's scalar libm tanh), exact for saturated inputs, where e^{2x}
-              overflows; slow, it is the fallback.
+  per element (factorized=False; the torch backend's "direct" form, the kernels' "exp" form) the same r from
+              e^{2(q + k)} per element, for inputs beyond the factorized range: e^{2x} = inf gives r = 0 and e^{2x}
+              = 0 gives r = 1 exactly, so saturated elements give t = +-1 and 1 - t^2 = 0 exactly. (numba's tanh is
+              a scalar libm call, measured 3-5x slower than the torch backend's pass; this form vectorizes.)
 
 Work: items are (query row b, tile of TILE_KEYS keys), ordered by row then tile; the items are cut into one
 contiguous range per thread with equal numbers of (step, key) pairs (causal and key_limits make items unequal). A
@@ -229,8 +231,8 @@ def _plan_items(key_limits, tgt_len, src_len, tile_keys, causal, num_workers):
 def _tanh_pass(query, keys, extra, has_extra, key_rows, v, grad_scores, causal, factorized, consts,
                item_rows, item_starts, covered, worker_bounds, tile_keys,
                grad_query, grad_row_keys, query_partials, gv_partials, weight_sums):
-    """The pass itself; see the module docstring. consts = [1, 2, scale] in the input dtype (scale = 4 for the
-    factorized form, 1 for the direct one), so that no float64 literal widens fp32 arithmetic."""
+    """The pass itself; see the module docstring. consts = [1, 2, 4] in the input dtype (4: 1 - t^2 = 4 (r - r^2)),
+    so that no float64 literal widens fp32 arithmetic. tanh_sums collects sum dE r (t = 1 - 2r) in both forms."""
     query_rows, tgt_len, attn_dim = query.shape
     src_len = keys.shape[1]
     num_workers = worker_bounds.shape[0] - 1
@@ -256,7 +258,7 @@ def _tanh_pass(query, keys, extra, has_extra, key_rows, v, grad_scores, causal, 
         key_grads = np.empty((tile_keys, attn_dim), dtype)
         row_query = np.empty((tgt_len, attn_dim), dtype)  # e^{2q} or q of the worker's current row
         row_grads = np.empty((tgt_len, attn_dim), dtype)  # this worker's sum over keys for its row
-        tanh_sums = np.zeros(attn_dim, dtype)  # sum dE r (factorized) or sum dE t (direct), one item
+        tanh_sums = np.zeros(attn_dim, dtype)  # sum dE r over one item (t = 1 - 2r)
         weight_sum = 0.0  # sum of dE, float64
         owns_row = True
         for a in range(attn_dim):
@@ -302,9 +304,9 @@ def _tanh_pass(query, keys, extra, has_extra, key_rows, v, grad_scores, causal, 
                             gk_row[a] += d
                     else:
                         for a in range(attn_dim):
-                            t = np.tanh(q_row[a] + k_row[a])
-                            tanh_sums[a] += weight * t
-                            d = weight * (one - t * t)
+                            r = vector_reciprocal(one + vector_exp(two * (q_row[a] + k_row[a])))
+                            tanh_sums[a] += weight * r
+                            d = weight * (r - r * r)
                             g_row[a] += d
                             gk_row[a] += d
             for jj in range(keys_in_tile):
@@ -370,7 +372,8 @@ def tanh_pass_grads(query, keys, extra, index, v, grad_scores, key_limits, causa
     extra [B_q, S, A] or None, index int64 [B_q] or None (the memory row of each query row; None: row b reads
     keys[b]), v [A], grad_scores dE [B_q, T, S], key_limits int64 [B_q] (keys j >= key_limits[b] are skipped: the
     caller guarantees dE = 0 there). `causal` skips j > i. `factorized` takes the e^{2q} e^{2k} form, valid while
-    every |q| and |k| (keys + extra) stays within common.EXP_SAFE_MAGNITUDE; else the direct tanh.
+    every |q| and |k| (keys + extra) stays within common.EXP_SAFE_MAGNITUDE; else r from e^{2(q + k)} per element
+    (any range; exact at saturation).
 
     Runs on `num_threads` numba threads (at most numba.config.NUMBA_NUM_THREADS; the previous count is restored);
     the result is bit-identical on repeat for one thread count. Returns new arrays in the input dtype, accumulated
@@ -387,7 +390,7 @@ def tanh_pass_grads(query, keys, extra, index, v, grad_scores, key_limits, causa
     has_extra = extra is not None
     extra_arg = extra if has_extra else keys[:0]  # a typed stand-in, never read
     tile_keys = _tile_keys(query_rows, src_len, num_threads)
-    consts = np.array([1.0, 2.0, 4.0 if factorized else 1.0], dtype=dtype)
+    consts = np.array([1.0, 2.0, 4.0], dtype=dtype)
 
     previous_threads = numba.get_num_threads()
     numba.set_num_threads(num_threads)
@@ -405,5 +408,5 @@ def tanh_pass_grads(query, keys, extra, index, v, grad_scores, key_limits, causa
     finally:
         numba.set_num_threads(previous_threads)
     tanh_sums = gv_partials.sum(axis=0)
-    grad_v = weight_sums.sum() - 2.0 * tanh_sums if factorized else tanh_sums
+    grad_v = weight_sums.sum() - 2.0 * tanh_sums  # sum dE t = sum dE (1 - 2r)
     return grad_query, grad_row_keys, grad_v.astype(dtype)
