@@ -127,7 +127,8 @@ def additive_attention(
         key_proj: [B, S, A] projected encoder states (compute once per source, reuse across steps).
         value: [B, S, D] what is averaged, often the encoder states themselves.
         v: [A] score vector.
-        key_lengths: [B] integer; key j is visible when j < key_lengths[b].
+        key_lengths: [B] integer; key j is visible when j < key_lengths[b]. (int8, int16 and uint8 lengths and
+            indices are cast to int64; any other dtype is a TypeError naming the argument.)
         key_padding_mask: [B, S] or [B, T, S] bool; True marks keys to ignore (nn.MultiheadAttention convention).
         causal: key j is visible to query i only when j <= i.
         need_weights: also return the weights [B, T, S].
@@ -141,7 +142,9 @@ def additive_attention(
 
     Returns:
         context [B, T, D] and weights [B, T, S] (None unless `need_weights`), in the input dtype. A row with no
-        visible key gets context 0 and weights 0 (never NaN). Inputs are never modified.
+        visible key gets context 0 and weights 0 (never NaN). Inputs are never modified; the weights are a copy,
+        safe to edit in place. NaN/inf: keys hidden from a row never influence it, a NaN it sees makes it NaN
+        (README, "NaN and inf"). Meta tensors give meta outputs of the right shapes on every backend.
 
     Autocast: inside `torch.autocast` enabled for the inputs' device type, every fp16/bf16/fp32 input (query_proj,
     key_proj, value, v, extra_key_term) is first cast, differentiably, to the autocast dtype

@@ -77,10 +77,13 @@ class AdditiveAttention(nn.Module):
         key_dim: Dk, size of the encoder states (keys).
         attn_dim: A, size of the hidden layer of the score MLP.
         bias: learn b (kept in `query_layer.bias`; a bias of W_k would be redundant inside the tanh).
-        normalize: weight-normalized score vector v = g * v / ||v|| (as TF-Addons' BahdanauAttention).
+        normalize: weight-normalized score vector v = g * v / ||v|| (as TF-Addons' BahdanauAttention); v = 0 gives
+            the zero score vector (uniform weights), not 0 / 0.
         dropout: dropout on the attention weights during training (computed from the returned weights, so it
             costs an extra [B, T, S] x [B, S, D] product; the fused path is used when it is 0 or in eval mode).
         backend: "auto", "triton", "torch" or "reference" (see `attn_fast.additive_attention`).
+        device, dtype: of the parameters; dtype a floating torch.dtype (TypeError otherwise). Inputs (query, key)
+            must have it outside autocast: another dtype is a TypeError naming the input.
 
     Parameters: `query_layer` (Linear Dq -> A, with bias), `key_layer` (Linear Dk -> A, no bias), `v` [A] and,
     with `normalize`, the scalar gain `g`.
