@@ -33,7 +33,7 @@ def random_inputs(query_rows=B, memory_rows=B, src_len=S, device="cpu", requires
             for name, shape in shapes.items()}
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int32], ids=str)
 @pytest.mark.parametrize("backend", RUN_BACKENDS)
 def test_small_integer_index_and_lengths_are_cast(backend, device, dtype):
     inputs = random_inputs(query_rows=4, memory_rows=3, device=device, requires_grad=True)

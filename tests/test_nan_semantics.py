@@ -25,6 +25,10 @@ from tests.backend_cases import RUN_BACKENDS, backend_device
 
 B, T, S, A, D = 2, 3, 5, 4, 3
 
+# Under the Triton interpreter the fused P @ value multiplies a hidden inf value by P = 0 in numpy, which warns
+# before the backend notices the NaN and recomputes that context without the hidden key (what these tests check).
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+
 
 @pytest.fixture
 def device(request, triton_device):
