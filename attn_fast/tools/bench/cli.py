@@ -43,12 +43,14 @@ def _bench(args: argparse.Namespace) -> int:
     result = run_bench(full=args.full, device=device, out_dir=args.out_dir, shapes=args.shape, dtypes=args.dtype,
                        modes=args.mode, backends=args.backend, model=not args.no_model, model_config=args.model_size,
                        memory=not args.no_memory, ragged_batches=not args.no_ragged, thread_scaling=args.scaling,
+                       framework=not (args.no_model or args.no_framework),
                        threads=args.threads, seed=args.seed, progress=not args.quiet)
     failed = result["summary"]["failed"]
     failed_models = sum(entry["status"] != "ok" for entry in (result["model"] or {}).get("results", []))
     failed_ragged = sum(row["full"]["status"] != "ok" or row["ragged"]["status"] != "ok"
                         for row in (result["ragged"] or {}).get("rows", []))
-    return 1 if failed or failed_models or failed_ragged else 0
+    failed_framework = sum(row["status"] != "ok" for row in (result["framework"] or {}).get("results", []))
+    return 1 if failed or failed_models or failed_ragged or failed_framework else 0
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -75,6 +77,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                        help="Seq2Seq size (default: 'date' quick, 'nmt' with --full)")
     bench.add_argument("--no-model", action="store_true", help="skip the Seq2Seq model benchmark")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    bench.add_argument("--no-framework", action="store_true",
+                       help="skip SpeechBrain's decoder before/after swap_attention (a model benchmark: --no-model "
+                            "skips it too; it runs when SpeechBrain imports)")
     bench.add_argument("--no-ragged", action="store_true",
                        help="skip the ragged-batch rows (forward + backward with lengths in [S/2, S] vs all S)")
     bench.add_argument("--threads", type=int,

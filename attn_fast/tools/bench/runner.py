@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from attn_fast.cpu_warmup import warm_cpu_math
-from attn_fast.tools.bench import cpu_limit, model_bench, ragged, report, roofline, scaling, targets
+from attn_fast.tools.bench import cpu_limit, framework_bench, model_bench, ragged, report, roofline, scaling, targets
 from attn_fast.tools.bench import memory as memory_module
 from attn_fast.tools.bench.cases import (
     MODES,
@@ -202,6 +202,7 @@ def thread_scaling_section(shapes, dtype_name: str, backends, *, target_s: float
 def run_bench(*, full: bool = False, device: str | torch.device | None = None,
               out_dir: str | os.PathLike | None = DEFAULT_OUT_DIR, shapes=None, dtypes=None, modes=None,
               backends=None, model: bool = True, model_config: str | None = None, memory: bool = True,
+              framework: bool = False,
               ragged_batches: bool = True, thread_scaling: bool | None = None, threads: int | None = None,
               seed: int = 0, progress: bool = True, static_predictions_path=None, out=None) -> dict:
     """Run the benchmark and return the result dict (also written as JSON + PNG under `out_dir` unless None).
@@ -215,6 +216,10 @@ def run_bench(*, full: bool = False, device: str | torch.device | None = None,
             library's: "torch", "cpu", "triton"). None = the quick/full default for the device: every backend
             that runs there (the others are listed, with the reason, under settings["skipped_backends"]).
         model / memory: run the Seq2Seq bench / the memory measurements.
+        framework: time SpeechBrain's AttentionalRNNDecoder before and after `swap_attention`
+            (`framework_bench`, sizes "quick" / "asr" with `full`); skipped, with the reason, when SpeechBrain
+            is not importable. Off by default here; `attn-fast bench` turns it on unless --no-model or
+            --no-framework.
         ragged_batches: time forward + backward with all keys visible and with ragged lengths (`ragged`), for
             the fast backends at the run's first dtype.
         thread_scaling: time the "cpu" backend's cases at 1 thread and at the run's thread count (`scaling`;
@@ -268,6 +273,12 @@ def run_bench(*, full: bool = False, device: str | torch.device | None = None,
         model_result = model_bench.run_model_bench(config, model_backends, device, target_s=target_s / 2,
                                                    progress=progress)
 
+    framework_result = None
+    if framework:
+        swap_backends = [b for b in backends if b not in ("reference", "compile")]
+        framework_result = framework_bench.run_framework_bench(device, config="asr" if full else "quick",
+                                                               backends=swap_backends, target_s=target_s / 2)
+
     ragged_result = None
     fast_backends = [backend for backend in backends if backend not in ("reference", "compile")]
     if ragged_batches and fast_backends:
@@ -286,7 +297,7 @@ def run_bench(*, full: bool = False, device: str | torch.device | None = None,
         "date": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
         "machine": {**machine_info(device), "load_average_1m_start": load_at_start},
         "settings": {"full": full, "shapes": shapes, "dtypes": dtypes, "modes": modes, "backends": backends,
-                     "skipped_backends": skipped, "memory": memory, "model": model,
+                     "skipped_backends": skipped, "memory": memory, "model": model, "framework": framework,
                      "ragged_batches": ragged_batches, "thread_scaling": bool(thread_scaling), "seed": seed,
                      "target_sample_s": target_s,
                      "shape_sizes": {name: get_shape(name).as_dict() for name in shapes}},
@@ -299,6 +310,7 @@ def run_bench(*, full: bool = False, device: str | torch.device | None = None,
         "roofline": roofline_rows(records, device, static_predictions),
         "mufu_limit": mufu_limit,
         "model": model_result,
+        "framework": framework_result,
         "ragged": ragged_result,
         "scaling": scaling_result,
         "summary": _summary(records),
@@ -311,6 +323,8 @@ def run_bench(*, full: bool = False, device: str | torch.device | None = None,
         report.write_plot(result, pathlib.Path(result["files"]["png"]))
         report.write_json(result, pathlib.Path(result["files"]["json"]))
     print(report.format_report(result), file=out)
+    if framework_result is not None:
+        print("\n" + framework_bench.framework_table(framework_result), file=out)
     for path in result["files"].values():
         print(f"written: {path}", file=out)
     return result
