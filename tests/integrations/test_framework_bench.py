@@ -6,7 +6,8 @@ import pytest
 import torch
 from integration_helpers import import_speechbrain
 
-from attn_fast.tools.bench import framework_bench
+from attn_fast.tools.bench import framework_bench, runner
+from attn_fast.tools.cli import main
 
 
 @pytest.fixture
@@ -49,3 +50,40 @@ def test_without_speechbrain_the_section_says_why(monkeypatch):
     assert result == {"status": "skipped", "reason": reason}
     assert framework_bench.framework_table(result) == (
         f"SpeechBrain decoder before/after swap_attention: skipped ({reason})")
+
+
+def test_attn_fast_bench_turns_the_section_on_unless_told_not_to(monkeypatch):
+    """`attn-fast bench` asks run_bench for the section; --no-model (it is a model benchmark) and --no-framework
+    do not."""
+    asked = []
+
+    def fake_run_bench(**options):
+        asked.append(options["framework"])
+        return {"summary": {"failed": 0}, "model": None, "ragged": None,
+                "framework": {"status": "ok", "results": [{"status": "failed"}]} if options["framework"] else None}
+
+    monkeypatch.setattr(runner, "run_bench", fake_run_bench)
+    common = ["bench", "--device", "cpu", "--quiet"]
+    assert main([*common, "--no-model"]) == 0 and main([*common, "--no-framework"]) == 0
+    assert main(common) == 1  # a failed framework row fails the run, as a failed model row does
+    assert asked == [False, False, True]
+
+
+@pytest.mark.slow
+def test_run_bench_runs_the_section(monkeypatch, capsys):
+    """run_bench calls the section with the run's swap backends (quick size; "asr" with full), keeps its result
+    and prints its table."""
+    calls = []
+
+    def fake_bench(device, *, config, backends, target_s):
+        calls.append((str(device), config, list(backends)))
+        return {"status": "skipped", "reason": "a fake section"}
+
+    monkeypatch.setattr(framework_bench, "run_framework_bench", fake_bench)
+    result = runner.run_bench(device="cpu", shapes=["tiny"], modes=["forward"], backends=["reference", "torch"],
+                              model=False, memory=False, ragged_batches=False, framework=True, out_dir=None,
+                              progress=False)
+    assert calls == [("cpu", "quick", ["torch"])]
+    assert result["framework"] == {"status": "skipped", "reason": "a fake section"}
+    assert result["settings"]["framework"] is True
+    assert "SpeechBrain decoder before/after swap_attention: skipped (a fake section)" in capsys.readouterr().out

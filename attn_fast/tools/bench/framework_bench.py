@@ -31,7 +31,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import datetime
 import importlib
+import importlib.metadata
+import json
+import pathlib
 import time
 
 import torch
@@ -93,6 +97,17 @@ def import_speechbrain():
     except (ImportError, OSError) as error:  # OSError: a torchaudio built for another torch
         return (f"SpeechBrain is not importable ({type(error).__name__}: {error}); "
                 f'pip install -e ".[integrations]" && pip install --no-deps speechbrain==1.1.2')
+
+
+def framework_versions() -> dict:
+    """Installed versions of the toolkit and of the bench's other moving parts (None when not installed)."""
+    versions = {}
+    for package in ("speechbrain", "numba"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 def build_parts(speechbrain, config: FrameworkConfig, attn_type: str, device: torch.device, seed: int = 0) -> dict:
@@ -281,12 +296,20 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--target-s", type=float, default=1.0, help="seconds of samples per timing")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's setting)")
+    parser.add_argument("--json", metavar="PATH", help="also write the result, every raw sample included, here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run_framework_bench(args.device, config=args.config, attn_types=args.attn, backends=args.backends,
                                  target_s=args.target_s)
+    result["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    result["versions"] = {"torch": torch.__version__, **framework_versions()}
     print(framework_table(result))
+    if args.json:
+        path = pathlib.Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"written: {path}")
     return 0 if result["status"] != "ok" or all(row["status"] == "ok" for row in result["results"]) else 1
 
 
