@@ -25,7 +25,7 @@ import torch
 
 from attn_fast.backends import common
 from attn_fast.backends.common import EXP_SAFE_MAGNITUDE, compute_dtype, largest_operand
-from attn_fast.backends.cpu_kernels import unavailable_reason, use_torch_threads
+from attn_fast.backends.cpu_kernels import launching, unavailable_reason
 from attn_fast.validation import AttentionCall, can_read_values
 
 #: Values of the ops' `tanh_form`: "auto" lets the op scan its inputs (compiled graphs, where the caller cannot).
@@ -112,16 +112,16 @@ def _forward(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_pa
     def fused(probs):
         """P and the context by the kernel, which skips hidden keys in the context too."""
         context = common.empty_buffer((query_rows, tgt_len, value_dim), dtype, query_proj.device)
-        use_torch_threads()
-        forward.attention_forward(*arrays, True, probs.numpy(), context.numpy())
+        with launching():
+            forward.attention_forward(*arrays, True, probs.numpy(), context.numpy())
         return context
 
     # The context: in the kernel for a decode step (T = 1), else P @ value by torch.bmm, several times faster for
     # many steps (forward.attention_forward).
     if tgt_len == 1:
         return fused(probs), probs
-    use_torch_threads()
-    forward.attention_forward(*arrays, False, probs.numpy(), torch.empty(0, 0, 0, dtype=dtype).numpy())
+    with launching():
+        forward.attention_forward(*arrays, False, probs.numpy(), torch.empty(0, 0, 0, dtype=dtype).numpy())
     if index is None:
         context = torch.bmm(probs, values)
     else:
@@ -180,12 +180,12 @@ def _backward(grad_context, grad_probs, query_proj, key_proj, value, v, extra_ke
     limits = key_limits(key_lengths, index, query_rows, src_len, query_proj.device)
 
     def tanh_pass(query, keys, extra, factorized):
-        grads = backward.tanh_pass_grads(
-            query.contiguous().numpy(), keys.contiguous().numpy(),
-            None if extra is None else extra.contiguous().numpy(),
-            None if index is None else index.contiguous().numpy(), v.to(dtype).contiguous().numpy(),
-            grad_scores.contiguous().numpy(), limits.numpy(), causal, factorized, use_torch_threads(),
-        )
+        arrays = (query.contiguous().numpy(), keys.contiguous().numpy(),
+                  None if extra is None else extra.contiguous().numpy(),
+                  None if index is None else index.contiguous().numpy(), v.to(dtype).contiguous().numpy(),
+                  grad_scores.contiguous().numpy(), limits.numpy(), causal, factorized)
+        with launching() as threads:
+            grads = backward.tanh_pass_grads(*arrays, threads)
         return tuple(torch.from_numpy(grad) for grad in grads)
 
     grad_query, grad_row_keys, grad_v = tanh_pass(query, keys, extra, factorized)

@@ -325,3 +325,29 @@ def test_compiled_layer_matches_eager_fullgraph():
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
     for name, parameter in layer.named_parameters():
         torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-5, atol=1e-7)
+
+
+def test_calls_from_several_python_threads():
+    """numba's workqueue layer aborts the process on overlapping launches; the kernels hold the GIL, so calls from
+    several Python threads (a data loader thread, a server) queue instead."""
+    import threading
+
+    case = random_case(4, 8, 16, 32, 8, mask="lengths", seed=13)
+    expected, _ = additive_attention(*case.inputs(), key_lengths=case.key_lengths, backend="cpu")
+    results, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(20):
+                results.append(additive_attention(*case.inputs(), key_lengths=case.key_lengths, backend="cpu")[0])
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(results) == 60
+    for context in results:
+        assert torch.equal(context, expected)

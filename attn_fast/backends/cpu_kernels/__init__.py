@@ -13,12 +13,15 @@ Numerics shared by the kernel modules:
   comparisons and the inf arithmetic that saturated inputs (e^{2q} e^{2k} = inf gives tanh = 1 exactly) and NaN
   inputs (which must propagate to the rows that see them) rely on. LLVM keeps a true vector division for
   v / (1 + x) under "arcp" (no reciprocal estimate, which would turn 1/inf into NaN), checked by the tests.
-- Threads: every call sets numba's thread count from torch.get_num_threads() (`use_torch_threads`).
+- Threads: every launch sets numba's thread count from torch.get_num_threads() and holds a process-wide lock
+  (`launching`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 
 import torch
 
@@ -27,9 +30,12 @@ FASTMATH = frozenset({"contract", "reassoc", "arcp", "nsz"})
 
 #: numba's threading layer, unless the user chose one (NUMBA_THREADING_LAYER). "workqueue" is numba's own pool of
 #: plain threads: it cannot clash with the OpenMP runtime torch bundles, whose idle threads spin for a while after
-#: each torch op (benchmarks/NOTES.md measures both layers alternating with torch ops). It is not safe for
-#: concurrent launches, which cannot happen here: the kernels hold the GIL (nogil is off).
+#: each torch op (benchmarks/NOTES.md measures both layers alternating with torch ops). It aborts the process when
+#: two launches overlap (calls from two Python threads: the GIL is released while a parallel kernel runs), so every
+#: launch goes through `launching()`, which serializes them.
 THREADING_LAYER = "workqueue"
+
+_LAUNCH_LOCK = threading.Lock()
 
 
 @torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant instead of tracing an import
@@ -57,3 +63,11 @@ def use_torch_threads() -> int:
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
     return threads
+
+
+@contextlib.contextmanager
+def launching():
+    """Hold around every kernel launch: one launch at a time in the process (see THREADING_LAYER), with numba's
+    thread count set from torch's (`use_torch_threads`); yields that count."""
+    with _LAUNCH_LOCK:
+        yield use_torch_threads()
