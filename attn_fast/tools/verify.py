@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from attn_fast.functional import additive_attention, triton_unusable_reason, triton_usable
+from attn_fast.functional import additive_attention, cpu_unusable_reason, triton_unusable_reason, triton_usable
 from attn_fast.tolerances import forward_tolerance, gradient_tolerance
 from attn_fast.tools.testing import errors_against_reference, random_case
 
@@ -51,8 +51,11 @@ class VerifyResult:
 
 
 def available_backends(device: torch.device) -> list[str]:
-    """Backends that run on `device`: Triton on CUDA, or on CPU only under TRITON_INTERPRET=1 (slow)."""
+    """Backends that run on `device`: the fused "cpu" kernels on CPU where numba imports; Triton on CUDA, or on
+    CPU only under TRITON_INTERPRET=1 (slow)."""
     backends = ["reference", "torch"]
+    if cpu_unusable_reason(device) is None and device.type == "cpu":
+        backends.append("cpu")
     if triton_usable(device):
         backends.append("triton")
     return backends
