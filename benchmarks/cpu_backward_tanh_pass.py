@@ -4,6 +4,7 @@ against the torch backend's backward op, at the named bench shapes, `key_lengths
     python -m benchmarks.cpu_backward_tanh_pass [--threads 2] [--calls 5] [--shapes caption,long]
                                                [--dtype fp32|fp64] [--form factorized|direct]
     python -m benchmarks.cpu_backward_tanh_pass --micro     # the per-element costs behind the kernel's choices
+    python -m benchmarks.cpu_backward_tanh_pass --first-call   # compile (empty numba cache) and cached first calls
 
 Per shape: P from the torch backend's forward op, dE = common.grad_of_scores(P, value, dO) with a random dO; then,
 alternating call by call so that drift in the machine's speed hits both, (a) `tanh_pass_grads` on dE and
@@ -17,8 +18,12 @@ a sibling is descheduled), the minimum wall time of each, and the tanh elements 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import numba
@@ -174,6 +179,36 @@ def _fill(denominators, reciprocals, exponents, exps):
         exps[n] = vector_exp(exponents[n])
 
 
+#: Run in a fresh process: the first call of each dtype, wall and CPU seconds, after the import.
+_FIRST_CALL = """
+import resource, time
+start = time.perf_counter()
+import numpy as np
+from attn_fast.backends.cpu_kernels.backward import tanh_pass_grads
+parts = [f"import (torch, numba, attn_fast) {time.perf_counter() - start:.2f} s"]
+cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+for dtype in (np.float32, np.float64):
+    rng = np.random.default_rng(0)
+    query, keys = rng.standard_normal((2, 3, 8)).astype(dtype), rng.standard_normal((2, 5, 8)).astype(dtype)
+    v, grad_scores = rng.standard_normal(8).astype(dtype), rng.standard_normal((2, 3, 5)).astype(dtype)
+    start_cpu, start = cpu(), time.perf_counter()
+    tanh_pass_grads(query, keys, None, None, v, grad_scores, np.array([5, 5]), False, True, 2)
+    wall, used = time.perf_counter() - start, cpu() - start_cpu
+    parts.append(f"first {np.dtype(dtype).name} call {wall:.2f} s wall, {used:.2f} s CPU")
+print("; ".join(parts))
+"""
+
+
+def first_call() -> None:
+    """Two fresh processes sharing an empty numba cache directory: the first compiles, the second loads."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        for label in ("empty cache", "cache written"):
+            result = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True,
+                                    check=True)
+            print(f"{label}: {result.stdout.strip()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -182,9 +217,13 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("fp32", "fp64"), default="fp32")
     parser.add_argument("--form", choices=("factorized", "direct"), default="factorized")
     parser.add_argument("--micro", action="store_true", help="per-element costs and errors of the kernel's pieces")
+    parser.add_argument("--first-call", action="store_true", help="compile time and first call of a fresh process")
     args = parser.parse_args()
     if args.micro:
         micro()
+        return
+    if args.first_call:
+        first_call()
         return
     torch.set_num_threads(args.threads)
     warm_cpu_math()
