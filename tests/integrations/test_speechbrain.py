@@ -328,3 +328,21 @@ def test_a_vendored_copy_is_recognized_by_structure(sb):
     for (context, _), (ref_context, _) in zip(run_steps(replaced, enc_states, enc_len, queries),
                                               run_steps(original, enc_states, enc_len, queries)):
         assert_close(context, ref_context, forward_tolerance(torch.float64), "context of the vendored copy")
+
+
+def test_a_float64_location_decoder_runs_after_the_swap(sb):
+    """SpeechBrain's own float64 AttentionalRNNDecoder with location attention fails (its first prev_attn is float32
+    from the integer lengths the decoder passes); swapped, it runs, and agrees with SpeechBrain's float32 decoder
+    on the same weights within the float32 tolerance."""
+    decoder32 = make_decoder(sb, "location", "gru", torch.float32)
+    decoder64 = copy.deepcopy(decoder32).double()
+    enc_states, inputs = torch.randn(B, S, ENC, dtype=torch.float64), torch.randn(B, 6, 3, dtype=torch.float64)
+    wav_len = torch.tensor([1.0, 0.5, 0.75, 0.3], dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        decoder64(inputs, enc_states, wav_len)
+    swap_attention(decoder64, backend=DECODER_BACKEND, strict=True)
+    outputs, weights = decoder64(inputs, enc_states, wav_len)
+    expected, expected_weights = decoder32(inputs.float(), enc_states.float(), wav_len.float())
+    assert outputs.dtype == weights.dtype == torch.float64
+    assert_close(outputs, expected, forward_tolerance(torch.float32), "float64 outputs vs float32")
+    assert_close(weights, expected_weights, forward_tolerance(torch.float32), "float64 weights vs float32")
