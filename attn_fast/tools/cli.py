@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     verify = commands.add_parser("verify", help="check every available backend against the float64 reference")
     verify.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    verify.add_argument("--backend", action="append", choices=["reference", "torch", "triton"],
+    verify.add_argument("--backend", action="append", choices=["reference", "torch", "cpu", "triton"],
                         help="repeat to pick several (default: all available on the device)")
     verify.add_argument("--dtype", action="append", choices=["float64", "float32", "float16", "bfloat16"],
                         help="repeat to pick several (default: all the device supports)")
