@@ -95,6 +95,9 @@ def import_speechbrain():
         return tuple(importlib.import_module(name) for name in
                      ("speechbrain.nnet.RNN", "speechbrain.nnet.linear", "speechbrain.decoders.seq2seq"))
     except (ImportError, OSError) as error:  # OSError: a torchaudio built for another torch
+        if "torchaudio" in str(error):
+            return (f"SpeechBrain imports torchaudio, which does not import here ({type(error).__name__}: {error}); "
+                    f"it needs the torchaudio build of this torch ({torch.__version__})")
         return (f"SpeechBrain is not importable ({type(error).__name__}: {error}); "
                 f'pip install -e ".[integrations]" && pip install --no-deps speechbrain==1.1.2')
 
