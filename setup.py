@@ -13,10 +13,12 @@ EXAMPLES_REQUIRES = ["babel>=2.10", "sacrebleu>=2.0", "tqdm", "matplotlib"]
 # import-time dependencies only. The frameworks themselves go in with --no-deps (README, "Use it in your model"):
 # OpenNMT-py 3.5.1 pins torch<2.3 and SpeechBrain pulls a torchaudio built for another torch, either of which would
 # replace or break the installed torch.
-#   pip install -e ".[integrations]" && pip install --no-deps speechbrain==1.1.2 OpenNMT-py==3.5.1
+#   pip install -e ".[integrations]" && pip install --no-deps speechbrain==1.1.2 OpenNMT-py==3.5.1 coqui-tts==0.28.0
+# (the README's test command does both, so CI tests against the real packages; about a minute of installs).
 INTEGRATIONS_REQUIRES = [
     "HyperPyYAML>=1.2",                                  # speechbrain.core
     "ConfigArgParse", "pyonmttok", "spacy", "pyahocorasick", "rapidfuzz", "fasttext-wheel",  # onmt/__init__
+    "scipy",                                             # Coqui TTS's tacotron attention layers
 ]
 
 # ONNX export (attn_fast.export) and its tests: the dynamo exporter's packages and the runtime that checks the graphs
