@@ -75,6 +75,14 @@ def hidden_keys(key_padding_mask: torch.Tensor | None, index: torch.Tensor | Non
     return mask[:, None, :].contiguous()
 
 
+def step_block(query_rows: int, tgt_len: int, src_len: int, threads: int) -> int:
+    """Decoder steps per work item of the forward kernel: all of a row's steps when there are rows enough for
+    8 items per thread, else blocks of at least 8 steps (e^{2k} of a row's keys is computed once per item: 1/8 or
+    less of the item's tanh elements)."""
+    blocks = min(-(-8 * threads // max(query_rows, 1)), max(tgt_len // 8, 1))
+    return max(1, -(-tgt_len // blocks))
+
+
 def _forward(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask, index, causal,
              tanh_form, key_exp):
     """-> (context [B_q, T, D], P [B_q, T, S]), both in the compute dtype, from the kernel."""
@@ -86,42 +94,45 @@ def _forward(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_pa
     query = query_proj.to(dtype)
     keys = key_proj.to(dtype)
     extra = None if extra_key_term is None else extra_key_term.to(dtype)
-    tanh_form = resolve_tanh_form(tanh_form, query, keys, extra)
-    factorized = tanh_form == "factorized"
     all_rows = torch.arange(query_rows, dtype=torch.int64)
     key_row_of = all_rows if index is None else index
     if extra is not None:  # keys of each query row: its memory row plus its extra term
+        # The backward's scan bounds |key + extra| by the sum of the maxima: decided here the same way.
+        tanh_form = resolve_tanh_form(tanh_form, query, keys, extra)
         keys = (keys if index is None else keys.index_select(0, index)) + extra
         key_row_of = all_rows
-    if factorized:
-        query_op = torch.mul(query, 2.0).exp_()
-        if key_exp is not None and extra is None:
-            key_op = key_exp
-        else:
-            key_op = torch.mul(keys, 2.0).exp_()
-    else:
-        query_op, key_op = query, keys
+    # "auto" is left to the kernel (FACTORIZED_IF_IN_RANGE): it checks the range while it computes e^{2k}, with no
+    # separate scan, and says when the direct form must run instead.
+    form = {"auto": forward.FACTORIZED_IF_IN_RANGE, "factorized": forward.FACTORIZED, "direct": forward.DIRECT}[
+        tanh_form]
+    keys_are_exp = form == forward.FACTORIZED and key_exp is not None and extra is None
     values = value.to(dtype).contiguous()
     probs = common.empty_buffer((query_rows, tgt_len, src_len), dtype, query_proj.device)
-    arrays = (query_op.contiguous().numpy(), key_op.contiguous().numpy(), key_row_of.contiguous().numpy(),
-              v.to(dtype).contiguous().numpy(), values.numpy(),
-              all_rows.numpy() if index is None else index.contiguous().numpy(),
-              key_limits(key_lengths, index, query_rows, src_len, query_proj.device).numpy(),
-              hidden_keys(key_padding_mask, index).numpy(), causal, factorized)
+    row_of_value = all_rows if index is None else index.contiguous()
+    arrays = [query.contiguous().numpy(), (key_exp if keys_are_exp else keys).contiguous().numpy(), keys_are_exp,
+              key_row_of.contiguous().numpy(), v.to(dtype).contiguous().numpy(), values.numpy(),
+              row_of_value.numpy(), key_limits(key_lengths, index, query_rows, src_len, query_proj.device).numpy(),
+              hidden_keys(key_padding_mask, index).numpy(), causal, form, EXP_SAFE_MAGNITUDE[dtype],
+              step_block(query_rows, tgt_len, src_len, torch.get_num_threads())]
+
+    def run(fuse_context, probs, context):
+        with launching():
+            out_of_range = forward.attention_forward(*arrays, fuse_context, probs.numpy(), context.numpy())
+            if arrays[10] == forward.FACTORIZED_IF_IN_RANGE and out_of_range != 0:
+                arrays[10] = forward.DIRECT  # an operand beyond the factorized range (or NaN): redone, exactly
+                forward.attention_forward(*arrays, fuse_context, probs.numpy(), context.numpy())
 
     def fused(probs):
         """P and the context by the kernel, which skips hidden keys in the context too."""
         context = common.empty_buffer((query_rows, tgt_len, value_dim), dtype, query_proj.device)
-        with launching():
-            forward.attention_forward(*arrays, True, probs.numpy(), context.numpy())
+        run(True, probs, context)
         return context
 
     # The context: in the kernel for a decode step (T = 1), else P @ value by torch.bmm, several times faster for
     # many steps (forward.attention_forward).
     if tgt_len == 1:
         return fused(probs), probs
-    with launching():
-        forward.attention_forward(*arrays, False, probs.numpy(), torch.empty(0, 0, 0, dtype=dtype).numpy())
+    run(False, probs, torch.empty(0, 0, 0, dtype=dtype))
     if index is None:
         context = torch.bmm(probs, values)
     else:
@@ -253,8 +264,11 @@ def attend(call: AttentionCall, *, tanh_form: str = "auto") -> tuple[torch.Tenso
     """Additive attention for a validated call on CPU tensors. `tanh_form`: "auto" (scan the inputs once per call),
     or the form a decoding memory's `check_memory` chose. Returns context [B_q, T, D] and, if `call.need_weights`,
     weights [B_q, T, S], in the input dtype (the weights a fresh tensor, never the P saved for the backward)."""
-    if tanh_form == "auto" and not torch.compiler.is_compiling() and can_read_values(call.query_proj):
-        # Decided here, once: the backward reuses the choice instead of scanning again.
+    # "auto" without an extra key term or a prepared e^{2k} goes to the kernel, which checks the range as it computes
+    # e^{2k} (no scan: a forward without backward reads its inputs once); the backward then scans once. Else it is
+    # decided here, once: the backward reuses the choice instead of scanning again.
+    if (tanh_form == "auto" and (call.extra_key_term is not None or call.key_exp is not None)
+            and not torch.compiler.is_compiling() and can_read_values(call.query_proj)):
         tanh_form = resolve_tanh_form("auto", call.query_proj, call.key_proj, call.extra_key_term)
     key_exp = call.key_exp if tanh_form == "factorized" else None
     context, probs = _forward_op(*call.op_inputs(), tanh_form, key_exp)

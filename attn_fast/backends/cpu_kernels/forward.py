@@ -25,6 +25,7 @@ import numba
 import numpy as np
 
 from attn_fast.backends.cpu_kernels import FASTMATH
+from attn_fast.backends.cpu_kernels.vector_math import vector_exp
 
 
 @numba.njit(inline="always", cache=True)
@@ -35,10 +36,15 @@ def is_hidden(hidden, row, step, key) -> bool:
     return hidden[row, step if hidden.shape[1] > 1 else 0, key]
 
 
+#: Values of `attention_forward`'s `form`.
+DIRECT, FACTORIZED, FACTORIZED_IF_IN_RANGE = 0, 1, 2
+
+
 @numba.njit(inline="always", fastmath=set(FASTMATH), cache=True)
-def step_probabilities(query, key_op, key_row, v, v_sum, limit, hidden, row, step, factorized, scores):
+def step_probabilities(query, row_keys, v, v_sum, limit, hidden, row, step, factorized, scores):
     """Scores of one (row, step) against its visible keys [0, limit) then, in place, their masked softmax: scores
-    [S] ends up holding P[row, step, :], 0 at hidden keys."""
+    [S] ends up holding P[row, step, :], 0 at hidden keys. `query` [A]: e^{2q} of the step (factorized) or q;
+    row_keys [>= limit, A]: e^{2k} (factorized) or k of the row's keys."""
     src_len = scores.shape[0]
     attn_dim = query.shape[0]
     zero = v.dtype.type(0.0)
@@ -51,7 +57,7 @@ def step_probabilities(query, key_op, key_row, v, v_sum, limit, hidden, row, ste
         if key >= limit or is_hidden(hidden, row, step, key):
             scores[key] = zero
             continue
-        keys = key_op[key_row, key]
+        keys = row_keys[key]
         total = zero
         if factorized:
             for a in range(attn_dim):
@@ -65,15 +71,19 @@ def step_probabilities(query, key_op, key_row, v, v_sum, limit, hidden, row, ste
         if score > row_max:
             row_max = score
     # As common.masked_softmax_: an infinite maximum (all visible scores -inf, or one +inf) is replaced by 0, and a
-    # zero sum (no visible key) by 1, so that an empty row gets zero weights instead of NaN.
+    # zero sum (no visible key) by 1, so that an empty row gets zero weights instead of NaN. The exponentials over
+    # every key below the limit (vector_exp: no libm call, vectorized), then hidden keys back to 0.
     if not math.isfinite(row_max):
         row_max = zero
+    for key in range(limit):
+        scores[key] = vector_exp(scores[key] - row_max)
+    if hidden.shape[0] != 0:
+        for key in range(limit):
+            if is_hidden(hidden, row, step, key):
+                scores[key] = zero
     total_weight = zero
     for key in range(limit):
-        if not is_hidden(hidden, row, step, key):
-            weight = math.exp(scores[key] - row_max)
-            scores[key] = weight
-            total_weight += weight
+        total_weight += scores[key]
     if total_weight == zero:
         total_weight = one
     for key in range(limit):
@@ -81,60 +91,105 @@ def step_probabilities(query, key_op, key_row, v, v_sum, limit, hidden, row, ste
 
 
 @numba.njit(inline="always", fastmath=set(FASTMATH), cache=True)
-def forward_item(item, query_op, key_op, key_row_of, v, v_sum, value, value_row_of, key_limits, hidden, causal,
-                 factorized, fuse_context, probs, context):
-    """One work item of `attention_forward`: P (and the context) of query row item // T, step item % T."""
-    steps = query_op.shape[1]
-    src_len = key_op.shape[1]
+def forward_item(item, query, keys, keys_are_exp, key_row_of, v, v_sum, value, value_row_of, key_limits, hidden,
+                 causal, factorized, largest, step_block, fuse_context, probs, context) -> int:
+    """One work item of `attention_forward`: P (and the context) of query row item // blocks, steps [first,
+    first + step_block) of its block. Returns the number of operands it found beyond `largest` (factorized forms;
+    NaN included; 0 when `largest` is inf)."""
+    query_rows, steps, attn_dim = query.shape
+    src_len = keys.shape[1]
     value_dim = value.shape[2]
-    row = item // steps
-    step = item - row * steps
-    limit = min(key_limits[row], src_len)
+    dtype = v.dtype
+    two = dtype.type(2.0)
+    blocks = (steps + step_block - 1) // step_block
+    row = item // blocks
+    first = (item - row * blocks) * step_block
+    last = min(first + step_block, steps)
+    row_limit = min(key_limits[row], src_len)
     if causal:
-        limit = min(limit, step + 1)
-    scores = probs[row, step]
-    step_probabilities(query_op[row, step], key_op, key_row_of[row], v, v_sum, limit, hidden, row, step, factorized,
-                       scores)
-    if fuse_context:
-        out = context[row, step]
-        for d in range(value_dim):
-            out[d] = 0.0
-        values = value[value_row_of[row]]
-        for key in range(limit):
-            # A key hidden from the step is skipped, never multiplied by its zero weight: a NaN or inf value there
-            # must not reach the step.
-            if not is_hidden(hidden, row, step, key):
-                weight = scores[key]
-                for d in range(value_dim):
-                    out[d] += weight * values[key, d]
+        row_limit = min(row_limit, last)
+    row_limit = max(row_limit, 0)
+    bad = 0
+    # e^{2k} of the keys the block's steps can see, once per item: a [keys, A] block that stays in cache while
+    # the block's steps read it (a whole-call [B, S, A] buffer was 1.2 ns per element at caption, from memory).
+    make_key_exp = factorized and not keys_are_exp
+    key_exp = np.empty((row_limit if make_key_exp else 0, attn_dim), dtype)
+    if make_key_exp:
+        source = keys[key_row_of[row]]
+        for j in range(row_limit):
+            for a in range(attn_dim):
+                x = source[j, a]
+                key_exp[j, a] = vector_exp(two * x)
+                bad += 0 if abs(x) <= largest else 1
+    row_keys = key_exp if make_key_exp else keys[key_row_of[row]]
+    query_row = np.empty(attn_dim if factorized else 0, dtype)
+    for step in range(first, last):
+        limit = min(row_limit, step + 1) if causal else row_limit
+        scores = probs[row, step]
+        if factorized:
+            for a in range(attn_dim):
+                x = query[row, step, a]
+                query_row[a] = vector_exp(two * x)
+                bad += 0 if abs(x) <= largest else 1
+            step_probabilities(query_row, row_keys, v, v_sum, limit, hidden, row, step, True, scores)
+        else:
+            step_probabilities(query[row, step], row_keys, v, v_sum, limit, hidden, row, step, False, scores)
+        if fuse_context:
+            out = context[row, step]
+            for d in range(value_dim):
+                out[d] = 0.0
+            values = value[value_row_of[row]]
+            for key in range(limit):
+                # A key hidden from the step is skipped, never multiplied by its zero weight: a NaN or inf value
+                # there must not reach the step.
+                if not is_hidden(hidden, row, step, key):
+                    weight = scores[key]
+                    for d in range(value_dim):
+                        out[d] += weight * values[key, d]
+    return bad
 
 
 @numba.njit(parallel=True, fastmath=set(FASTMATH), cache=True)
-def attention_forward(query_op, key_op, key_row_of, v, value, value_row_of, key_limits, hidden, causal, factorized,
-                      fuse_context, probs, context):
+def attention_forward(query, keys, keys_are_exp, key_row_of, v, value, value_row_of, key_limits, hidden, causal,
+                      form, magnitude_limit, step_block, fuse_context, probs, context):
     """Fill probs P [B_q, T, S] and, with `fuse_context`, context [B_q, T, D] (both in the compute dtype, every
-    element written).
+    element written). With form FACTORIZED_IF_IN_RANGE, returns the number of operands it met beyond
+    `magnitude_limit` (NaN included): when it is not 0, P and the context are not valid and the caller runs the
+    DIRECT form instead (other forms: the count of NaN operands, to be ignored).
 
-    query_op [B_q, T, A]: e^{2 query_proj} (factorized) or query_proj (direct).
-    key_op [B_k, S, A]: e^{2 key} (factorized) or the keys (direct); key row key_row_of[b] (int64 [B_q]) serves
-        query row b (the memory row through `index`, or b itself when the keys are per query row).
+    query [B_q, T, A]: query_proj. The factorized forms take e^{2q} of each step in its work item (`vector_exp`).
+    keys [B_k, S, A]: the keys, or their e^{2k} when `keys_are_exp` (a prepared memory; factorized forms only);
+        else the factorized forms compute e^{2k} of the keys a work item's steps can see, once per item, into a
+        [keys, A] block that stays in cache. Key row key_row_of[b] (int64 [B_q]) serves query row b (the memory row
+        through `index`, or b itself when the keys are per query row).
+    form: DIRECT (tanh per element), FACTORIZED, or FACTORIZED_IF_IN_RANGE: factorized, checking every |q| and
+        |k| it exponentiates against magnitude_limit (common.EXP_SAFE_MAGNITUDE: e^{2x} finite), which spares the
+        caller a separate scan of the inputs (keys no step can see are not checked: they reach nothing).
+    step_block: steps per work item (item = (query row, block of steps)); the caller picks blocks small enough to
+        give every thread several items, large enough that e^{2k} per item costs little.
     v [A]; value [B_m, S, D] read at row value_row_of[b] (int64 [B_q]).
     key_limits int64 [B_q]: keys j >= key_limits[b] are hidden (key_lengths through `index`, else S).
     hidden bool [B_q, 1 or T, S] (True = hidden) or [0, 1, 1] for none; causal: keys j > i are hidden.
     All float arrays share one dtype (float32 or float64) and are C-contiguous.
 
-    Work items: (query row, step), in parallel (`forward_item`). Only loops inside a `prange` body are vectorized
-    by numba 0.68 here (the same loops in a serial njit function compile to scalar divisions, 6x slower, checked
-    with inspect_asm), so there is no serial variant for small calls, though a parallel launch costs ~60 us even on
-    one thread (benchmarks/NOTES.md). The fused context reads the whole [S, D] value row once per step:
-    right for a decode step (T = 1: a matrix-vector product anyway, and no gather of the memory rows), several
-    times slower than a batched matrix product for many steps (benchmarks/NOTES.md), where the caller leaves it
-    to `torch.bmm` on P.
+    Work items: (query row, block of steps), in parallel (`forward_item`). Only loops inside a `prange` body are
+    vectorized by numba 0.68 here (the same loops in a serial njit function compile to scalar divisions, 6x
+    slower, checked with inspect_asm), so there is no serial variant for small calls, though a parallel launch
+    costs ~60 us even on one thread (benchmarks/NOTES.md). The fused context reads the whole [S, D] value row
+    once per step: right for a decode step (T = 1: a matrix-vector product anyway, and no gather of the memory
+    rows), several times slower than a batched matrix product for many steps (benchmarks/NOTES.md), where the
+    caller leaves it to `torch.bmm` on P.
     """
+    factorized = form != DIRECT
+    largest = v.dtype.type(magnitude_limit if form == FACTORIZED_IF_IN_RANGE else np.inf)
     v_sum = v.dtype.type(0.0)
     for a in range(v.shape[0]):
         v_sum += v[a]
-    for item in numba.prange(query_op.shape[0] * query_op.shape[1]):
-        forward_item(item, query_op, key_op, key_row_of, v, v_sum, value, value_row_of, key_limits, hidden, causal,
-                     factorized, fuse_context, probs, context)
-
+    query_rows, steps, _ = query.shape
+    items = query_rows * ((steps + step_block - 1) // step_block)
+    out_of_range = np.empty(items, np.int64)  # per item (a prange reduction over the inlined item failed to compile)
+    for item in numba.prange(items):
+        out_of_range[item] = forward_item(item, query, keys, keys_are_exp, key_row_of, v, v_sum, value, value_row_of,
+                                     key_limits, hidden, causal, factorized, largest, step_block, fuse_context, probs,
+                                     context)
+    return out_of_range.sum()
