@@ -11,11 +11,14 @@ Only P [B_q, T, S] (in the compute dtype) is saved for the backward, as in the t
 
 What the op does in torch around the kernels, all on [B, T, A]-, [B, S, A]- or [B, S, D]-sized tensors (A times
 smaller than the tanh tensor): casts to the compute dtype (fp32 for fp16/bf16, fp64 stays fp64), contiguous
-copies, e^{2x} of the operands for the factorized form (torch's vectorized exp: numba's would be a scalar libm call
-per element), the key rows of `index` + `extra_key_term`, and the per-row key limits and padding mask.
+copies, the key rows of `index` + `extra_key_term`, the per-row key limits and padding mask, and the context
+P @ value (torch.bmm) for T > 1. e^{2q} and e^{2k} are the kernel's (`vector_math.vector_exp`, per work item).
 
 The tanh form is chosen per call as in the torch backend (common.EXP_SAFE_MAGNITUDE): "factorized" while every
-e^{2x} stays finite, else "direct"; a decoding memory passes the form `check_memory` chose, sparing the scan.
+e^{2x} stays finite, else "direct". For "auto" without an extra key term the kernel checks the range itself as it
+computes the exponentials and says when the direct form must run instead (no separate scan of the inputs; the
+backward, if any, scans once); with an extra key term the op scans (the backward's bound, max |k| + max |extra|),
+and a decoding memory passes the form `check_memory` chose.
 """
 from __future__ import annotations
 

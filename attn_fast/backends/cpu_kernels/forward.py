@@ -5,12 +5,15 @@ decoder step), for all decoder steps at once and for a single decode step alike 
     P[b, i, :]     = softmax over the keys j visible to step i of row b
     context[b, i]  = Σ_j P[b, i, j] value[value_row_of[b], j, :]
 
-Two tanh forms, chosen by the caller for the whole call:
-- factorized: tanh(x + y) = 1 - 2 / (1 + e^{2x} e^{2y}), with e^{2q} and e^{2k} computed once per query and key
-  row by the caller (or prepared with a decoding memory), so the score is sum(v) - 2 Σ_a v[a] / (1 + eq[a] ek[a]):
-  a multiply, an add and a division per element, which LLVM vectorizes over A. Exact when e^{2x} stays finite
-  for every operand (|x| <= common.EXP_SAFE_MAGNITUDE); a product that overflows to inf or underflows to 0 still
-  gives tanh = +-1 exactly.
+Two tanh forms, chosen by the caller for the whole call (or by the kernel: `attention_forward`'s form
+FACTORIZED_IF_IN_RANGE):
+- factorized: tanh(x + y) = 1 - 2 / (1 + e^{2x} e^{2y}), with e^{2q} and e^{2k} computed once per query step and
+  per key and work item here (`vector_math.vector_exp`, vectorized; or e^{2k} prepared with a decoding memory), so
+  the score is sum(v) - 2 Σ_a v[a] / (1 + eq[a] ek[a]): a multiply, an add and a division per element, which LLVM
+  vectorizes over A (a true `vdivps`: inside this prange loop it measured faster than `vector_math`'s Newton
+  reciprocal, benchmarks/NOTES.md). Exact when e^{2x} stays finite for every operand (|x| <=
+  common.EXP_SAFE_MAGNITUDE); a product that overflows to inf or underflows to 0 still gives tanh = +-1 exactly
+  (1 / (1 + inf) = 0).
 - direct: tanh(q + k) per element (a scalar libm call: no vectorized tanh without SVML), for saturated inputs.
 
 Keys hidden from a step (j >= key_limits[b], a True `hidden` entry, or j > i with `causal`) are never read: their

@@ -1,7 +1,10 @@
-"""Vectorizable 1/x and e^x for the numba kernels (`forward`, `backward`): numba compiles `1.0 / x` to a true
-divide (vdivps, ~1.2 ns per fp32 element on this CPU whatever the vector width) and `np.exp` / `math.exp` to a scalar
-libm call per element (~2.7 ns); these two are plain arithmetic on the bits that LLVM vectorizes inside prange
-loops (benchmarks/NOTES.md, "Fused CPU backward: tanh pass", measures both).
+"""Vectorizable 1/x and e^x for the numba kernels (`forward`, `backward`): numba compiles `np.exp` / `math.exp` to a
+scalar libm call per element (~2.7 ns) and `1.0 / x` to a true divide (~1.2 ns per fp32 element measured in a serial
+njit loop, where it stays scalar); these two are plain arithmetic on the bits that LLVM vectorizes inside prange
+loops (benchmarks/NOTES.md, "Fused CPU backward: tanh pass", measures both). Where numba vectorizes the divide
+itself (the forward's score loop, a reduction in a prange body: vdivps), the divide measured faster than
+`vector_reciprocal` (benchmarks/NOTES.md, "Fused CPU kernels: choosing the tool"); the forward uses `vector_exp`
+only.
 
 Call them from compiled code only; their Python bodies (`1.0 / x`, `np.exp`) are what plain Python calls get.
 """
