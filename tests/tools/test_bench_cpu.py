@@ -56,13 +56,18 @@ def test_cpu_limit_is_positive_at_each_thread_count_and_vectorized(limit):
 
 
 def test_cpu_limit_falls_back_without_numba(monkeypatch):
+    def probe_numba():
+        """The CPU backend's availability check, asked afresh (the real one remembers its first answer)."""
+        try:
+            import numba  # noqa: F401
+        except ImportError as error:
+            return f"numba is not importable ({error})"
+        return None
+
     monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now raises ImportError
+    monkeypatch.setattr(cpu_kernels, "unavailable_reason", probe_numba)
     monkeypatch.setattr(cpu_limit, "_KERNEL", None)
-    cpu_kernels.unavailable_reason.cache_clear()
-    try:
-        result = cpu_limit.measure_cpu_limit((1,))
-    finally:
-        cpu_kernels.unavailable_reason.cache_clear()  # asked again once numba is back
+    result = cpu_limit.measure_cpu_limit((1,))
     assert result["available"] is False and "numba" in result["note"] and "\n" not in result["note"]
     assert cpu_limit.limit_for(result, 1) is None and cpu_limit.scaling(result) is None
     row = cpu_limit.throughput(1000, 0.5, 1, result)
