@@ -1,7 +1,7 @@
 """The default `attn-fast train` run for one decoder, then the best checkpoint's greedy exact match and character
 accuracy on the date task's test split (dates never seen in training, in any format).
 
-    python -m benchmarks.seq2seq_default_runs parallel|bahdanau [--out-dir runs/defaults]
+    python -m benchmarks.seq2seq_default_runs parallel|bahdanau [--out-dir runs/defaults] [--overwrite]
 """
 import argparse
 import time
@@ -15,10 +15,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("decoder", choices=["parallel", "bahdanau"])
     parser.add_argument("--out-dir", default="runs/defaults")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run's checkpoints there (attn-fast train refuses them otherwise)")
     args = parser.parse_args()
     out_dir = f"{args.out_dir}/{args.decoder}"
     start = time.time()
-    if cli_main(["train", "--decoder", args.decoder, "--out-dir", out_dir, "--quiet"]) != 0:
+    train_args = ["train", "--decoder", args.decoder, "--out-dir", out_dir, "--quiet"]
+    if cli_main(train_args + (["--overwrite"] if args.overwrite else [])) != 0:
         raise SystemExit("training failed")
     wall = time.time() - start
     model, src_vocab, tgt_vocab, _ = load_checkpoint(f"{out_dir}/best.pt")
