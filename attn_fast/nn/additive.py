@@ -16,6 +16,7 @@ from attn_fast.functional import (
     check_memory,
     hide_masked_keys,
     prepare_key_exp,
+    resolve_backend,
 )
 from attn_fast.validation import FLOATING_DTYPES, check_backend
 
@@ -33,8 +34,9 @@ class AttentionMemory:
         build a new memory with `precompute` instead.
     tanh_form: the torch backend's tanh form for steps without an extra key term, chosen once from
         max |key_proj| by `precompute` ("factorized" or "direct"; "auto" when it could not read the values, e.g.
-        compiling, and the backend then decides per call). Steps with an extra key term (location, coverage)
-        use "direct", whose range is unlimited, since their features' magnitude is only known per step.
+        compiling, and the backend then decides per call). Steps with an extra key term (location, coverage),
+        whose features' magnitude is only known per step, leave it to the cpu backend's kernel ("auto": it checks
+        the range itself, with no host read) and use "direct", whose range is unlimited, on other backends.
     key_exp: e^{2 key_proj} [B, S, A] in the compute dtype, computed once by `precompute` when the steps run the
         torch backend in the factorized form (else None): each step's blocks then need no exponential of the keys.
     """
@@ -209,7 +211,14 @@ class AdditiveAttention(nn.Module):
                        backend=self.backend)
         if memory.checked and not causal:
             # A step against a memory `precompute` validated: metadata checks only, no host read (AttentionMemory).
-            tanh_form = memory.tanh_form if extra_key_term is None or memory.tanh_form == "auto" else "direct"
+            tanh_form = memory.tanh_form
+            if extra_key_term is not None and tanh_form != "auto":
+                # The extra term's magnitude is only known per step. The cpu backend's kernel checks the range as it
+                # computes e^{2k} (no host read) and falls back to tanh by itself: "auto" gives it the factorized
+                # form, 3x faster per step at tts sizes (benchmarks/NOTES.md). Elsewhere "direct", whose range is
+                # unlimited, keeps the step free of host reads.
+                runs_cpu_kernel = resolve_backend(self.backend, memory.key_proj.device, memory.key_proj.dtype) == "cpu"
+                tanh_form = "auto" if runs_cpu_kernel else "direct"
             key_exp = memory.key_exp if extra_key_term is None else None
             context, weights = additive_attention_on_memory(*arguments, tanh_form=tanh_form, key_exp=key_exp,
                                                             **options)
