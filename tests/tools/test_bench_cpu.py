@@ -233,3 +233,20 @@ def test_markdown_flag_parses_and_shows_a_saved_run(tmp_path, capsys):
     assert main(["bench", "--show", str(path), "--markdown"]) == 0
     shown = capsys.readouterr().out
     assert "| long (1, 1, 1, 1, 1) | forward | 2000.0 ms | 500.0 ms (**4.0×**) | 25% | - / - |" in shown
+
+
+def test_cpu_elements_count_visible_keys_only():
+    """elements/s credit a kernel that skips padded keys with the work it does: T * A per visible key, twice for
+    forward + backward, and every key without lengths (then the same count as the 4-D tensor's elements)."""
+    from attn_fast.tools.bench import roofline
+    from attn_fast.tools.bench.cases import CaseSpec
+
+    spec = CaseSpec("nmt_train", "fp32", "forward", "cpu")
+    problem = spec.problem
+    lengths = torch.randint(1, problem.src_len + 1, (problem.batch,))
+    visible = roofline.visible_tanh_evaluations(spec, lengths)
+    assert visible == problem.tgt_len * int(lengths.sum()) * problem.attn_dim
+    assert roofline.visible_tanh_evaluations(spec, None) == roofline.tanh_evaluations(spec)
+    both_passes = CaseSpec("nmt_train", "fp32", "forward_backward", "cpu")
+    assert roofline.visible_tanh_evaluations(both_passes, lengths) == 2 * visible
+    assert roofline.visible_tanh_evaluations(spec, lengths + 10 * problem.src_len) == roofline.tanh_evaluations(spec)

@@ -5,7 +5,7 @@ report its tanh elements/s as a fraction of it (issue 13).
 The forward computes sum_a v[a] * tanh(q[a] + k[a]) in the factorized form tanh(q + k) = 1 - 2 / (1 + e^{2q} e^{2k})
 with e^{2q} and e^{2k} computed once per query and key row (README, "Backends"). What is left per element is
 
-    acc += v * (1 / (1 + eq * ek))        one FMA, one reciprocal (a division), one FMA
+    score += v * (1 / (1 + eq * ek))      one FMA, one reciprocal (a division), one FMA
 
 (the sum of v and the factor -2 are applied once per score, outside the loop). This module times exactly that loop,
 compiled by numba with the fastmath flags of the CPU backend's kernels, over contiguous float32 arrays small enough
@@ -33,7 +33,7 @@ import torch
 from attn_fast.backends import cpu_kernels
 
 #: The working set of one worker: KEYS rows of e^{2k} x UNITS attention units (float32) plus one query row of e^{2q},
-#: v and the accumulators: 19 KiB, inside the smallest L1 data cache of a current x86 core (32 KiB).
+#: v and the per-key sums: 19 KiB, inside the smallest L1 data cache of a current x86 core (32 KiB).
 KEYS, UNITS = 16, 256
 #: Packed instructions looked for in the compiled loop (AT&T syntax, as LLVM prints it).
 VECTOR_INSTRUCTIONS = ("vdivps", "vrcpps", "vrcp14ps", "vfmadd")
@@ -69,15 +69,20 @@ def _compiled_kernel():
 
     @numba.njit(**kernel_options(), cache=True)
     def factorized_tanh_arithmetic(query_exp, key_exp, v, acc, sweeps):
-        """acc[w, a] += v[a] * (1 / (1 + query_exp[w, a] * key_exp[j, a])) for every key j, `sweeps` times;
-        one worker w per parallel chunk."""
-        workers, units = acc.shape
-        keys = key_exp.shape[0]
+        """acc[w, j] += sum_a v[a] * (1 / (1 + query_exp[w, a] * key_exp[j, a])) for every key j, `sweeps` times;
+        one worker w per parallel chunk. The loop of the forward's scores: a sum over the units per key, kept in
+        registers (vector partial sums, which the "reassoc" flag allows), one store per key. (A first version
+        accumulated per unit in memory, a load and a store per element: it ran below the forward kernel itself,
+        which made the fractions exceed 100%.)"""
+        workers = acc.shape[0]
+        keys, units = key_exp.shape
         for worker in numba.prange(workers):
             for _ in range(sweeps):
                 for key in range(keys):
+                    score = np.float32(0.0)
                     for unit in range(units):
-                        acc[worker, unit] += v[unit] * (one / (one + query_exp[worker, unit] * key_exp[key, unit]))
+                        score += v[unit] * (one / (one + query_exp[worker, unit] * key_exp[key, unit]))
+                    acc[worker, key] += score
 
     _KERNEL = factorized_tanh_arithmetic
     return _KERNEL
@@ -89,7 +94,7 @@ def _operands(workers: int):
     query_exp = generator.uniform(0.25, 4.0, (workers, UNITS)).astype(np.float32)
     key_exp = generator.uniform(0.25, 4.0, (KEYS, UNITS)).astype(np.float32)
     v = generator.standard_normal(UNITS).astype(np.float32)
-    return query_exp, key_exp, v, np.zeros((workers, UNITS), dtype=np.float32)
+    return query_exp, key_exp, v, np.zeros((workers, KEYS), dtype=np.float32)
 
 
 def vector_report(kernel) -> dict:
@@ -176,7 +181,7 @@ def measure_cpu_limit(thread_counts=None, *, target_s: float = 0.3) -> dict:
         return {"available": False, "note": f"CPU limit not measured: {type(error).__name__}: {error}"}
     return {"available": True, "fastmath": sorted(fastmath_flags()), **vector, "by_threads": by_threads,
             "compile_and_time_s": compile_and_time_s,
-            "method": f"numba loop acc += v * (1 / (1 + eq * ek)) (FMA, division, FMA per element) over float32 "
+            "method": f"numba loop score += v * (1 / (1 + eq * ek)) (FMA, division, FMA per element) over float32 "
                       f"[{KEYS} keys x {UNITS} units] per worker (L1-resident), one worker per thread, median of 5 "
                       f"calls; elements/s = workers x sweeps x keys x units / s"}
 
@@ -202,8 +207,9 @@ def scaling(limit: dict | None) -> float | None:
 def throughput(tanh_evaluations: int, median_s: float, threads: int, limit: dict | None) -> dict:
     """One CPU row's tanh elements/s and its fraction of the limit measured at the row's thread count.
 
-    `tanh_evaluations` as `roofline.tanh_evaluations` counts them: B*T*S*A for a forward or a step, 2*B*T*S*A for a
-    forward + backward (the backward recomputes each tanh once; its per-element work is more than the limit's
+    `tanh_evaluations` as `roofline.visible_tanh_evaluations` counts them: T*A per visible key of each batch row for
+    a forward or a step, twice that for a forward + backward (the backward recomputes each tanh once; its
+    per-element work is more than the limit's
     FMA + division + FMA, so its fraction is not expected to reach the forward's). Returns {"tanh_evaluations",
     "elements_per_s", "threads", "limit_elements_per_s", "cpu_limit_fraction"}, the last two None when the limit
     was not measured (no numba) or not at this thread count."""

@@ -32,6 +32,20 @@ def tanh_evaluations(spec: CaseSpec) -> int:
     return passes * spec.problem.tanh_elements
 
 
+def visible_tanh_evaluations(spec: CaseSpec, key_lengths: torch.Tensor | None) -> int:
+    """Tanh evaluations at visible keys only (key_lengths [B], or every key without them): the work left to a
+    kernel that skips padded keys, as the cpu backend's kernels do. CPU elements/s count these: counting padded
+    keys too (the bench's lengths are uniform in 1..S, about half of them) would credit a skipping kernel with
+    twice the work it does, and its fraction of the CPU limit could pass 100%."""
+    passes = 2 if spec.mode == "forward_backward" else 1
+    problem = spec.problem
+    if key_lengths is None:
+        visible_keys = problem.batch * problem.src_len
+    else:
+        visible_keys = int(key_lengths.clamp(0, problem.src_len).sum())
+    return passes * problem.tgt_len * visible_keys * problem.attn_dim
+
+
 def gpu_mufu_limit(device: torch.device) -> dict:
     """{"sm_count", "sm_clock_hz", "tanh_per_s"} of the GPU (the maximum SM clock, as the driver reports it), or
     {"error"} when the clock cannot be read."""

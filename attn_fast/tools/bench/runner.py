@@ -138,7 +138,8 @@ def run_case(spec: CaseSpec, device: torch.device, *, target_s: float, measure_m
             del sets
         else:
             record["timing"] = time_cpu(prepared.run, target_s=target_s)
-            record["throughput"] = cpu_limit.throughput(roofline.tanh_evaluations(spec), record["timing"]["median_s"],
+            visible = roofline.visible_tanh_evaluations(spec, prepared.inputs.key_lengths)
+            record["throughput"] = cpu_limit.throughput(visible, record["timing"]["median_s"],
                                                         record["timing"]["threads"], cpu_limit_result)
         record["status"] = "ok"
         if spec.backend == "triton" and mufu_limit is not None:
