@@ -237,6 +237,20 @@ def hide_masked_keys(key_proj: torch.Tensor, value: torch.Tensor, *, key_lengths
     return zeroed(key_proj), zeroed(value)
 
 
+def step_tanh_form(memory_tanh_form: str, *, has_extra_key_term: bool, backend: str, device: torch.device,
+                   dtype: torch.dtype) -> str:
+    """The tanh form of one step against a memory `check_memory` checked (`memory_tanh_form`, as it chose it).
+
+    Without an extra key term, the memory's form. With one (location, coverage attention), whose magnitude is only
+    known per step: "auto" where the step runs the cpu backend, whose kernel checks |key + term| as it computes
+    e^{2k} (no host read) and falls back to tanh by itself, so the factorized form runs whenever it may (3x faster
+    per step at tts sizes, benchmarks/NOTES.md); elsewhere "direct", whose range is unlimited, which keeps the step
+    free of host reads."""
+    if not has_extra_key_term or memory_tanh_form == "auto":
+        return memory_tanh_form
+    return "auto" if resolve_backend(backend, device, dtype) == "cpu" else "direct"
+
+
 def prepare_key_exp(key_proj: torch.Tensor, tanh_form: str, backend: str = "auto") -> torch.Tensor | None:
     """e^{2 key_proj} [B_m, S, A] (compute dtype) for a decoding memory, passed to every step as `key_exp`:
     - torch backend: when its steps run in the factorized form (`tanh_form` as `check_memory` chose it); it spares

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attn_fast.functional import additive_attention_on_memory, check_memory, prepare_key_exp
+from attn_fast.functional import additive_attention_on_memory, check_memory, prepare_key_exp, step_tanh_form
 from attn_fast.integrations.registry import (
     adopt_submodules,
     linear_shape,
@@ -119,8 +119,10 @@ class FusedContentBasedAttention(nn.Module):
         """One decoder step against the sequence's memory: context [B, output_dim], weights [B, S]."""
         v = self.score_vector()
         memory = self.memory_for(enc_states, v, prepare_keys=extra_key_term is None)
-        # Steps with an extra key term take the direct tanh form, whose range is unlimited (as attn_fast.nn does).
-        tanh_form = memory.tanh_form if extra_key_term is None or memory.tanh_form == "auto" else "direct"
+        # Steps with an extra key term: the form attn_fast.nn's layers take too (the cpu kernel checks the range
+        # itself; "direct", unlimited, elsewhere).
+        tanh_form = step_tanh_form(memory.tanh_form, has_extra_key_term=extra_key_term is not None,
+                                   backend=self.backend, device=enc_states.device, dtype=memory.key_proj.dtype)
         context, weights = additive_attention_on_memory(
             self.mlp_dec(dec_states.unsqueeze(1)), memory.key_proj, enc_states, v,
             key_padding_mask=memory.key_padding_mask, extra_key_term=extra_key_term, need_weights=True,

@@ -16,7 +16,7 @@ from attn_fast.functional import (
     check_memory,
     hide_masked_keys,
     prepare_key_exp,
-    resolve_backend,
+    step_tanh_form,
 )
 from attn_fast.validation import FLOATING_DTYPES, check_backend
 
@@ -211,14 +211,9 @@ class AdditiveAttention(nn.Module):
                        backend=self.backend)
         if memory.checked and not causal:
             # A step against a memory `precompute` validated: metadata checks only, no host read (AttentionMemory).
-            tanh_form = memory.tanh_form
-            if extra_key_term is not None and tanh_form != "auto":
-                # The extra term's magnitude is only known per step. The cpu backend's kernel checks the range as it
-                # computes e^{2k} (no host read) and falls back to tanh by itself: "auto" gives it the factorized
-                # form, 3x faster per step at tts sizes (benchmarks/NOTES.md). Elsewhere "direct", whose range is
-                # unlimited, keeps the step free of host reads.
-                runs_cpu_kernel = resolve_backend(self.backend, memory.key_proj.device, memory.key_proj.dtype) == "cpu"
-                tanh_form = "auto" if runs_cpu_kernel else "direct"
+            tanh_form = step_tanh_form(memory.tanh_form, has_extra_key_term=extra_key_term is not None,
+                                       backend=self.backend, device=memory.key_proj.device,
+                                       dtype=memory.key_proj.dtype)
             key_exp = memory.key_exp if extra_key_term is None else None
             context, weights = additive_attention_on_memory(*arguments, tanh_form=tanh_form, key_exp=key_exp,
                                                             **options)
