@@ -113,7 +113,8 @@ def cpu_limit_line(limit: dict) -> str:
                       for threads, entry in sorted(limit["by_threads"].items(), key=lambda item: int(item[0])))
     packed = ", ".join(f"{name} {'/'.join(f'{count} {register}' for register, count in registers.items())}"
                        for name, registers in limit["instructions"].items() if registers)
-    return (f"CPU limit (acc += v * (1 / (1 + eq * ek)), float32, numba, fastmath {'/'.join(limit['fastmath'])}): "
+    flags = "/".join(limit["fastmath"])
+    return (f"CPU limit (score += v * (1 / (1 + eq * ek)) per element, float32, numba, fastmath {flags}): "
             f"{rates} G elements/s; {limit['vector_bits']}-bit vectors ({packed or 'no packed instructions found'})")
 
 
