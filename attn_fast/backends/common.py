@@ -168,3 +168,17 @@ def context_at_visible_keys(probs: torch.Tensor, value: torch.Tensor, visible: t
     if not blocks:
         return probs.new_zeros(0, tgt_len, value_dim)
     return torch.cat(blocks, dim=0)
+
+
+def input_grads_out(grads, query_proj, key_proj, value, v, extra_key_term) -> list[torch.Tensor]:
+    """A backward op's return: the gradients (query_proj, key_proj, value, v, extra_key_term) each cast to its
+    input's dtype, an empty tensor for one that is None (an op schema returns tensors, not None)."""
+    inputs = (query_proj, key_proj, value, v, extra_key_term)
+    return [query_proj.new_empty(0) if grad is None else grad.to(tensor.dtype) for grad, tensor in zip(grads, inputs)]
+
+
+def fake_input_grads(query_proj, key_proj, value, v, extra_key_term) -> list[torch.Tensor]:
+    """The backward ops' fake implementation: gradients shaped like the inputs (empty for no extra key term)."""
+    extra = query_proj.new_empty(0) if extra_key_term is None else torch.empty_like(extra_key_term)
+    return [torch.empty_like(query_proj), torch.empty_like(key_proj), torch.empty_like(value), torch.empty_like(v),
+            extra]

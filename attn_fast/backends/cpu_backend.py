@@ -233,15 +233,12 @@ def _backward_op(grad_context: torch.Tensor | None, grad_probs: torch.Tensor | N
     """-> gradients of query_proj, key_proj, value, v and extra_key_term (an empty tensor when there is none)."""
     grads = _backward(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, index,
                       probs.to(compute_dtype(query_proj.dtype)), causal, tanh_form, key_lengths)
-    inputs = (query_proj, key_proj, value, v, extra_key_term)
-    return [query_proj.new_empty(0) if grad is None else grad.to(tensor.dtype) for grad, tensor in zip(grads, inputs)]
+    return common.input_grads_out(grads, query_proj, key_proj, value, v, extra_key_term)
 
 
 @_backward_op.register_fake
 def _(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, *_options):
-    extra = query_proj.new_empty(0) if extra_key_term is None else torch.empty_like(extra_key_term)
-    return [torch.empty_like(query_proj), torch.empty_like(key_proj), torch.empty_like(value), torch.empty_like(v),
-            extra]
+    return common.fake_input_grads(query_proj, key_proj, value, v, extra_key_term)
 
 
 def _setup_context(ctx, inputs, output):

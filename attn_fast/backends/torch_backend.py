@@ -363,15 +363,12 @@ def _backward_op(grad_context: torch.Tensor | None, grad_probs: torch.Tensor | N
     if may_read and not bool(torch.isfinite(grads[3]).all()):
         ops.without_nan()
         grads = _backward(ops, probs, grad_context, grad_probs, chunk_elements, need_value_grad=True)
-    inputs = (query_proj, key_proj, value, v, extra_key_term)
-    return [query_proj.new_empty(0) if grad is None else grad.to(tensor.dtype) for grad, tensor in zip(grads, inputs)]
+    return common.input_grads_out(grads, query_proj, key_proj, value, v, extra_key_term)
 
 
 @_backward_op.register_fake
 def _(grad_context, grad_probs, query_proj, key_proj, value, v, extra_key_term, *_options):
-    extra = query_proj.new_empty(0) if extra_key_term is None else torch.empty_like(extra_key_term)
-    return [torch.empty_like(query_proj), torch.empty_like(key_proj), torch.empty_like(value), torch.empty_like(v),
-            extra]
+    return common.fake_input_grads(query_proj, key_proj, value, v, extra_key_term)
 
 
 def _setup_context(ctx, inputs, output):
