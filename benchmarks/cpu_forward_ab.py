@@ -113,8 +113,8 @@ def shape_parts(problem, rounds: int) -> dict:
               cpu_backend.step_block(problem.batch, problem.tgt_len, problem.src_len, torch.get_num_threads()))
 
     def kernel():
-        with launching():
-            forward.attention_forward(*arrays, False, probs.numpy(), torch.empty(0, 0, 0).numpy())
+        with launching() as threads:
+            forward.attention_forward(*arrays, False, probs.numpy(), torch.empty(0, 0, 0).numpy(), threads)
 
     candidates = {
         "whole_cpu_forward": functools.partial(attn_fast.additive_attention, query, keys, value, v,

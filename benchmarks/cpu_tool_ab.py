@@ -122,14 +122,14 @@ def numba_probs(qe, ke, v, limits):
     assert unavailable_reason() is None
     rows = torch.arange(qe.shape[0])
     probs = torch.empty(qe.shape[0], qe.shape[1], ke.shape[1])
-    use_torch_threads()
+    threads = use_torch_threads()
     # The shipped kernel takes q itself (it forms e^{2q} per step) and the memory's prepared e^{2k}: the other
     # candidates get e^{2q} ready-made, a [B, T, A] exp that is S times smaller than their loop.
     query = qe.log().mul_(0.5)
     forward.attention_forward(query.numpy(), ke.numpy(), True, rows.numpy(), v.numpy(), torch.zeros(1, 1, 0).numpy(),
                               rows.numpy(), limits.numpy(), torch.zeros(0, 1, 1, dtype=torch.bool).numpy(), False,
                               forward.FACTORIZED, 40.0, qe.shape[1], False, probs.numpy(),
-                              torch.zeros(0, 0, 0).numpy())
+                              torch.zeros(0, 0, 0).numpy(), threads)
     return probs
 
 
@@ -266,11 +266,11 @@ THREADING_PROBE = textwrap.dedent("""
     left, right = torch.randn(512, 512), torch.randn(512, 512)
 
     def kernel():
-        use_torch_threads()
+        threads = use_torch_threads()
         forward.attention_forward(query.numpy(), ke.numpy(), True, rows.numpy(), v.numpy(),
                                   torch.zeros(1, 1, 0).numpy(), rows.numpy(), limits.numpy(),
                                   torch.zeros(0, 1, 1, dtype=torch.bool).numpy(), False, forward.FACTORIZED, 40.0, T,
-                                  False, probs.numpy(), torch.zeros(0, 0, 0).numpy())
+                                  False, probs.numpy(), torch.zeros(0, 0, 0).numpy(), threads)
 
     kernel(); left @ right
     times = {name: ([], []) for name in ("kernel_alone", "kernel_after_torch_op", "torch_op_after_kernel")}

@@ -86,6 +86,37 @@ def step_block(query_rows: int, tgt_len: int, src_len: int, threads: int) -> int
     return max(1, -(-tgt_len // blocks))
 
 
+#: What one more matrix product call costs on this path (Python, dispatch, a thread-pool wake-up), in multiply-adds:
+#: ~8 us at ~50 G multiply-adds/s. Per-row products over the visible keys pay it once per row.
+PRODUCT_CALL_COST = 400_000
+
+
+def worth_skipping_hidden_keys(limits, tgt_len: int, src_len: int, value_dim: int) -> bool:
+    """Whether the context P @ value should be computed row by row over each row's visible keys [0, limits[b])
+    (`context_over_visible_prefix`) instead of by one batched product over all S keys: when the multiply-adds
+    it saves (keys beyond the limits, x T x D) outweigh a product call per row (PRODUCT_CALL_COST). limits: int64
+    numpy [B_q]."""
+    hidden_keys_total = len(limits) * src_len - int(limits.sum())
+    return hidden_keys_total * tgt_len * value_dim > len(limits) * PRODUCT_CALL_COST
+
+
+def context_over_visible_prefix(probs: torch.Tensor, values: torch.Tensor, value_row_of, limits) -> torch.Tensor:
+    """context [B_q, T, D] = P[b, :, :L_b] @ value[value_row_of[b], :L_b] for every query row b, L_b = limits[b]:
+    P @ value without the keys beyond each row's length, where P is 0 (at caption, 43% of a padded batch's keys;
+    the batched product multiplies them all). A key beyond the length is never read, so a NaN or inf value there
+    cannot reach the context. probs [B_q, T, S], values [B_m, S, D] (one dtype); value_row_of, limits: int64 numpy
+    [B_q]."""
+    query_rows, tgt_len, _ = probs.shape
+    context = common.empty_buffer((query_rows, tgt_len, values.shape[2]), probs.dtype, probs.device)
+    for row in range(query_rows):
+        visible = int(limits[row])
+        if visible == 0:
+            context[row].zero_()
+        else:
+            torch.mm(probs[row, :, :visible], values[int(value_row_of[row]), :visible], out=context[row])
+    return context
+
+
 def _forward(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask, index, causal,
              tanh_form, key_exp):
     """-> (context [B_q, T, D], P [B_q, T, S]), both in the compute dtype, from the kernel."""
@@ -120,11 +151,11 @@ def _forward(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_pa
               step_block(query_rows, tgt_len, src_len, torch.get_num_threads())]
 
     def run(fuse_context, probs, context):
-        with launching():
-            out_of_range = forward.attention_forward(*arrays, fuse_context, probs.numpy(), context.numpy())
+        with launching() as threads:
+            out_of_range = forward.attention_forward(*arrays, fuse_context, probs.numpy(), context.numpy(), threads)
             if arrays[10] == forward.FACTORIZED_IF_IN_RANGE and out_of_range != 0:
                 arrays[10] = forward.DIRECT  # an operand beyond the factorized range (or NaN): redone, exactly
-                forward.attention_forward(*arrays, fuse_context, probs.numpy(), context.numpy())
+                forward.attention_forward(*arrays, fuse_context, probs.numpy(), context.numpy(), threads)
 
     def fused(probs):
         """P and the context by the kernel, which skips hidden keys in the context too."""
@@ -137,7 +168,11 @@ def _forward(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_pa
     if tgt_len == 1:
         return fused(probs), probs
     run(False, probs, torch.empty(0, 0, 0, dtype=dtype))
-    if index is None:
+    limits = arrays[7]
+    lengths_skipped = worth_skipping_hidden_keys(limits, tgt_len, src_len, value_dim)
+    if lengths_skipped:
+        context = context_over_visible_prefix(probs, values, row_of_value.numpy(), limits)
+    elif index is None:
         context = torch.bmm(probs, values)
     else:
         context = common.empty_buffer((query_rows, tgt_len, value_dim), dtype, query_proj.device)
@@ -148,7 +183,9 @@ def _forward(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_pa
     # comes out the same). The check is one sum over [B_q, T, D]: NaN or inf when any element is (a finite sum
     # that overflows only sends a finite context through the exact loop): 0.2 ms at [32, 50, 512] on one thread,
     # where isfinite().all() took 3.4 ms.
-    has_hidden = key_lengths is not None or key_padding_mask is not None or causal
+    # Keys beyond key_lengths never reach a prefix product (`lengths_skipped`): then only a padding mask or causal
+    # can hide a key that the product multiplied by 0.
+    has_hidden = (key_lengths is not None and not lengths_skipped) or key_padding_mask is not None or causal
     if has_hidden and not math.isfinite(float(context.sum())):
         context = fused(probs)
     return context, probs

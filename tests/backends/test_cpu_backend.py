@@ -74,6 +74,31 @@ def test_matches_reference(params):
     check_case(params)
 
 
+@pytest.fixture
+def per_row_context(monkeypatch):
+    """Every forward with T > 1 takes the per-row product over visible keys (`context_over_visible_prefix`), which
+    the small test shapes would otherwise never reach (it pays only when it skips enough keys)."""
+    calls = []
+    monkeypatch.setattr(cpu_backend, "PRODUCT_CALL_COST", -1)
+    original = cpu_backend.context_over_visible_prefix
+    monkeypatch.setattr(cpu_backend, "context_over_visible_prefix", lambda *args: calls.append(1) or original(*args))
+    return calls
+
+
+@pytest.mark.parametrize("params", random_grid(24, seed=2626))
+def test_per_row_context_matches_reference(params, per_row_context):
+    check_case(params)
+    assert per_row_context or params["shape"][1] == 1  # T = 1: the kernel's fused context
+
+
+def test_per_row_context_is_taken_only_where_it_skips_enough_keys():
+    limits = torch.tensor([50, 10, 5, 50]).numpy()
+    # 85 hidden keys x 50 steps x 512 = 2.2 M multiply-adds saved, against 4 calls of PRODUCT_CALL_COST (1.6 M).
+    assert cpu_backend.worth_skipping_hidden_keys(limits, 50, 50, 512)
+    assert not cpu_backend.worth_skipping_hidden_keys(limits, 2, 50, 512)  # 87 k saved
+    assert not cpu_backend.worth_skipping_hidden_keys(torch.full((4,), 50).numpy(), 50, 50, 512)  # nothing hidden
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mask", ["none", "mixed"])
 def test_saturated_inputs(dtype, mask):
@@ -127,11 +152,15 @@ def test_property_any_small_problem_matches_reference(sizes, mask, beam, extra, 
     assert max(errors.values()) <= gradient_tolerance(torch.float64), errors
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["batched_context", "per_row_context"])
 @pytest.mark.parametrize("mask", ["lengths", "padding", "padding_per_query", "causal"])
 @pytest.mark.parametrize("steps", [1, 6])
-def test_hidden_keys_never_reach_a_row(mask, steps):
+def test_hidden_keys_never_reach_a_row(mask, steps, per_row, request):
     """NaN and inf in key_proj, extra_key_term and value at keys hidden from a row leave its context, weights and
-    gradients unchanged; every context and weight is written (poisoned buffers)."""
+    gradients unchanged; every context and weight is written (poisoned buffers). Both context products for T > 1:
+    one batched product (which multiplies hidden values by 0 and is then redone) and the per-row one."""
+    if per_row:
+        request.getfixturevalue("per_row_context")
     case = random_case(3, steps, 7, 6, 5, mask=mask, extra_key_term=True, seed=5)
     if mask == "padding_per_query":  # per-step random masks seldom hide a key from every step: hide the last two
         case.key_padding_mask[:, :, 5:] = True

@@ -94,8 +94,28 @@ def step_probabilities(query, row_keys, v, v_sum, limit, hidden, row, step, fact
 
 
 @numba.njit(inline="always", fastmath=set(FASTMATH), cache=True)
+def exponentials(x, out):
+    """out[a] = e^{2 x[a]} over one [A] row (vectorized: nothing else in the loop)."""
+    two = x.dtype.type(2.0)
+    for a in range(x.shape[0]):
+        out[a] = vector_exp(two * x[a])
+
+
+@numba.njit(inline="always", fastmath=set(FASTMATH), cache=True)
+def beyond(x, largest) -> int:
+    """How many of one [A] row's values are beyond `largest` in magnitude, NaN included (0 when largest is inf:
+    not checked)."""
+    if largest == np.inf:
+        return 0
+    count = 0
+    for a in range(x.shape[0]):
+        count += 0 if abs(x[a]) <= largest else 1
+    return count
+
+
+@numba.njit(inline="always", fastmath=set(FASTMATH), cache=True)
 def forward_item(item, query, keys, keys_are_exp, key_row_of, v, v_sum, value, value_row_of, key_limits, hidden,
-                 causal, factorized, largest, step_block, fuse_context, probs, context) -> int:
+                 causal, factorized, largest, step_block, fuse_context, probs, context, key_scratch) -> int:
     """One work item of `attention_forward`: P (and the context) of query row item // blocks, steps [first,
     first + step_block) of its block. Returns the number of operands it found beyond `largest` (factorized forms;
     NaN included; 0 when `largest` is inf)."""
@@ -103,7 +123,6 @@ def forward_item(item, query, keys, keys_are_exp, key_row_of, v, v_sum, value, v
     src_len = keys.shape[1]
     value_dim = value.shape[2]
     dtype = v.dtype
-    two = dtype.type(2.0)
     blocks = (steps + step_block - 1) // step_block
     row = item // blocks
     first = (item - row * blocks) * step_block
@@ -113,27 +132,27 @@ def forward_item(item, query, keys, keys_are_exp, key_row_of, v, v_sum, value, v
         row_limit = min(row_limit, last)
     row_limit = max(row_limit, 0)
     bad = 0
-    # e^{2k} of the keys the block's steps can see, once per item: a [keys, A] block that stays in cache while
-    # the block's steps read it (a whole-call [B, S, A] buffer was 1.2 ns per element at caption, from memory).
+    # e^{2k} of the keys the block's steps can see, once per item, into the worker's [S, A] block `key_scratch`,
+    # which stays in cache while the block's steps read it. The exponentials and the range check are separate loops
+    # over one key: together in one loop (a count beside a store) LLVM left both scalar, 2.8 ns per key element at
+    # caption, more than half of the kernel; apart they vectorize (benchmarks/NOTES.md, "Issue 13, second pass").
     make_key_exp = factorized and not keys_are_exp
-    key_exp = np.empty((row_limit if make_key_exp else 0, attn_dim), dtype)
     if make_key_exp:
+        key_exp = key_scratch
         source = keys[key_row_of[row]]
         for j in range(row_limit):
-            for a in range(attn_dim):
-                x = source[j, a]
-                key_exp[j, a] = vector_exp(two * x)
-                bad += 0 if abs(x) <= largest else 1
-    row_keys = key_exp if make_key_exp else keys[key_row_of[row]]
+            exponentials(source[j], key_exp[j])
+            bad += beyond(source[j], largest)
+        row_keys = key_exp
+    else:
+        row_keys = keys[key_row_of[row]]
     query_row = np.empty(attn_dim if factorized else 0, dtype)
     for step in range(first, last):
         limit = min(row_limit, step + 1) if causal else row_limit
         scores = probs[row, step]
         if factorized:
-            for a in range(attn_dim):
-                x = query[row, step, a]
-                query_row[a] = vector_exp(two * x)
-                bad += 0 if abs(x) <= largest else 1
+            exponentials(query[row, step], query_row)
+            bad += beyond(query[row, step], largest)
             step_probabilities(query_row, row_keys, v, v_sum, limit, hidden, row, step, True, scores)
         else:
             step_probabilities(query[row, step], row_keys, v, v_sum, limit, hidden, row, step, False, scores)
@@ -154,7 +173,7 @@ def forward_item(item, query, keys, keys_are_exp, key_row_of, v, v_sum, value, v
 
 @numba.njit(parallel=True, fastmath=set(FASTMATH), cache=True)
 def attention_forward(query, keys, keys_are_exp, key_row_of, v, value, value_row_of, key_limits, hidden, causal,
-                      form, magnitude_limit, step_block, fuse_context, probs, context):
+                      form, magnitude_limit, step_block, fuse_context, probs, context, threads):
     """Fill probs P [B_q, T, S] and, with `fuse_context`, context [B_q, T, D] (both in the compute dtype, every
     element written). With form FACTORIZED_IF_IN_RANGE, returns the number of operands it met beyond
     `magnitude_limit` (NaN included): when it is not 0, P and the context are not valid and the caller runs the
@@ -162,9 +181,9 @@ def attention_forward(query, keys, keys_are_exp, key_row_of, v, value, value_row
 
     query [B_q, T, A]: query_proj. The factorized forms take e^{2q} of each step in its work item (`vector_exp`).
     keys [B_k, S, A]: the keys, or their e^{2k} when `keys_are_exp` (a prepared memory; factorized forms only);
-        else the factorized forms compute e^{2k} of the keys a work item's steps can see, once per item, into a
-        [keys, A] block that stays in cache. Key row key_row_of[b] (int64 [B_q]) serves query row b (the memory row
-        through `index`, or b itself when the keys are per query row).
+        else the factorized forms compute e^{2k} of the keys a work item's steps can see, once per item, into the
+        worker's [S, A] block, which stays in cache. Key row key_row_of[b] (int64 [B_q]) serves query row b (the
+        memory row through `index`, or b itself when the keys are per query row).
     form: DIRECT (tanh per element), FACTORIZED, or FACTORIZED_IF_IN_RANGE: factorized, checking every |q| and
         |k| it exponentiates against magnitude_limit (common.EXP_SAFE_MAGNITUDE: e^{2x} finite), which spares the
         caller a separate scan of the inputs (keys no step can see are not checked: they reach nothing).
@@ -174,6 +193,9 @@ def attention_forward(query, keys, keys_are_exp, key_row_of, v, value, value_row
     key_limits int64 [B_q]: keys j >= key_limits[b] are hidden (key_lengths through `index`, else S).
     hidden bool [B_q, 1 or T, S] (True = hidden) or [0, 1, 1] for none; causal: keys j > i are hidden.
     All float arrays share one dtype (float32 or float64) and are C-contiguous.
+
+    threads: numba's thread count for this launch (`cpu_kernels.launching`); one worker per thread takes the work
+    items round-robin.
 
     Work items: (query row, block of steps), in parallel (`forward_item`). Only loops inside a `prange` body are
     vectorized by numba 0.68 here (the same loops in a serial njit function compile to scalar divisions, 6x
@@ -191,8 +213,15 @@ def attention_forward(query, keys, keys_are_exp, key_row_of, v, value, value_row
     query_rows, steps, _ = query.shape
     items = query_rows * ((steps + step_block - 1) // step_block)
     out_of_range = np.empty(items, np.int64)  # per item (a prange reduction over the inlined item failed to compile)
-    for item in numba.prange(items):
-        out_of_range[item] = forward_item(item, query, keys, keys_are_exp, key_row_of, v, v_sum, value, value_row_of,
-                                     key_limits, hidden, causal, factorized, largest, step_block, fuse_context, probs,
-                                     context)
+    # One [S, A] block of e^{2k} per worker, not one allocation per item: an item's block is up to 400 KiB
+    # (S = 196, A = 512), which malloc serves by mmap, page faults and all, every time. Workers take items round-robin
+    # (rows of different lengths spread over the workers).
+    make_key_exp = factorized and not keys_are_exp
+    workers = max(1, min(threads, items))
+    key_scratch = np.empty((workers, keys.shape[1] if make_key_exp else 0, v.shape[0]), v.dtype)
+    for worker in numba.prange(workers):
+        for item in range(worker, items, workers):
+            out_of_range[item] = forward_item(item, query, keys, keys_are_exp, key_row_of, v, v_sum, value,
+                                              value_row_of, key_limits, hidden, causal, factorized, largest,
+                                              step_block, fuse_context, probs, context, key_scratch[worker])
     return out_of_range.sum()
