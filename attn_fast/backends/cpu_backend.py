@@ -28,7 +28,7 @@ import torch
 
 from attn_fast.backends import common
 from attn_fast.backends.common import EXP_SAFE_MAGNITUDE, compute_dtype, largest_operand
-from attn_fast.backends.cpu_kernels import launching, unavailable_reason
+from attn_fast.backends.cpu_kernels import launching, threads_for, unavailable_reason
 from attn_fast.validation import AttentionCall, can_read_values
 
 #: Values of the ops' `tanh_form`: "auto" lets the op scan its inputs (compiled graphs, where the caller cannot).
@@ -144,14 +144,15 @@ def _forward(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_pa
     values = value.to(dtype).contiguous()
     probs = common.empty_buffer((query_rows, tgt_len, src_len), dtype, query_proj.device)
     row_of_value = all_rows if index is None else index.contiguous()
+    elements = query_rows * tgt_len * src_len * query_proj.shape[2]
     arrays = [query.contiguous().numpy(), (key_exp if keys_are_exp else keys).contiguous().numpy(), keys_are_exp,
               key_row_of.contiguous().numpy(), v.to(dtype).contiguous().numpy(), values.numpy(),
               row_of_value.numpy(), key_limits(key_lengths, index, query_rows, src_len, query_proj.device).numpy(),
               hidden_keys(key_padding_mask, index).numpy(), causal, form, EXP_SAFE_MAGNITUDE[dtype],
-              step_block(query_rows, tgt_len, src_len, torch.get_num_threads())]
+              step_block(query_rows, tgt_len, src_len, threads_for(elements))]
 
     def run(fuse_context, probs, context):
-        with launching() as threads:
+        with launching(elements) as threads:
             out_of_range = forward.attention_forward(*arrays, fuse_context, probs.numpy(), context.numpy(), threads)
             if arrays[10] == forward.FACTORIZED_IF_IN_RANGE and out_of_range != 0:
                 arrays[10] = forward.DIRECT  # an operand beyond the factorized range (or NaN): redone, exactly
@@ -236,7 +237,7 @@ def _backward(grad_context, grad_probs, query_proj, key_proj, value, v, extra_ke
                   None if extra is None else extra.contiguous().numpy(),
                   None if index is None else index.contiguous().numpy(), v.to(dtype).contiguous().numpy(),
                   grad_scores.contiguous().numpy(), limits.numpy(), causal, factorized)
-        with launching() as threads:
+        with launching(grad_scores.numel() * attn_dim) as threads:
             grads = backward.tanh_pass_grads(*arrays, threads)
         return tuple(torch.from_numpy(grad) for grad in grads)
 

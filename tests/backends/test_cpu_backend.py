@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import attn_fast
 from attn_fast import AdditiveAttention, additive_attention
 from attn_fast import functional as functional_module
-from attn_fast.backends import common, cpu_backend
+from attn_fast.backends import common, cpu_backend, cpu_kernels
 from attn_fast.functional import resolve_backend
 from attn_fast.masking import visible_keys
 from attn_fast.tolerances import forward_tolerance, gradient_tolerance, relative_error
@@ -282,9 +282,10 @@ def test_integer_index_of_any_dtype():
     torch.testing.assert_close(context, expected, rtol=0, atol=0)
 
 
-def test_results_do_not_depend_on_the_thread_count():
+def test_results_do_not_depend_on_the_thread_count(monkeypatch):
     """Forward items are independent and the backward's order is fixed per thread count: torch ops and the kernels
     alternate at 1 and 2 threads without crashes, and the forward is bit-identical."""
+    monkeypatch.setattr(cpu_kernels, "ONE_THREAD_BELOW_ELEMENTS", 0)  # this small case on 2 threads too
     case = random_case(3, 9, 11, 16, 5, mask="mixed", beam=2, seed=12).cast(torch.float32, requires_grad=True)
     threads = torch.get_num_threads()
     results = []
@@ -300,6 +301,28 @@ def test_results_do_not_depend_on_the_thread_count():
     for context, weights, grad in results[1:]:
         assert torch.equal(context, results[0][0]) and torch.equal(weights, results[0][1])
         torch.testing.assert_close(grad, results[0][2], rtol=1e-5, atol=1e-6)
+
+
+def test_small_launches_run_on_one_thread(monkeypatch):
+    """A launch below ONE_THREAD_BELOW_ELEMENTS tanh elements runs on one numba thread whatever torch's count (the
+    wake-up of a second worker costs more than it saves); a larger one on torch's count."""
+    import numba
+
+    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", max(2, numba.config.NUMBA_NUM_THREADS))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu_kernels.threads_for(cpu_kernels.ONE_THREAD_BELOW_ELEMENTS - 1) == 1
+        assert cpu_kernels.threads_for(cpu_kernels.ONE_THREAD_BELOW_ELEMENTS) == 2
+        seen = []
+        original = cpu_kernels.use_torch_threads
+        monkeypatch.setattr(cpu_kernels, "use_torch_threads", lambda elements=None: seen.append(
+            original(elements)) or seen[-1])
+        case = random_case(2, 3, 5, 4, 3, seed=3)
+        additive_attention(*case.inputs(), backend="cpu")
+        assert seen == [1]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_inputs_are_scanned_once_per_forward_and_backward(monkeypatch):

@@ -13,8 +13,8 @@ Numerics shared by the kernel modules:
   comparisons and the inf arithmetic that saturated inputs (e^{2q} e^{2k} = inf gives tanh = 1 exactly) and NaN
   inputs (which must propagate to the rows that see them) rely on. LLVM keeps a true vector division for
   v / (1 + x) under "arcp" (no reciprocal estimate, which would turn 1/inf into NaN), checked by the tests.
-- Threads: every launch sets numba's thread count from torch.get_num_threads() and holds a process-wide lock
-  (`launching`).
+- Threads: every launch sets numba's thread count from torch.get_num_threads() (1 for a small launch) and holds a
+  process-wide lock (`launching`).
 """
 from __future__ import annotations
 
@@ -55,19 +55,36 @@ def _probe_numba() -> str | None:
     return None
 
 
-def use_torch_threads() -> int:
-    """Set numba's thread count for the next kernel launch to torch's (capped at the pool numba started with);
-    returns it."""
+#: A launch with fewer tanh elements than this runs on one thread: waking numba's other workers (a futex wake-up
+#: each, ~50-100 us on this VM, more when a core is busy) costs more than splitting ~150 us of work saves. A
+#: decode step at nmt_train (32 x 50 x 256 = 0.4 M elements) took 0.75 ms on one thread and 1.9 ms on two
+#: (benchmarks/NOTES.md, "Issue 13, second pass").
+ONE_THREAD_BELOW_ELEMENTS = 1 << 20
+
+
+def threads_for(elements: int | None = None) -> int:
+    """The thread count of a launch of `elements` tanh elements: torch's (capped at the pool numba started with),
+    or 1 below ONE_THREAD_BELOW_ELEMENTS."""
     import numba
 
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if elements is not None and elements < ONE_THREAD_BELOW_ELEMENTS:
+        return 1
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def use_torch_threads(elements: int | None = None) -> int:
+    """Set numba's thread count for the next kernel launch (`threads_for`); returns it."""
+    import numba
+
+    threads = threads_for(elements)
     numba.set_num_threads(threads)
     return threads
 
 
 @contextlib.contextmanager
-def launching():
+def launching(elements: int | None = None):
     """Hold around every kernel launch: one launch at a time in the process (see THREADING_LAYER), with numba's
-    thread count set from torch's (`use_torch_threads`); yields that count."""
+    thread count set from torch's, or 1 for a small launch of `elements` tanh elements (`use_torch_threads`);
+    yields that count."""
     with _LAUNCH_LOCK:
-        yield use_torch_threads()
+        yield use_torch_threads(elements)
