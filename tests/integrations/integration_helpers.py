@@ -11,6 +11,7 @@ nothing), and any other attribute raises. It lives here, in the tests, and is ne
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
@@ -20,6 +21,13 @@ import pytest
 import torch
 
 from attn_fast.tolerances import gradient_tolerance, relative_error
+
+#: The backends of the module-level equality tests: all that run on CPU tensors ("cpu" is skipped, with the reason,
+#: where numba is not importable: tests.backend_cases.backend_device). "triton" has one small case per adapter
+#: (under the interpreter without a GPU, which is slow), on the device the `triton_device` fixture picks.
+MODULE_BACKENDS = ("torch", "reference", "cpu")
+#: Where the real frameworks' modules (and their float64 truth) run; a swapped module may run elsewhere (Triton).
+CPU = torch.device("cpu")
 
 SPEECHBRAIN_INSTALL = 'pip install -e ".[integrations]" && pip install --no-deps speechbrain==1.1.2'
 OPENNMT_INSTALL = 'pip install -e ".[integrations]" && pip install --no-deps OpenNMT-py==3.5.1'
@@ -88,6 +96,29 @@ def assert_gradients_close(replaced: dict[str, torch.Tensor], original: dict[str
         assert expected is not None and replaced[name] is not None, f"no gradient for {name}"
         assert expected.abs().max() > 0, f"the original's gradient of {name} is all zeros: nothing is tested"
         assert_close(replaced[name], expected, gradient_tolerance(dtype), f"gradient of {name}")
+
+
+def to_cpu(tensors):
+    """The tensors of a (nested) tuple, list or dict, on the CPU; None stays None."""
+    if isinstance(tensors, torch.Tensor):
+        return tensors.cpu()
+    if isinstance(tensors, dict):
+        return {name: to_cpu(value) for name, value in tensors.items()}
+    if isinstance(tensors, (tuple, list)):
+        return type(tensors)(to_cpu(value) for value in tensors)
+    return tensors
+
+
+@contextlib.contextmanager
+def without_tf32():
+    """float32 convolutions and matrix products in full float32 on a GPU while the block runs (cuDNN takes TF32 by
+    default, ~1e-3 relative error: far from the float32 tolerance), as the CPU computes them; restored after."""
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def random_coefficients(shape, dtype: torch.dtype, seed: int) -> torch.Tensor:

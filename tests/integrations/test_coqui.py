@@ -21,11 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from integration_helpers import CPU, MODULE_BACKENDS, to_cpu, without_tf32
 from torch import nn
 
 from attn_fast.integrations import swap_attention
 from attn_fast.integrations.coqui import CoquiOriginalAttention
 from attn_fast.tolerances import forward_tolerance, gradient_tolerance, relative_error
+from tests.backend_cases import backend_device
 
 QUERY_DIM, EMBEDDING_DIM, ATTN_DIM = 12, 10, 16
 PACKAGES = ("TTS", "TTS.tts", "TTS.tts.layers", "TTS.tts.layers.tacotron")
@@ -68,25 +70,28 @@ def original_attention(location_attention=True, *, norm="softmax", windowing=Fal
     return module
 
 
-def run_steps(module, inputs, mask, queries, probes):
+def run_steps(module, inputs, mask, queries, probes, device=CPU):
     """Coqui's decoder protocol: init_states, preprocess_inputs, then one forward per query row. Returns the
     contexts [B, T, D], the alignments [B, T, S], the final cumulative weights (or None) and the gradients of a
-    fixed random projection of the outputs w.r.t. every parameter, the inputs and the queries."""
+    fixed random projection of the outputs w.r.t. every parameter, the inputs and the queries, all on the CPU.
+    The module runs on `device` (the inputs are CPU leaves, moved there differentiably)."""
     inputs = inputs.clone().requires_grad_()
     queries = queries.clone().requires_grad_()
-    module.init_states(inputs)
-    processed = module.preprocess_inputs(inputs)
+    inputs_there, queries_there = inputs.to(device), queries.to(device)
+    mask = None if mask is None else mask.to(device)
+    module.init_states(inputs_there)
+    processed = module.preprocess_inputs(inputs_there)
     contexts, alignments = [], []
     for step in range(queries.shape[1]):
-        contexts.append(module(queries[:, step], inputs, processed, mask))
+        contexts.append(module(queries_there[:, step], inputs_there, processed, mask))
         alignments.append(module.attention_weights)
-    contexts, alignments = torch.stack(contexts, 1), torch.stack(alignments, 1)
+    contexts, alignments = torch.stack(contexts, 1).cpu(), torch.stack(alignments, 1).cpu()
     cumulative = getattr(module, "attention_weights_cum", None) if module.location_attention else None
     loss = (contexts * probes[0]).sum() + (alignments * probes[1]).sum()
     loss.backward()
-    grads = {name: parameter.grad for name, parameter in module.named_parameters()}
+    grads = {name: to_cpu(parameter.grad) for name, parameter in module.named_parameters()}
     grads["<inputs>"], grads["<queries>"] = inputs.grad, queries.grad
-    return contexts.detach(), alignments.detach(), None if cumulative is None else cumulative.detach(), grads
+    return contexts.detach(), alignments.detach(), None if cumulative is None else cumulative.detach().cpu(), grads
 
 
 def in_float64(module):
@@ -102,21 +107,23 @@ def float64_default():
     torch.set_default_dtype(previous)
 
 
-@pytest.mark.parametrize("location_attention", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_outputs_state_and_gradients_match_coqui(dtype, location_attention):
+def check_against_coqui(dtype, location_attention, backend, device, *, batch=3, src_len=9, steps=4,
+                        lengths=(9, 4, 7)):
+    """The swapped copy of a random OriginalAttention (on `device`) against Coqui's own module in float64 (on the
+    CPU): contexts, alignments, cumulative weights and the gradients of every parameter and input; padded keys
+    get exactly zero weight."""
     original = original_attention(location_attention).to(dtype)
     keys = list(original.state_dict())
     swap_target = nn.ModuleDict({"attention": copy.deepcopy(original)})
-    report = swap_attention(swap_target, backend="torch")
+    report = swap_attention(swap_target, backend=backend)
     assert [entry.path for entry in report.swapped] == ["attention"] and report.ok
-    replacement = swap_target["attention"]
+    replacement = swap_target["attention"].to(device)
     assert isinstance(replacement, CoquiOriginalAttention) and list(replacement.state_dict()) == keys
+    assert replacement.backend == backend
 
-    batch, src_len, steps = 3, 9, 4
     inputs = torch.randn(batch, src_len, EMBEDDING_DIM, dtype=dtype)
     queries = torch.randn(batch, steps, QUERY_DIM, dtype=dtype)
-    mask = torch.arange(src_len)[None, :] < torch.tensor([9, 4, 7])[:, None]  # Coqui: True on valid keys
+    mask = torch.arange(src_len)[None, :] < torch.tensor(lengths)[:, None]  # Coqui: True on valid keys
     probes = (torch.randn(batch, steps, EMBEDDING_DIM, dtype=dtype), torch.randn(batch, steps, src_len, dtype=dtype))
 
     previous = torch.get_default_dtype()
@@ -126,7 +133,8 @@ def test_outputs_state_and_gradients_match_coqui(dtype, location_attention):
                              tuple(probe.double() for probe in probes))
     finally:
         torch.set_default_dtype(previous)
-    contexts, alignments, cumulative, grads = run_steps(replacement, inputs, mask, queries, probes)
+    contexts, alignments, cumulative, grads = run_steps(replacement, inputs, mask, queries, probes, device)
+    assert contexts.dtype == alignments.dtype == dtype
     assert relative_error(contexts, expected[0]) <= forward_tolerance(dtype)
     assert relative_error(alignments, expected[1]) <= forward_tolerance(dtype)
     if location_attention:
@@ -137,7 +145,24 @@ def test_outputs_state_and_gradients_match_coqui(dtype, location_attention):
     assert grads.keys() == expected[3].keys()
     for name, grad in grads.items():
         assert relative_error(grad, expected[3][name]) <= gradient_tolerance(dtype), name
-    assert torch.all(alignments[1, :, 4:] == 0) and torch.all(alignments[2, :, 7:] == 0)
+    for row, length in enumerate(lengths):
+        assert torch.all(alignments[row, :, length:] == 0)
+
+
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
+@pytest.mark.parametrize("location_attention", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_outputs_state_and_gradients_match_coqui(dtype, location_attention, backend, triton_device):
+    check_against_coqui(dtype, location_attention, backend, backend_device(backend, triton_device))
+
+
+@pytest.mark.parametrize("location_attention", [True, False])
+def test_outputs_state_and_gradients_match_coqui_on_triton(location_attention, triton_device):
+    """The same on the Triton kernels (float32 only: they compute float64 in fp32), on a small case for the
+    interpreter: 2 utterances (one padded), 7 keys, 3 steps."""
+    with without_tf32():
+        check_against_coqui(torch.float32, location_attention, "triton", backend_device("triton", triton_device),
+                            batch=2, src_len=7, steps=3, lengths=(7, 4))
 
 
 def test_a_row_without_valid_keys_is_nan_in_coqui_and_zero_here(float64_default):

@@ -13,15 +13,24 @@ import io
 
 import pytest
 import torch
-from integration_helpers import assert_close, assert_gradients_close, import_opennmt, random_coefficients
+from integration_helpers import (
+    CPU,
+    MODULE_BACKENDS,
+    assert_close,
+    assert_gradients_close,
+    import_opennmt,
+    random_coefficients,
+    to_cpu,
+    without_tf32,
+)
 from torch import nn
 
 from attn_fast.integrations import swap_attention
 from attn_fast.integrations.opennmt import FusedGlobalAttention
 from attn_fast.tolerances import forward_tolerance
+from tests.backend_cases import backend_device
 
 DTYPES = (torch.float32, torch.float64)
-BACKENDS = ("torch", "reference")
 #: The backend of the decoder-level tests (see tests/integrations/test_speechbrain.py: DECODER_BACKEND).
 DECODER_BACKEND = "torch"
 B, S, T, DIM, VOCAB = 4, 9, 5, 8, 11
@@ -48,28 +57,51 @@ def loss_of(*outputs: torch.Tensor) -> torch.Tensor:
                for seed, output in enumerate(outputs))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("one_step", (False, True), ids=("all_steps", "one_step"))
-def test_global_attention_matches_opennmt(onmt, one_step, dtype, backend):
-    """attn_h and align_vectors, then the gradients of every parameter, of the queries and of enc_out."""
-    original = onmt["global_attention"].GlobalAttention(DIM, attn_type="mlp").to(dtype)
-    replaced = swapped_copy(original, backend)
-    assert replaced.backend == backend and replaced.attn_type == "mlp" and replaced.dim == DIM
-    src = torch.randn(*((B, DIM) if one_step else (B, T, DIM)), dtype=dtype, requires_grad=True)
-    enc_out = torch.randn(B, S, DIM, dtype=dtype, requires_grad=True)
-    src_len = torch.tensor(SRC_LEN)
+def check_global_attention(original: nn.Module, replaced: nn.Module, dtype: torch.dtype, device: torch.device, *,
+                           one_step: bool, batch: int = B, src_len: int = S, tgt_len: int = T,
+                           lengths=SRC_LEN) -> None:
+    """attn_h and align_vectors, then the gradients of every parameter, of the queries and of enc_out: the
+    original on the CPU, the replacement on `device` (the inputs are CPU leaves, moved there differentiably)."""
+    src = torch.randn(*((batch, DIM) if one_step else (batch, tgt_len, DIM)), dtype=dtype, requires_grad=True)
+    enc_out = torch.randn(batch, src_len, DIM, dtype=dtype, requires_grad=True)
+    lengths = torch.tensor(lengths)
     results = {}
-    for name, module in (("original", original), ("replaced", replaced)):
-        attn_h, align = module(src, enc_out, src_len=src_len)
+    for name, module, where in (("original", original, CPU), ("replaced", replaced, device)):
+        attn_h, align = to_cpu(module(src.to(where), enc_out.to(where), src_len=lengths.to(where)))
         named = {**dict(module.named_parameters()), "src": src, "enc_out": enc_out}
-        grads = dict(zip(named, torch.autograd.grad(loss_of(attn_h, align), list(named.values()))))
+        grads = dict(zip(named, to_cpu(torch.autograd.grad(loss_of(attn_h, align), list(named.values())))))
         results[name] = attn_h, align, grads
     (attn_h, align, grads), (ref_attn_h, ref_align, ref_grads) = results["replaced"], results["original"]
     assert attn_h.shape == ref_attn_h.shape and align.shape == ref_align.shape
+    assert attn_h.dtype == align.dtype == dtype
     assert_close(attn_h, ref_attn_h, forward_tolerance(dtype), "attn_h")
     assert_close(align, ref_align, forward_tolerance(dtype), "align_vectors")
     assert_gradients_close(grads, ref_grads, dtype)
+
+
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("one_step", (False, True), ids=("all_steps", "one_step"))
+def test_global_attention_matches_opennmt(onmt, one_step, dtype, backend, triton_device):
+    """attn_h and align_vectors, then the gradients of every parameter, of the queries and of enc_out."""
+    device = backend_device(backend, triton_device)
+    original = onmt["global_attention"].GlobalAttention(DIM, attn_type="mlp").to(dtype)
+    replaced = swapped_copy(original, backend)
+    assert replaced.backend == backend and replaced.attn_type == "mlp" and replaced.dim == DIM
+    check_global_attention(original, replaced, dtype, device, one_step=one_step)
+
+
+@pytest.mark.parametrize("one_step", (False, True), ids=("all_steps", "one_step"))
+def test_global_attention_matches_opennmt_on_triton(onmt, one_step, triton_device):
+    """The same on the Triton kernels (float32 only: they compute float64 in fp32), on a small case for the
+    interpreter: 2 rows (one padded, one with a length above the number of keys), 7 keys, 3 target steps."""
+    device = backend_device("triton", triton_device)
+    original = onmt["global_attention"].GlobalAttention(DIM, attn_type="mlp")
+    replaced = swapped_copy(original, "triton").to(device)
+    assert replaced.backend == "triton"
+    with without_tf32():
+        check_global_attention(original, replaced, torch.float32, device, one_step=one_step, batch=2, src_len=7,
+                               tgt_len=3, lengths=(3, 9))
 
 
 def test_without_lengths_every_key_is_seen(onmt):

@@ -13,15 +13,23 @@ import io
 
 import pytest
 import torch
-from integration_helpers import assert_close, assert_gradients_close, import_speechbrain, random_coefficients
+from integration_helpers import (
+    MODULE_BACKENDS,
+    assert_close,
+    assert_gradients_close,
+    import_speechbrain,
+    random_coefficients,
+    to_cpu,
+    without_tf32,
+)
 from torch import nn
 
 from attn_fast.integrations import swap_attention
 from attn_fast.integrations.speechbrain import FusedContentBasedAttention, FusedLocationAwareAttention
 from attn_fast.tolerances import forward_tolerance
+from tests.backend_cases import backend_device
 
 DTYPES = (torch.float32, torch.float64)
-BACKENDS = ("torch", "reference")
 #: The backend of the decoder-level tests: the CPU backend that "auto" picks compiles its loops on first use, which
 #: the tests of that backend pay for; what is tested here is the swap, which passes any backend through.
 DECODER_BACKEND = "torch"
@@ -71,32 +79,53 @@ def gradients(module: nn.Module, steps, inputs: dict[str, torch.Tensor]) -> dict
     return dict(zip(named, values))
 
 
-def inputs_for(dtype: torch.dtype, steps: int = 5, enc_len=(9, 4, 6.4, 1)):
+def inputs_for(dtype: torch.dtype, steps: int = 5, enc_len=(9, 4, 6.4, 1), src_len: int = S):
     """Encoder states, lengths (one full row, padded rows, a fractional length: SpeechBrain sees ceil of it) and
     one decoder state per step, all leaves with gradients."""
-    enc_states = torch.randn(B, S, ENC, dtype=dtype, requires_grad=True)
-    queries = [torch.randn(B, DEC, dtype=dtype, requires_grad=True) for _ in range(steps)]
+    enc_states = torch.randn(len(enc_len), src_len, ENC, dtype=dtype, requires_grad=True)
+    queries = [torch.randn(len(enc_len), DEC, dtype=dtype, requires_grad=True) for _ in range(steps)]
     return enc_states, torch.tensor(enc_len, dtype=dtype), queries
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind", ("content", "location"))
-def test_steps_match_speechbrain(sb, kind, dtype, backend):
-    """Every step's context and weights, then the gradients of every parameter and input, as SpeechBrain's."""
-    original = make_attention(sb, kind, dtype)
-    replaced = swapped_copy(original, backend)
-    assert type(replaced) is (FusedContentBasedAttention if kind == "content" else FusedLocationAwareAttention)
-    assert replaced.backend == backend
-    enc_states, enc_len, queries = inputs_for(dtype)
+def check_steps(original: nn.Module, replaced: nn.Module, dtype: torch.dtype, device: torch.device, **inputs):
+    """Every step's context and weights, then the gradients of every parameter and input, as SpeechBrain's: the
+    original on the CPU, the replacement on `device` (the inputs are CPU leaves, moved there differentiably)."""
+    enc_states, enc_len, queries = inputs_for(dtype, **inputs)
     expected = run_steps(original, enc_states, enc_len, queries)
-    actual = run_steps(replaced, enc_states, enc_len, queries)
+    actual = to_cpu(run_steps(replaced, enc_states.to(device), enc_len.to(device),
+                              [query.to(device) for query in queries]))
     for step, ((context, weights), (ref_context, ref_weights)) in enumerate(zip(actual, expected)):
         assert_close(context, ref_context, forward_tolerance(dtype), f"context of step {step}")
         assert_close(weights, ref_weights, forward_tolerance(dtype), f"weights of step {step}")
         assert weights.dtype == ref_weights.dtype == dtype and context.dtype == dtype
-    inputs = {"enc_states": enc_states, **{f"query {step}": query for step, query in enumerate(queries)}}
-    assert_gradients_close(gradients(replaced, actual, inputs), gradients(original, expected, inputs), dtype)
+    named_inputs = {"enc_states": enc_states, **{f"query {step}": query for step, query in enumerate(queries)}}
+    assert_gradients_close(to_cpu(gradients(replaced, actual, named_inputs)),
+                           gradients(original, expected, named_inputs), dtype)
+
+
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ("content", "location"))
+def test_steps_match_speechbrain(sb, kind, dtype, backend, triton_device):
+    """Every step's context and weights, then the gradients of every parameter and input, as SpeechBrain's."""
+    device = backend_device(backend, triton_device)
+    original = make_attention(sb, kind, dtype)
+    replaced = swapped_copy(original, backend)
+    assert type(replaced) is (FusedContentBasedAttention if kind == "content" else FusedLocationAwareAttention)
+    assert replaced.backend == backend
+    check_steps(original, replaced, dtype, device)
+
+
+@pytest.mark.parametrize("kind", ("content", "location"))
+def test_steps_match_speechbrain_on_triton(sb, kind, triton_device):
+    """The same on the Triton kernels (float32 only: they compute float64 in fp32), on a small case for the
+    interpreter: 2 rows (one padded, with a fractional length), 7 keys, 3 steps."""
+    device = backend_device("triton", triton_device)
+    original = make_attention(sb, kind, torch.float32)
+    replaced = swapped_copy(original, "triton").to(device)
+    assert replaced.backend == "triton"
+    with without_tf32():
+        check_steps(original, replaced, torch.float32, device, steps=3, enc_len=(7, 3.5), src_len=7)
 
 
 @pytest.mark.parametrize("kind", ("content", "location"))

@@ -17,12 +17,14 @@ import io
 
 import pytest
 import torch
+from integration_helpers import CPU, MODULE_BACKENDS, to_cpu, without_tf32
 from torch import nn
 from torch.nn import functional as F
 
 from attn_fast.integrations import replacement_for, swap_attention
 from attn_fast.integrations.tacotron2 import Tacotron2Attention
 from attn_fast.tolerances import forward_tolerance, gradient_tolerance, relative_error
+from tests.backend_cases import backend_device
 
 QUERY_DIM, ENCODER_DIM, ATTN_DIM, FILTERS, KERNEL = 12, 10, 16, 4, 5
 PRENET_DIM = 6
@@ -130,7 +132,8 @@ class Decoder(nn.Module):
         contexts [B, T, D], alignments [B, T, S]."""
         mask = None
         if memory_lengths is not None:
-            mask = ~(torch.arange(memory.shape[1])[None, :] < memory_lengths[:, None])  # True on padding
+            # True on padding; on the memory's device, as NVIDIA's get_mask_from_lengths builds it on the GPU
+            mask = ~(torch.arange(memory.shape[1], device=memory.device)[None, :] < memory_lengths[:, None])
         self.initialize_decoder_states(memory, mask)
         contexts, alignments = [], []
         for decoder_input in decoder_inputs:
@@ -165,16 +168,47 @@ def randomized(model):
     return model
 
 
-def run_with_gradients(model, memory, decoder_inputs, lengths, probe_context, probe_weights):
-    """Outputs and the gradients of a fixed random projection of them, w.r.t. every parameter and the inputs."""
+def run_with_gradients(model, memory, decoder_inputs, lengths, probe_context, probe_weights, device=CPU):
+    """Outputs and the gradients of a fixed random projection of them, w.r.t. every parameter and the inputs, all
+    on the CPU; the model runs on `device` (the inputs are CPU leaves, moved there differentiably)."""
     memory = memory.clone().requires_grad_()
     decoder_inputs = decoder_inputs.clone().requires_grad_()
-    contexts, alignments = model(memory, decoder_inputs, lengths)
+    contexts, alignments = to_cpu(model(memory.to(device), decoder_inputs.to(device),
+                                        None if lengths is None else lengths.to(device)))
     loss = (contexts * probe_context).sum() + (alignments * probe_weights).sum()
     loss.backward()
-    grads = {name: parameter.grad for name, parameter in model.named_parameters()}
+    grads = {name: to_cpu(parameter.grad) for name, parameter in model.named_parameters()}
     grads["<memory>"], grads["<decoder_inputs>"] = memory.grad, decoder_inputs.grad
     return contexts.detach(), alignments.detach(), grads
+
+
+def check_against_float64(dtype, backend, device, *, batch=3, src_len=9, steps=5, lengths=(9, 4, 7)):
+    """The stand-in and its swapped copy (on `device`), in `dtype`, against the stand-in in float64 (on the CPU):
+    contexts, alignments and the gradients of every parameter and input; padded keys get exactly zero weight."""
+    original = randomized(Tacotron2()).to(dtype)
+    swapped = copy.deepcopy(original)
+    assert swap_attention(swapped, backend=backend).ok
+    assert swapped.decoder.attention_layer.backend == backend
+    swapped.to(device)
+    truth = copy.deepcopy(original).double()
+    memory, decoder_inputs, lengths = make_inputs(dtype, batch, src_len, steps, lengths)
+    probe_context = torch.randn(batch, steps, ENCODER_DIM, dtype=dtype)
+    probe_weights = torch.randn(batch, steps, src_len, dtype=dtype)
+
+    expected = run_with_gradients(truth, memory.double(), decoder_inputs.double(), lengths,
+                                  probe_context.double(), probe_weights.double())
+    # the original's own error is the yardstick the swap must meet too
+    for model, where in ((original, CPU), (swapped, device)):
+        contexts, alignments, grads = run_with_gradients(model, memory, decoder_inputs, lengths, probe_context,
+                                                         probe_weights, where)
+        assert contexts.dtype == alignments.dtype == dtype
+        assert relative_error(contexts, expected[0]) <= forward_tolerance(dtype)
+        assert relative_error(alignments, expected[1]) <= forward_tolerance(dtype)
+        assert grads.keys() == expected[2].keys()
+        for name, grad in grads.items():
+            assert relative_error(grad, expected[2][name]) <= gradient_tolerance(dtype), name
+    for row, length in enumerate(lengths):  # the swapped model's alignments, from the loop's last turn
+        assert torch.all(alignments[row, :, length:] == 0)
 
 
 # ----- tests -----
@@ -196,29 +230,17 @@ def test_swap_keeps_names_shapes_and_tensors():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_outputs_and_gradients_match_the_original(dtype, backend):
-    original = randomized(Tacotron2()).to(dtype)
-    swapped = copy.deepcopy(original)
-    assert swap_attention(swapped, backend=backend).ok
-    truth = copy.deepcopy(original).double()
-    memory, decoder_inputs, lengths = make_inputs(dtype)
-    probe_context = torch.randn(3, 5, ENCODER_DIM, dtype=dtype)
-    probe_weights = torch.randn(3, 5, 9, dtype=dtype)
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
+def test_outputs_and_gradients_match_the_original(dtype, backend, triton_device):
+    check_against_float64(dtype, backend, backend_device(backend, triton_device))
 
-    expected = run_with_gradients(truth, memory.double(), decoder_inputs.double(), lengths,
-                                  probe_context.double(), probe_weights.double())
-    for model in (original, swapped):  # the original's own error is the yardstick the swap must meet too
-        contexts, alignments, grads = run_with_gradients(model, memory, decoder_inputs, lengths, probe_context,
-                                                         probe_weights)
-        assert relative_error(contexts, expected[0]) <= forward_tolerance(dtype)
-        assert relative_error(alignments, expected[1]) <= forward_tolerance(dtype)
-        assert grads.keys() == expected[2].keys()
-        for name, grad in grads.items():
-            assert relative_error(grad, expected[2][name]) <= gradient_tolerance(dtype), name
-    # Padded keys get exactly zero weight in both.
-    _, alignments, _ = run_with_gradients(swapped, memory, decoder_inputs, lengths, probe_context, probe_weights)
-    assert torch.all(alignments[1, :, 4:] == 0) and torch.all(alignments[2, :, 7:] == 0)
+
+def test_outputs_and_gradients_match_the_original_on_triton(triton_device):
+    """The same on the Triton kernels (float32 only: they compute float64 in fp32), on a small case for the
+    interpreter: 2 utterances (one padded), 7 keys, 3 decoder steps."""
+    with without_tf32():
+        check_against_float64(torch.float32, "triton", backend_device("triton", triton_device), batch=2, src_len=7,
+                              steps=3, lengths=(7, 4))
 
 
 def test_inference_without_mask():
