@@ -5,8 +5,9 @@ visible key's score with the sum over A in registers, the masked softmax and the
 [B, T, S, A] tanh tensor is ever stored, not even a block of it. A decode step (T = 1) is the same kernel; against
 a prepared memory (`AttentionCall.key_exp`, e^{2 key_proj} computed once by `precompute`) it computes no
 exponential of the keys.
-Backward: dE from `common.grad_of_scores` (batched products), then one compiled pass through the tanh
-(`cpu_kernels.backward.tanh_pass_grads`) for d_query_proj, d_key_proj (+ d_extra_key_term) and d_v.
+Backward: dE from `common.grad_of_scores` (batched products, or row by row over the visible keys), then one
+compiled pass through the tanh (`cpu_kernels.backward.tanh_pass_grads`) for d_query_proj, d_key_proj
+(+ d_extra_key_term) and d_v.
 Only P [B_q, T, S] (in the compute dtype) is saved for the backward, as in the torch backend.
 
 What the op does in torch around the kernels, all on [B, T, A]-, [B, S, A]- or [B, S, D]-sized tensors (A times
@@ -86,37 +87,6 @@ def step_block(query_rows: int, tgt_len: int, src_len: int, threads: int) -> int
     return max(1, -(-tgt_len // blocks))
 
 
-#: What one more matrix product call costs on this path (Python, dispatch, a thread-pool wake-up), in multiply-adds:
-#: ~8 us at ~50 G multiply-adds/s. Per-row products over the visible keys pay it once per row.
-PRODUCT_CALL_COST = 400_000
-
-
-def worth_skipping_hidden_keys(limits, tgt_len: int, src_len: int, value_dim: int) -> bool:
-    """Whether the context P @ value should be computed row by row over each row's visible keys [0, limits[b])
-    (`context_over_visible_prefix`) instead of by one batched product over all S keys: when the multiply-adds
-    it saves (keys beyond the limits, x T x D) outweigh a product call per row (PRODUCT_CALL_COST). limits: int64
-    numpy [B_q]."""
-    hidden_keys_total = len(limits) * src_len - int(limits.sum())
-    return hidden_keys_total * tgt_len * value_dim > len(limits) * PRODUCT_CALL_COST
-
-
-def context_over_visible_prefix(probs: torch.Tensor, values: torch.Tensor, value_row_of, limits) -> torch.Tensor:
-    """context [B_q, T, D] = P[b, :, :L_b] @ value[value_row_of[b], :L_b] for every query row b, L_b = limits[b]:
-    P @ value without the keys beyond each row's length, where P is 0 (at caption, 43% of a padded batch's keys;
-    the batched product multiplies them all). A key beyond the length is never read, so a NaN or inf value there
-    cannot reach the context. probs [B_q, T, S], values [B_m, S, D] (one dtype); value_row_of, limits: int64 numpy
-    [B_q]."""
-    query_rows, tgt_len, _ = probs.shape
-    context = common.empty_buffer((query_rows, tgt_len, values.shape[2]), probs.dtype, probs.device)
-    for row in range(query_rows):
-        visible = int(limits[row])
-        if visible == 0:
-            context[row].zero_()
-        else:
-            torch.mm(probs[row, :, :visible], values[int(value_row_of[row]), :visible], out=context[row])
-    return context
-
-
 def _forward(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask, index, causal,
              tanh_form, key_exp):
     """-> (context [B_q, T, D], P [B_q, T, S]), both in the compute dtype, from the kernel."""
@@ -170,9 +140,9 @@ def _forward(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_pa
         return fused(probs), probs
     run(False, probs, torch.empty(0, 0, 0, dtype=dtype))
     limits = arrays[7]
-    lengths_skipped = worth_skipping_hidden_keys(limits, tgt_len, src_len, value_dim)
+    lengths_skipped = common.worth_skipping_hidden_keys(limits, tgt_len, src_len, value_dim)
     if lengths_skipped:
-        context = context_over_visible_prefix(probs, values, row_of_value.numpy(), limits)
+        context = common.context_over_visible_prefix(probs, values, row_of_value.numpy(), limits)
     elif index is None:
         context = torch.bmm(probs, values)
     else:
@@ -228,9 +198,9 @@ def _backward(grad_context, grad_probs, query_proj, key_proj, value, v, extra_ke
     keys = key_proj.to(dtype)
     extra = None if extra_key_term is None else extra_key_term.to(dtype)
     factorized = resolve_tanh_form(tanh_form, query, keys, extra) == "factorized"
-    grad_scores, grad_value = common.grad_of_scores(probs, value, index, grad_context, grad_probs,
-                                                    need_value_grad=True)
     limits = key_limits(key_lengths, index, query_rows, src_len, query_proj.device)
+    grad_scores, grad_value = common.grad_of_scores(probs, value, index, grad_context, grad_probs,
+                                                    need_value_grad=True, key_limits=limits.numpy())
 
     def tanh_pass(query, keys, extra, factorized):
         arrays = (query.contiguous().numpy(), keys.contiguous().numpy(),
