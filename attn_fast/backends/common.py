@@ -69,16 +69,20 @@ def row_blocks(query_rows: int, src_len: int, width: int, chunk_elements: int):
         yield slice(start, min(start + rows_per_block, query_rows))
 
 
-#: What one more matrix product call costs (Python, dispatch, a thread-pool wake-up), in multiply-adds: ~8 us at
-#: ~50 G multiply-adds/s. The per-row products over visible keys pay it once per row.
-PRODUCT_CALL_COST = 400_000
+#: What one more matrix product call costs, in multiply-adds (Python, dispatch, the wake-up of torch's thread pool,
+#: and a smaller product's lower efficiency). Chosen from paired measurements on 2 threads (benchmarks/NOTES.md,
+#: "Issue 13, second pass"): per-row context products were 5% faster at caption and 11% at long, 9% slower at
+#: nmt_train, where they saved 22.6 M multiply-adds over 32 rows.
+PRODUCT_CALL_COST = 1_000_000
 
 
 def worth_skipping_hidden_keys(limits, tgt_len: int, src_len: int, width: int) -> bool:
-    """Whether the products over keys (P @ value; dO value^T and P^T dO in the backward) should run row by row
-    over each row's visible keys [0, limits[b]) instead of as one batched product over all S keys: when the
-    multiply-adds they save (keys beyond the limits x T x width, width = D) outweigh one product call per row
-    (PRODUCT_CALL_COST). limits: int64 numpy [B_q], each in [0, S]."""
+    """Whether the context P @ value should run row by row over each row's visible keys [0, limits[b])
+    (`context_over_visible_prefix`) instead of as one batched product over all S keys: when the multiply-adds it
+    saves (keys beyond the limits x T x width, width = D) outweigh one product call per row (PRODUCT_CALL_COST).
+    limits: int64 numpy [B_q], each in [0, S]. (The backward's two products, dO value^T and P^T dO, stay batched:
+    row by row they measured 7% slower at caption and 26% at nmt_train, on 2 threads: their cost there is the
+    memory traffic of [B, S, D] tensors, not the multiply-adds.)"""
     hidden_keys_total = len(limits) * src_len - int(limits.sum())
     return hidden_keys_total * tgt_len * width > len(limits) * PRODUCT_CALL_COST
 
@@ -100,24 +104,6 @@ def context_over_visible_prefix(probs: torch.Tensor, values: torch.Tensor, value
     return context
 
 
-def _score_and_value_grads_over_visible_prefix(probs, value, grad_context, limits, need_value_grad):
-    """grad_of_scores' two products row by row over each row's visible keys (index None): dP [B, T, S] = dO value^T
-    at keys j < limits[b], 0 beyond (where P = 0, so dE = 0 there whatever dP is), and dValue [B, S, D] = P^T dO
-    at those keys, 0 beyond. probs [B, T, S], value [B, S, D], grad_context [B, T, D], one dtype."""
-    rows, _, src_len = probs.shape
-    grad_probs = empty_buffer(probs.shape, probs.dtype, probs.device)
-    grad_value = empty_buffer(value.shape, probs.dtype, probs.device) if need_value_grad else None
-    for row in range(rows):
-        visible = int(limits[row])
-        grad_probs[row, :, :visible] = grad_context[row] @ value[row, :visible].T
-        grad_probs[row, :, visible:] = 0.0
-        if grad_value is not None:
-            if visible:
-                torch.mm(probs[row, :, :visible].T, grad_context[row], out=grad_value[row, :visible])
-            grad_value[row, visible:] = 0.0
-    return grad_probs, grad_value
-
-
 def transposed_product(probs: torch.Tensor, grad_context: torch.Tensor) -> torch.Tensor:
     """P^T dO: [B, S, T] x [B, T, D] -> [B, S, D]. A single decoder step (T = 1) makes it an outer product, which a
     broadcast multiply does in one pass (bmm with an inner size of 1 is several times slower on CPU)."""
@@ -127,7 +113,7 @@ def transposed_product(probs: torch.Tensor, grad_context: torch.Tensor) -> torch
 
 
 def grad_of_scores(probs, value, index, grad_context, grad_weights, *, need_value_grad,
-                   chunk_elements=DEFAULT_CHUNK_ELEMENTS, key_limits=None):
+                   chunk_elements=DEFAULT_CHUNK_ELEMENTS):
     """The tanh-free first half of the backward, shared by every backend that keeps P.
 
     probs P [B_q, T, S] (fp32/fp64), value [B_m, S, D], index [B_q] or None, grad_context [B_q, T, D] or None,
@@ -135,19 +121,13 @@ def grad_of_scores(probs, value, index, grad_context, grad_weights, *, need_valu
         dValue = P^T dO;  dP = dO value^T + dWeights;  dE = P * (dP - rowsum(P * dP))
     Masked keys and empty rows have P = 0, hence dE = 0. With `index`, memory rows are gathered per block of
     query rows (at most `chunk_elements` elements of [rows, S, D]) and value gradients are scattered back.
-    key_limits: int64 numpy [B_q] or None: P is 0 at keys j >= key_limits[b]; without `index`, the products then run
-    row by row over the keys below the limits where that saves enough (`worth_skipping_hidden_keys`).
     """
     dtype = probs.dtype
     value = value.to(dtype)
     grad_probs, grad_value = None, None
     if grad_context is not None:
         grad_context = grad_context.to(dtype)
-        if index is None and key_limits is not None and worth_skipping_hidden_keys(
-                key_limits, probs.shape[1], probs.shape[2], value.shape[2] * (2 if need_value_grad else 1)):
-            grad_probs, grad_value = _score_and_value_grads_over_visible_prefix(probs, value, grad_context,
-                                                                                key_limits, need_value_grad)
-        elif index is None:  # one batched product each, no gather
+        if index is None:  # one batched product each, no gather
             grad_probs = torch.bmm(grad_context, value.transpose(1, 2))
             if need_value_grad:
                 grad_value = transposed_product(probs, grad_context)

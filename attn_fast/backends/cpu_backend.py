@@ -5,9 +5,8 @@ visible key's score with the sum over A in registers, the masked softmax and the
 [B, T, S, A] tanh tensor is ever stored, not even a block of it. A decode step (T = 1) is the same kernel; against
 a prepared memory (`AttentionCall.key_exp`, e^{2 key_proj} computed once by `precompute`) it computes no
 exponential of the keys.
-Backward: dE from `common.grad_of_scores` (batched products, or row by row over the visible keys), then one
-compiled pass through the tanh (`cpu_kernels.backward.tanh_pass_grads`) for d_query_proj, d_key_proj
-(+ d_extra_key_term) and d_v.
+Backward: dE from `common.grad_of_scores` (batched products), then one compiled pass through the tanh
+(`cpu_kernels.backward.tanh_pass_grads`) for d_query_proj, d_key_proj (+ d_extra_key_term) and d_v.
 Only P [B_q, T, S] (in the compute dtype) is saved for the backward, as in the torch backend.
 
 What the op does in torch around the kernels, all on [B, T, A]-, [B, S, A]- or [B, S, D]-sized tensors (A times
@@ -198,9 +197,9 @@ def _backward(grad_context, grad_probs, query_proj, key_proj, value, v, extra_ke
     keys = key_proj.to(dtype)
     extra = None if extra_key_term is None else extra_key_term.to(dtype)
     factorized = resolve_tanh_form(tanh_form, query, keys, extra) == "factorized"
-    limits = key_limits(key_lengths, index, query_rows, src_len, query_proj.device)
     grad_scores, grad_value = common.grad_of_scores(probs, value, index, grad_context, grad_probs,
-                                                    need_value_grad=True, key_limits=limits.numpy())
+                                                    need_value_grad=True)
+    limits = key_limits(key_lengths, index, query_rows, src_len, query_proj.device)
 
     def tanh_pass(query, keys, extra, factorized):
         arrays = (query.contiguous().numpy(), keys.contiguous().numpy(),
