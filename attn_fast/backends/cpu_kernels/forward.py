@@ -134,8 +134,8 @@ def forward_item(item, query, keys, keys_are_exp, key_row_of, v, v_sum, value, v
     bad = 0
     # e^{2k} of the keys the block's steps can see, once per item, into the worker's [S, A] block `key_scratch`,
     # which stays in cache while the block's steps read it. The exponentials and the range check are separate loops
-    # over one key: together in one loop (a count beside a store) LLVM left both scalar, 2.8 ns per key element at
-    # caption, more than half of the kernel; apart they vectorize (benchmarks/NOTES.md, "Issue 13, second pass").
+    # over one key: together in one loop (a count beside a store) LLVM left both scalar, ~2.8 ns per key element,
+    # a quarter of the kernel at caption; apart they vectorize (benchmarks/NOTES.md, "Issue 13, second pass").
     make_key_exp = factorized and not keys_are_exp
     if make_key_exp:
         key_exp = key_scratch
