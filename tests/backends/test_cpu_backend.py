@@ -304,8 +304,9 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch):
 
 
 def test_small_launches_run_on_one_thread(monkeypatch):
-    """A launch below ONE_THREAD_BELOW_ELEMENTS tanh elements runs on one numba thread whatever torch's count (the
-    wake-up of a second worker costs more than it saves); a larger one on torch's count."""
+    """A launch below ONE_THREAD_BELOW_ELEMENTS tanh elements runs on one thread whatever torch's count (the
+    wake-up of a second worker costs more than it saves), in the serial build of the forward; a larger one on
+    torch's count."""
     import numba
 
     monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", max(2, numba.config.NUMBA_NUM_THREADS))
@@ -319,8 +320,15 @@ def test_small_launches_run_on_one_thread(monkeypatch):
         monkeypatch.setattr(cpu_kernels, "use_torch_threads", lambda elements=None: seen.append(
             original(elements)) or seen[-1])
         case = random_case(2, 3, 5, 4, 3, seed=3)
-        additive_attention(*case.inputs(), backend="cpu")
-        assert seen == [1]
+        # ... through the serial build, which never wakes numba's pool: the parallel launcher must not be called.
+        from attn_fast.backends.cpu_kernels import forward
+
+        def parallel_launch(*args):
+            raise AssertionError("a one-thread launch went through the parallel kernel")
+
+        monkeypatch.setattr(forward, "attention_forward", parallel_launch)
+        context = additive_attention(*case.inputs(), backend="cpu")[0]
+        assert seen == [1] and torch.isfinite(context).all()
     finally:
         torch.set_num_threads(threads)
 

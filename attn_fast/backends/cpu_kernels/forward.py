@@ -174,6 +174,28 @@ def forward_item(item, query, keys, keys_are_exp, key_row_of, v, v_sum, value, v
 @numba.njit(parallel=True, fastmath=set(FASTMATH), cache=True)
 def attention_forward(query, keys, keys_are_exp, key_row_of, v, value, value_row_of, key_limits, hidden, causal,
                       form, magnitude_limit, step_block, fuse_context, probs, context, threads):
+    """`forward_items` on `threads` numba workers (a parallel launch: for a launch on one thread, take
+    `attention_forward_serial`)."""
+    return forward_items(query, keys, keys_are_exp, key_row_of, v, value, value_row_of, key_limits, hidden, causal,
+                         form, magnitude_limit, step_block, fuse_context, probs, context, threads)
+
+
+# error_model="numpy": numba's default ("python") checks every division for a zero divisor so as to raise
+# ZeroDivisionError, a branch that keeps LLVM from vectorizing the score loop (scalar vdivss, 6x slower); parallel
+# loops get the numpy model anyway. A one-thread launch this way skips waking numba's pool: a decode step at
+# nmt_train took 0.13 ms here and 0.42 ms through the parallel launch on one thread (benchmarks/NOTES.md, "Issue 13,
+# second pass").
+@numba.njit(fastmath=set(FASTMATH), error_model="numpy", cache=True)
+def attention_forward_serial(query, keys, keys_are_exp, key_row_of, v, value, value_row_of, key_limits, hidden,
+                             causal, form, magnitude_limit, step_block, fuse_context, probs, context, threads):
+    """`forward_items` in the calling thread (numba.prange is a plain range here); `threads` must be 1."""
+    return forward_items(query, keys, keys_are_exp, key_row_of, v, value, value_row_of, key_limits, hidden, causal,
+                         form, magnitude_limit, step_block, fuse_context, probs, context, 1)
+
+
+@numba.njit(inline="always", fastmath=set(FASTMATH), cache=True)
+def forward_items(query, keys, keys_are_exp, key_row_of, v, value, value_row_of, key_limits, hidden, causal,
+                  form, magnitude_limit, step_block, fuse_context, probs, context, threads):
     """Fill probs P [B_q, T, S] and, with `fuse_context`, context [B_q, T, D] (both in the compute dtype, every
     element written). With form FACTORIZED_IF_IN_RANGE, returns the number of operands it met beyond
     `magnitude_limit` (NaN included): when it is not 0, P and the context are not valid and the caller runs the
@@ -197,10 +219,9 @@ def attention_forward(query, keys, keys_are_exp, key_row_of, v, value, value_row
     threads: numba's thread count for this launch (`cpu_kernels.launching`); one worker per thread takes the work
     items round-robin.
 
-    Work items: (query row, block of steps), in parallel (`forward_item`). Only loops inside a `prange` body are
-    vectorized by numba 0.68 here (the same loops in a serial njit function compile to scalar divisions, 6x
-    slower, checked with inspect_asm), so there is no serial variant for small calls, though a parallel launch
-    costs ~60 us even on one thread (benchmarks/NOTES.md). The fused context reads the whole [S, D] value row
+    Work items: (query row, block of steps), in parallel (`forward_item`); inlined into both launchers, so that
+    the prange is numba's parallel loop in `attention_forward` and a plain loop in `attention_forward_serial`.
+    The fused context reads the whole [S, D] value row
     once per step: right for a decode step (T = 1: a matrix-vector product anyway, and no gather of the memory
     rows), several times slower than a batched matrix product for many steps (benchmarks/NOTES.md), where the
     caller leaves it to `torch.bmm` on P.
