@@ -205,18 +205,18 @@ def test_issue_13_targets_are_ratios_of_the_run():
                     _case("cpu", "forward", "long", 0.05, 10.0, fraction=0.4)]
     targets.annotate(long_forward, "cpu")
     fused = long_forward[2]["targets"]
-    assert fused["forward >= 4x torch backend"]["value"] == pytest.approx(6.0)
-    assert fused["forward >= 4x torch backend"]["met"] is True
     assert fused["forward >= 60x eager"]["value"] == pytest.approx(120.0) and fused["forward >= 60x eager"]["met"]
     assert fused["peak memory <= torch backend's"]["met"] is True
     assert fused[">= 50% of CPU limit"] == {"wanted": ">= 0.5", "value": 0.4, "met": False}
 
-    # nmt_train has the torch-backend ratio but no eager threshold; a missing torch case leaves it unmeasured.
+    # nmt_train's thresholds are 3x/4x the torch backend's speed-ups of the issue's day (3.8x, 9.6x), not this
+    # run's torch case; a missing torch case leaves only the memory comparison unmeasured.
     nmt = [_case("reference", "forward_backward", "nmt_train", 1.0),
            _case("cpu", "forward_backward", "nmt_train", 0.1)]
     targets.annotate(nmt, "cpu")
-    assert set(nmt[1]["targets"]) == {"forward+backward >= 3x torch backend", "peak memory <= torch backend's"}
-    assert nmt[1]["targets"]["forward+backward >= 3x torch backend"]["met"] is None
+    assert nmt[1]["targets"]["forward+backward >= 11.4x eager"] == {"wanted": ">= 11.4", "value": 10.0,
+                                                                    "met": False}
+    assert nmt[1]["targets"]["peak memory <= torch backend's"]["met"] is None
 
     steps = [_case("reference", "prepared_step", "tts_step", 3e-3), _case("torch", "prepared_step", "tts_step", 2e-3),
              _case("cpu", "prepared_step", "tts_step", 2e-3)]

@@ -11,10 +11,10 @@ GPU, Triton backend: forward >= 10x eager and >= 3x torch.compile(reference) and
                      at the all-steps shapes (T > 1); >= 70% of the MUFU limit at long; a decode step (the
                      decode_step mode, and the forward of a T = 1 shape) >= 3x eager; peak memory <= 1/50 of
                      eager's, as on CPU.
-CPU, fused "cpu" backend (issue 13; "today's torch backend" = the torch backend's case of the same run):
-                     forward >= 4x the torch backend at nmt_train, caption and long, and >= 40x eager at caption,
-                     >= 60x at long; forward+backward >= 3x the torch backend there, >= 15x eager at caption, >= 18x
-                     at long; peak extra memory no more than the torch backend's at those shapes and modes ("as
+CPU, fused "cpu" backend (issue 13: "forward >= 4x today's torch backend figures as ratios to eager", "today" being
+                     the day the issue was filed; `CPU_BACKEND_VS_EAGER`): forward >= 38.4x eager at nmt_train, >= 40x
+                     at caption, >= 60x at long; forward+backward >= 11.4x eager at nmt_train, >= 15x at caption, >=
+                     18x at long; peak extra memory no more than the torch backend's at those shapes and modes ("as
                      bounded as today"); the step through a prepared memory (prepared_step) >= 3x eager at tts_step
                      and at nmt_train's decode step (B=32, S=50, A=256, D=512: the NMT decode step); the forward at
                      long >= 50% of the measured CPU limit (tanh elements/s over the limit's elements/s at the same
@@ -26,11 +26,18 @@ A target whose figure is missing (a backend failed, memory or the CPU limit not 
 from __future__ import annotations
 
 ALL_STEPS_TARGET_SHAPES = ("nmt_train", "caption", "long")
-#: Issue 13, fused CPU backend: (mode, shape) -> least speed-up against eager; and per mode the least speed-up
-#: against the torch backend of the same run, at every all-steps shape.
-CPU_BACKEND_VS_EAGER = {("forward", "caption"): 40, ("forward", "long"): 60,
+#: Issue 13, fused CPU backend: (mode, shape) -> least speed-up against eager. The issue asks for 4x (forward) and
+#: 3x (forward+backward) "today's torch backend figures as ratios to eager": fixed figures of the day it was filed,
+#: not the torch backend's case of each run (whose own median moved 2x between runs on this shared VM, e.g. caption
+#: forward 74 and 33 ms on 2026-11-29). The issue wrote them out for caption and long (40x, 60x; 15x, 18x); for
+#: nmt_train they are 4x and 3x the torch backend's speed-ups in that day's committed run
+#: (benchmarks/results/cpu-full-20261125T032042Z.json: 9.6x forward, 3.8x forward+backward).
+TORCH_BACKEND_ON_ISSUE_DAY = {("forward", "nmt_train"): 9.6, ("forward_backward", "nmt_train"): 3.8}
+CPU_BACKEND_VS_EAGER = {("forward", "nmt_train"): round(4 * TORCH_BACKEND_ON_ISSUE_DAY["forward", "nmt_train"], 1),
+                        ("forward", "caption"): 40, ("forward", "long"): 60,
+                        ("forward_backward", "nmt_train"): round(
+                            3 * TORCH_BACKEND_ON_ISSUE_DAY["forward_backward", "nmt_train"], 1),
                         ("forward_backward", "caption"): 15, ("forward_backward", "long"): 18}
-CPU_BACKEND_VS_TORCH = {"forward": 4, "forward_backward": 3}
 #: The decode-step shapes of issue 13 (tts_step's own T = 1, and nmt_train's decode step) and their least speed-up.
 CPU_BACKEND_STEP_SHAPES = ("tts_step", "nmt_train")
 CPU_BACKEND_STEP_VS_EAGER = 3
@@ -66,15 +73,11 @@ def cpu_backend_targets(case: dict, group: dict[str, dict]) -> dict:
     eager, chunked = group.get("reference"), group.get("torch")
     speedup = ratio(_median(eager), _median(case))
     targets = {}
-    if shape in ALL_STEPS_TARGET_SHAPES and mode in CPU_BACKEND_VS_TORCH:
-        least = CPU_BACKEND_VS_TORCH[mode]
+    if (mode, shape) in CPU_BACKEND_VS_EAGER:
+        least_eager = CPU_BACKEND_VS_EAGER[mode, shape]
         name = "forward" if mode == "forward" else "forward+backward"
-        targets[f"{name} >= {least}x torch backend"] = _target(
-            f">= {least}", ratio(_median(chunked), _median(case)), lambda x: x >= least)
-        if (mode, shape) in CPU_BACKEND_VS_EAGER:
-            least_eager = CPU_BACKEND_VS_EAGER[mode, shape]
-            targets[f"{name} >= {least_eager}x eager"] = _target(f">= {least_eager}", speedup,
-                                                                 lambda x: x >= least_eager)
+        targets[f"{name} >= {least_eager:g}x eager"] = _target(f">= {least_eager:g}", speedup,
+                                                               lambda x: x >= least_eager)
         targets["peak memory <= torch backend's"] = _target("<= 1", ratio(_peak(case), _peak(chunked)),
                                                             lambda x: x <= 1)
     if mode == "prepared_step" and shape in CPU_BACKEND_STEP_SHAPES:
