@@ -108,6 +108,9 @@ def test_memory_probe_sees_eager_materialize_and_torch_backend_not():
     assert eager["outputs_mib"] == chunked["outputs_mib"] == pytest.approx(32 * 50 * 512 * 4 / 2**20)  # context
     assert eager["peak_extra_mib"] >= eager["tanh_tensor_mib"], eager
     assert 0 < chunked["peak_extra_mib"] < eager["peak_extra_mib"] / 4, (chunked, eager)
+    # Freed heap memory is handed back before the measured call (malloc_trim), so the context the call returns is
+    # always inside its peak (without it, the torch backend's peak once measured below its own outputs).
+    assert "malloc_trim" in chunked["method"] and chunked["peak_extra_mib"] >= chunked["outputs_mib"], chunked
 
 
 def test_static_prediction_is_labelled_and_tiny_is_not_in_it():

@@ -7,12 +7,18 @@ CPU: a fresh process per case, the method of tests/backends/rss_probe.py. Peak R
 whatever allocator or cache holds the memory. The processes are forked from a multiprocessing "forkserver" that
 has imported torch and this package but run nothing (no thread pool or allocator cache is inherited, and forking
 is safe): a fresh address space per case without paying torch's import (seconds on a loaded 2-core machine) each
-time. In the child, the code paths are warmed by one call of the same backend and mode on a tiny shape (for
-"compile", by the real call: it compiles the graph, whose memory is then not the call's); then the kernel's
-peak-RSS mark VmHWM is reset (`/proc/self/clear_refs`, "5") and the growth of VmHWM over VmRSS at that point is
-the figure. `getrusage().ru_maxrss` is not used: it is the lifetime peak of the process and cannot be reset, so it
-would include building the inputs (and a forked child starts with its parent's peak). A fresh process per case
-matters: memory freed by an earlier case stays resident in the allocator and a later case would reuse it unseen.
+time. In the child, the case runs once first, at its own shape, so that every code path, compiled kernel, thread
+pool and library buffer it uses is loaded (for "compile", that call compiles the graph; MKL keeps its GEMM packing
+buffers), and what that call freed is handed back to the operating system (glibc `malloc_trim(0)`); then the
+kernel's peak-RSS mark VmHWM is reset (`/proc/self/clear_refs`, "5") and the growth of VmHWM over VmRSS over a
+second call is the figure: what one call of a training or decoding loop adds. Without the trim, freed heap
+memory stays resident and a call can reuse it unseen: the torch backend's forward at long then measured -0.3 MiB,
+below its own 3.1 MiB context; without the warm-up at the case's own shape (a tiny shape was used before), one-time
+buffers of paths the tiny shape never takes (MKL's packing buffers for large products, ~12 MiB at caption) were
+counted as the call's. `getrusage().ru_maxrss` is not used: it is the lifetime peak of the process and cannot be
+reset, so it would include building the inputs (and a forked child starts with its parent's peak). A fresh process
+per case matters: memory freed by an earlier case stays resident in the allocator and a later case would reuse it
+unseen.
 """
 from __future__ import annotations
 
@@ -24,7 +30,6 @@ import re
 import torch
 
 from attn_fast.tools.bench.cases import CaseSpec, PreparedCase
-from attn_fast.tools.bench.shapes import TINY
 
 MIB = 2**20
 
@@ -57,16 +62,35 @@ def measure_in_this_process(spec: CaseSpec, threads: int | None = None) -> dict:
         torch.set_num_threads(threads)
     warm_cpu_math()  # pytorch#188792: before any number
     prepared = PreparedCase(spec, "cpu")
-    if spec.backend == "compile":
-        prepared.run()  # compiles for this shape; the compiler's memory is not the call's
-    else:
-        PreparedCase(CaseSpec(TINY.name, spec.dtype_name, spec.mode, spec.backend), "cpu").run()
+    prepared.run()  # loads every path, kernel and buffer of this case ("compile": compiles it)
+    prepared.last_context = None
+    if prepared.with_grad:
+        for tensor in prepared.leaves():
+            tensor.grad = None
     gc.collect()
+    trimmed = _return_free_heap()
     _reset_peak_rss()
     before = _status_mib("VmRSS")
     prepared.run()
     growth = _status_mib("VmHWM") - before
-    return {"peak_extra_mib": growth, "method": "fresh process, growth of VmHWM over VmRSS after the inputs"}
+    method = "fresh process, second call of the case, growth of VmHWM over VmRSS" + (
+        " after malloc_trim" if trimmed else " (malloc_trim unavailable: freed heap memory may hide part of it)")
+    return {"peak_extra_mib": growth, "method": method}
+
+
+def _return_free_heap() -> bool:
+    """Hand the heap memory freed so far back to the operating system (glibc `malloc_trim(0)`), so that the
+    measured call's allocations show in its RSS instead of reusing resident free memory. False where the C
+    library has no malloc_trim (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def _child(arguments: dict, threads: int | None, connection) -> None:
