@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from attn_fast.backends import cpu_kernels, reference, torch_backend
+from attn_fast.backends import common, cpu_kernels, reference, torch_backend
 from attn_fast.cpu_warmup import warm_cpu_math
 from attn_fast.masking import hidden_memory_keys
 from attn_fast.validation import AttentionCall, attention_call, can_read_values, check_backend
@@ -179,8 +179,8 @@ def additive_attention_on_memory(
     anything but "auto" spares the torch backend its per-call magnitude scan (a host read); the other backends
     ignore it. Autocast as in `additive_attention`.
     """
-    if tanh_form not in torch_backend.BLOCK_TANH_FORMS:
-        raise ValueError(f"tanh_form must be one of {torch_backend.BLOCK_TANH_FORMS}, got {tanh_form!r}")
+    if tanh_form not in common.TANH_FORMS:
+        raise ValueError(f"tanh_form must be one of {common.TANH_FORMS}, got {tanh_form!r}")
     if "causal" in options:
         raise TypeError("a decode step has no causal option (one query step per call)")
     options.setdefault("extra_key_term", None)
@@ -208,7 +208,7 @@ def check_memory(key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor, *
                            extra_key_term=None, check_values=True)[0]
     if not can_read_values(call.key_proj):
         return "auto"
-    return torch_backend.resolve_tanh_form("auto", call.key_proj[:0], call.key_proj, None)  # the keys alone
+    return common.resolve_tanh_form("auto", call.key_proj[:0], call.key_proj, None)  # the keys alone
 
 
 def hide_masked_keys(key_proj: torch.Tensor, value: torch.Tensor, *, key_lengths: torch.Tensor | None = None,

@@ -42,6 +42,29 @@ def largest_operand(query_proj, key_proj, extra_key_term) -> float:
     return max(largest_magnitude(query_proj), largest_magnitude(key_proj) + largest_magnitude(extra_key_term))
 
 
+#: The tanh forms the torch and cpu backends' ops take (`tanh_form=`): "auto" chooses per call from the inputs'
+#: magnitudes (`tanh_form_for`). The Triton kernels have forms of their own (kernels/tanh.py TANH_FORMS).
+TANH_FORMS = ("auto", "direct", "factorized")
+
+
+def tanh_form_for(tanh_form: str, dtype: torch.dtype, largest_magnitude) -> str:
+    """"direct" or "factorized" for a call computed in `dtype`: the form asked for, or for "auto" the factorized
+    one when e^{2x} stays finite for every input (`largest_magnitude()` <= EXP_SAFE_MAGNITUDE; it bounds
+    |query_proj| and |key_proj (+ extra_key_term)|, and is only called for "auto"; NaN gives "direct")."""
+    if tanh_form not in TANH_FORMS:
+        raise ValueError(f"tanh_form must be one of {TANH_FORMS}, got {tanh_form!r}")
+    if tanh_form != "auto":
+        return tanh_form
+    return "factorized" if largest_magnitude() <= EXP_SAFE_MAGNITUDE[dtype] else "direct"
+
+
+def resolve_tanh_form(tanh_form: str, query_proj, key_proj, extra_key_term) -> str:
+    """`tanh_form_for` these inputs: "auto" scans max |query_proj| and max |key (+ extra)| once (a host read), so
+    that a backward can reuse the forward's choice instead of scanning again."""
+    return tanh_form_for(tanh_form, compute_dtype(query_proj.dtype),
+                         lambda: largest_operand(query_proj, key_proj, extra_key_term))
+
+
 def masked_softmax_(scores: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
     """Softmax over the last axis in place, over visible keys only; rows with no visible key become all 0."""
     if scores.shape[-1] == 0:

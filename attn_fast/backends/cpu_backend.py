@@ -27,23 +27,9 @@ import math
 import torch
 
 from attn_fast.backends import common
-from attn_fast.backends.common import EXP_SAFE_MAGNITUDE, compute_dtype, largest_operand
+from attn_fast.backends.common import EXP_SAFE_MAGNITUDE, compute_dtype, resolve_tanh_form
 from attn_fast.backends.cpu_kernels import launching, threads_for, unavailable_reason
 from attn_fast.validation import AttentionCall, can_read_values
-
-#: Values of the ops' `tanh_form`: "auto" lets the op scan its inputs (compiled graphs, where the caller cannot).
-TANH_FORMS = ("auto", "direct", "factorized")
-
-
-def resolve_tanh_form(tanh_form: str, query_proj, key_proj, extra_key_term) -> str:
-    """"direct" or "factorized" for these inputs: "auto" scans max |query_proj| and max |key (+ extra)| (a host
-    read), and takes the factorized form when e^{2x} stays finite for all of them."""
-    if tanh_form not in TANH_FORMS:
-        raise ValueError(f"tanh_form must be one of {TANH_FORMS}, got {tanh_form!r}")
-    if tanh_form != "auto":
-        return tanh_form
-    largest = largest_operand(query_proj, key_proj, extra_key_term)
-    return "factorized" if largest <= EXP_SAFE_MAGNITUDE[compute_dtype(query_proj.dtype)] else "direct"  # NaN: direct
 
 
 def _kernels():

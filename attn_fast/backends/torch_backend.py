@@ -27,16 +27,14 @@ import torch
 from attn_fast.backends import common
 from attn_fast.backends.common import (
     DEFAULT_CHUNK_ELEMENTS,
-    EXP_SAFE_MAGNITUDE,
     compute_dtype,
     largest_operand,
     masked_softmax_,
+    resolve_tanh_form,
+    tanh_form_for,
 )
 from attn_fast.masking import visible_keys
 from attn_fast.validation import AttentionCall, can_read_values
-
-#: tanh forms of this backend's blocks (`tanh_form=`); the kernels' forms are kernels/tanh.py TANH_FORMS.
-BLOCK_TANH_FORMS = ("auto", "direct", "factorized")
 
 
 @dataclass(frozen=True)
@@ -135,23 +133,9 @@ class _FactorizedTanh:
 
 
 def choose_tanh_form(form: str, dtype: torch.dtype, largest_magnitude):
-    """The factorized form when e^{2x} stays finite for every input (or when forced), else the direct one.
-    `largest_magnitude()` bounds |query_proj| and |key_proj (+ extra_key_term)|; it is only called for "auto"."""
-    if form not in BLOCK_TANH_FORMS:
-        raise ValueError(f"tanh form must be one of {BLOCK_TANH_FORMS}, got {form!r}")
-    if form == "direct":
-        return _DirectTanh
-    if form == "factorized":
-        return _FactorizedTanh
-    return _FactorizedTanh if largest_magnitude() <= EXP_SAFE_MAGNITUDE[dtype] else _DirectTanh
-
-
-def resolve_tanh_form(tanh_form: str, query_proj, key_proj, extra_key_term) -> str:
-    """"auto" resolved to "direct" or "factorized" for these inputs, once per call: the backward then reuses the
-    forward's choice instead of scanning the inputs again."""
-    form = choose_tanh_form(tanh_form, compute_dtype(query_proj.dtype),
-                            lambda: largest_operand(query_proj, key_proj, extra_key_term))
-    return form.name
+    """The block class of `common.tanh_form_for(form, dtype, largest_magnitude)`: the factorized form when e^{2x}
+    stays finite for every input (or when forced), else the direct one."""
+    return {"direct": _DirectTanh, "factorized": _FactorizedTanh}[tanh_form_for(form, dtype, largest_magnitude)]
 
 
 class _Operands:

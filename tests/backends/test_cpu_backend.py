@@ -335,8 +335,8 @@ def test_small_launches_run_on_one_thread(monkeypatch):
 
 def test_inputs_are_scanned_once_per_forward_and_backward(monkeypatch):
     scans = []
-    real_scan = cpu_backend.largest_operand
-    monkeypatch.setattr(cpu_backend, "largest_operand", lambda *args: scans.append(1) or real_scan(*args))
+    real_scan = common.largest_operand
+    monkeypatch.setattr(common, "largest_operand", lambda *args: scans.append(1) or real_scan(*args))
     case = random_case(2, 3, 5, 4, 3, seed=1).cast(torch.float32, requires_grad=True)
     context, _ = additive_attention(*case.inputs(), backend="cpu")
     context.sum().backward()
