@@ -333,6 +333,50 @@ def test_small_launches_run_on_one_thread(monkeypatch):
         torch.set_num_threads(threads)
 
 
+def _forward_in_forked_child(case, connection):
+    # One torch thread, as DataLoader workers run: torch's own OpenMP hangs in a child forked from a parent that
+    # used it. The kernels' thread count must be 1 here even where torch's is not.
+    torch.set_num_threads(2)
+    threads = cpu_kernels.threads_for(None)
+    torch.set_num_threads(1)
+    leaves = [tensor.detach().clone().requires_grad_() for tensor in case.inputs()]
+    context, _ = additive_attention(*leaves, **case.options(), backend="cpu")
+    context.square().sum().backward()
+    connection.send((context.detach().numpy(), leaves[0].grad.numpy(), threads))  # plain bytes, no shared memory
+    connection.close()
+
+
+def test_a_child_forked_after_a_parallel_launch_runs_the_serial_builds(monkeypatch):
+    """numba's "omp" layer (GNU OpenMP) terminates a forked child that starts a parallel region after its parent
+    ran one: a child forked after a parallel launch runs every kernel (forward and backward) in its serial build,
+    whatever torch's thread count, with the same results."""
+    import multiprocessing
+
+    monkeypatch.setattr(cpu_kernels, "ONE_THREAD_BELOW_ELEMENTS", 0)  # this small case on 2 threads in the parent
+    threads = torch.get_num_threads()
+    case = random_case(3, 9, 11, 16, 5, mask="mixed", beam=2, seed=12)
+    try:
+        torch.set_num_threads(2)
+        leaves = [tensor.detach().clone().requires_grad_() for tensor in case.inputs()]
+        expected, _ = additive_attention(*leaves, **case.options(), backend="cpu")
+        expected.square().sum().backward()
+        context = multiprocessing.get_context("fork")
+        receiver, sender = context.Pipe(duplex=False)
+        child = context.Process(target=_forward_in_forked_child, args=(case, sender))
+        child.start()
+        sender.close()
+        assert receiver.poll(120), f"the forked child gave no result (exit code {child.exitcode})"
+        child_context, child_grad, child_threads = receiver.recv()
+        child.join(30)
+    finally:
+        torch.set_num_threads(threads)
+    assert child.exitcode == 0
+    if cpu_kernels._parallel_launched:  # a machine with one core never starts the pool
+        assert child_threads == 1
+    torch.testing.assert_close(torch.from_numpy(child_context), expected.detach())
+    torch.testing.assert_close(torch.from_numpy(child_grad), leaves[0].grad)
+
+
 def test_inputs_are_scanned_once_per_forward_and_backward(monkeypatch):
     scans = []
     real_scan = common.largest_operand

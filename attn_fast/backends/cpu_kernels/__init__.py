@@ -13,8 +13,9 @@ Numerics shared by the kernel modules:
   comparisons and the inf arithmetic that saturated inputs (e^{2q} e^{2k} = inf gives tanh = 1 exactly) and NaN
   inputs (which must propagate to the rows that see them) rely on. LLVM keeps a true vector division for
   v / (1 + x) under "arcp" (no reciprocal estimate, which would turn 1/inf into NaN), checked by the tests.
-- Threads: every launch sets numba's thread count from torch.get_num_threads() (1 for a small launch) and holds a
-  process-wide lock (`launching`).
+- Threads: every launch sets numba's thread count from torch.get_num_threads() (1 for a small launch, or in a
+  process forked after a parallel launch) and holds a process-wide lock (`launching`); one-thread launches run the
+  kernels' serial builds.
 """
 from __future__ import annotations
 
@@ -28,12 +29,16 @@ import torch
 #: LLVM fast-math flags of every kernel (see the module docstring for why not "fast").
 FASTMATH = frozenset({"contract", "reassoc", "arcp", "nsz"})
 
-#: numba's threading layer, unless the user chose one (NUMBA_THREADING_LAYER). "workqueue" is numba's own pool of
-#: plain threads: it cannot clash with the OpenMP runtime torch bundles, whose idle threads spin for a while after
-#: each torch op (benchmarks/NOTES.md measures both layers alternating with torch ops). It aborts the process when
-#: two launches overlap (calls from two Python threads: the GIL is released while a parallel kernel runs), so every
-#: launch goes through `launching()`, which serializes them.
-THREADING_LAYER = "workqueue"
+#: numba's threading layers in order of preference, unless the user chose (NUMBA_THREADING_LAYER or
+#: NUMBA_THREADING_LAYER_PRIORITY). "omp" measured 1.4-1.8x faster than numba's own "workqueue" pool for the forward
+#: on 2 threads beside torch's OpenMP threads, 1.1-1.4x for forward+backward (benchmarks/NOTES.md, "Issue 13,
+#: second pass"; an earlier measurement under heavy load had said the opposite). "workqueue" where numba has no
+#: OpenMP (numba wants a permutation of all three names; "workqueue" always loads, so "tbb" is never reached). GNU
+#: OpenMP cannot survive fork(): numba terminates a forked child that launches a parallel region after
+#: its parent did, so a child forked after a parallel launch runs every kernel in its serial build (`threads_for`).
+#: "workqueue" aborts the process when two launches overlap (calls from two Python threads: the GIL is released while
+#: a parallel kernel runs); every launch goes through `launching()`, which serializes them, whatever the layer.
+THREADING_LAYER_PRIORITY = ("omp", "workqueue", "tbb")
 
 _LAUNCH_LOCK = threading.Lock()
 
@@ -50,8 +55,8 @@ def _probe_numba() -> str | None:
         import numba
     except ImportError as error:
         return f"numba is not importable ({error}); pip install numba"
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = THREADING_LAYER
+    if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
+        numba.config.THREADING_LAYER_PRIORITY = list(THREADING_LAYER_PRIORITY)
     return None
 
 
@@ -62,12 +67,25 @@ def _probe_numba() -> str | None:
 ONE_THREAD_BELOW_ELEMENTS = 1 << 20
 
 
+_parallel_launched = False  # a parallel kernel ran in this process (its thread pool exists)
+_forked_after_parallel_launch = False  # this process was forked from one where a parallel kernel had run
+
+
+def _after_fork_in_child() -> None:
+    global _forked_after_parallel_launch
+    _forked_after_parallel_launch = _forked_after_parallel_launch or _parallel_launched
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def threads_for(elements: int | None = None) -> int:
     """The thread count of a launch of `elements` tanh elements: torch's (capped at the pool numba started with),
-    or 1 below ONE_THREAD_BELOW_ELEMENTS."""
+    or 1 below ONE_THREAD_BELOW_ELEMENTS, and always 1 in a process forked after a parallel launch (see
+    THREADING_LAYER_PRIORITY). A one-thread launch runs the kernels' serial builds, which use no thread pool."""
     import numba
 
-    if elements is not None and elements < ONE_THREAD_BELOW_ELEMENTS:
+    if _forked_after_parallel_launch or (elements is not None and elements < ONE_THREAD_BELOW_ELEMENTS):
         return 1
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
@@ -76,8 +94,10 @@ def use_torch_threads(elements: int | None = None) -> int:
     """Set numba's thread count for the next kernel launch (`threads_for`); returns it."""
     import numba
 
+    global _parallel_launched
     threads = threads_for(elements)
     numba.set_num_threads(threads)
+    _parallel_launched = _parallel_launched or threads > 1
     return threads
 
 

@@ -102,6 +102,28 @@ def _plan_items(key_limits, tgt_len, src_len, tile_keys, causal, num_workers):
 def _tanh_pass(query, keys, extra, has_extra, key_rows, v, grad_scores, causal, factorized, consts,
                item_rows, item_starts, covered, worker_bounds, tile_keys,
                grad_query, grad_row_keys, query_partials, gv_partials, weight_sums):
+    """`_tanh_pass_items` on numba's thread pool."""
+    _tanh_pass_items(query, keys, extra, has_extra, key_rows, v, grad_scores, causal, factorized, consts,
+                     item_rows, item_starts, covered, worker_bounds, tile_keys,
+                     grad_query, grad_row_keys, query_partials, gv_partials, weight_sums)
+
+
+# The one-thread build: no thread pool (a forked child must not start one; cpu_kernels.THREADING_LAYER_PRIORITY),
+# and error_model="numpy" so that its loops vectorize as the parallel build's do (cpu_kernels/forward.py).
+@numba.njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _tanh_pass_serial(query, keys, extra, has_extra, key_rows, v, grad_scores, causal, factorized, consts,
+                      item_rows, item_starts, covered, worker_bounds, tile_keys,
+                      grad_query, grad_row_keys, query_partials, gv_partials, weight_sums):
+    """`_tanh_pass_items` in the calling thread (one worker)."""
+    _tanh_pass_items(query, keys, extra, has_extra, key_rows, v, grad_scores, causal, factorized, consts,
+                     item_rows, item_starts, covered, worker_bounds, tile_keys,
+                     grad_query, grad_row_keys, query_partials, gv_partials, weight_sums)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+def _tanh_pass_items(query, keys, extra, has_extra, key_rows, v, grad_scores, causal, factorized, consts,
+                     item_rows, item_starts, covered, worker_bounds, tile_keys,
+                     grad_query, grad_row_keys, query_partials, gv_partials, weight_sums):
     """The pass itself; see the module docstring. consts = [1, 2, 4] in the input dtype (4: 1 - t^2 = 4 (r - r^2)),
     so that no float64 literal widens fp32 arithmetic. tanh_sums collects sum dE r (t = 1 - 2r) in both forms."""
     query_rows, tgt_len, attn_dim = query.shape
@@ -273,9 +295,10 @@ def tanh_pass_grads(query, keys, extra, index, v, grad_scores, key_limits, causa
         query_partials = empty_output((num_threads, tgt_len, attn_dim), dtype)
         gv_partials = empty_output((num_threads, attn_dim), np.float64)
         weight_sums = empty_output((num_threads,), np.float64)
-        _tanh_pass(query, keys, extra_arg, has_extra, key_rows, v, grad_scores, causal, factorized, consts,
-                   item_rows, item_starts, covered, worker_bounds, tile_keys,
-                   grad_query, grad_row_keys, query_partials, gv_partials, weight_sums)
+        tanh_pass = _tanh_pass_serial if num_threads == 1 else _tanh_pass
+        tanh_pass(query, keys, extra_arg, has_extra, key_rows, v, grad_scores, causal, factorized, consts,
+                  item_rows, item_starts, covered, worker_bounds, tile_keys,
+                  grad_query, grad_row_keys, query_partials, gv_partials, weight_sums)
     finally:
         numba.set_num_threads(previous_threads)
     tanh_sums = gv_partials.sum(axis=0)
