@@ -346,17 +346,18 @@ def _forward_in_forked_child(case, connection):
     connection.close()
 
 
-def test_a_child_forked_after_a_parallel_launch_runs_the_serial_builds(monkeypatch):
-    """numba's "omp" layer (GNU OpenMP) terminates a forked child that starts a parallel region after its parent
-    ran one: a child forked after a parallel launch runs every kernel (forward and backward) in its serial build,
-    whatever torch's thread count, with the same results."""
+@pytest.mark.parametrize("parent_threads", [1, 2])
+def test_a_child_forked_after_a_launch_runs_the_serial_builds(monkeypatch, parent_threads):
+    """numba's "omp" layer (GNU OpenMP) terminates a forked child that starts a parallel region once its parent
+    started the layer, which any launch does (a one-thread launch too): such a child runs every kernel (forward and
+    backward) in its serial build, whatever torch's thread count, with the same results."""
     import multiprocessing
 
     monkeypatch.setattr(cpu_kernels, "ONE_THREAD_BELOW_ELEMENTS", 0)  # this small case on 2 threads in the parent
     threads = torch.get_num_threads()
     case = random_case(3, 9, 11, 16, 5, mask="mixed", beam=2, seed=12)
     try:
-        torch.set_num_threads(2)
+        torch.set_num_threads(parent_threads)
         leaves = [tensor.detach().clone().requires_grad_() for tensor in case.inputs()]
         expected, _ = additive_attention(*leaves, **case.options(), backend="cpu")
         expected.square().sum().backward()
@@ -370,9 +371,7 @@ def test_a_child_forked_after_a_parallel_launch_runs_the_serial_builds(monkeypat
         child.join(30)
     finally:
         torch.set_num_threads(threads)
-    assert child.exitcode == 0
-    if cpu_kernels._parallel_launched:  # a machine with one core never starts the pool
-        assert child_threads == 1
+    assert child.exitcode == 0 and cpu_kernels._pool_started and child_threads == 1
     torch.testing.assert_close(torch.from_numpy(child_context), expected.detach())
     torch.testing.assert_close(torch.from_numpy(child_grad), leaves[0].grad)
 

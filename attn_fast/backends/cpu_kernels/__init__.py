@@ -14,7 +14,7 @@ Numerics shared by the kernel modules:
   inputs (which must propagate to the rows that see them) rely on. LLVM keeps a true vector division for
   v / (1 + x) under "arcp" (no reciprocal estimate, which would turn 1/inf into NaN), checked by the tests.
 - Threads: every launch sets numba's thread count from torch.get_num_threads() (1 for a small launch, or in a
-  process forked after a parallel launch) and holds a process-wide lock (`launching`); one-thread launches run the
+  process forked after any launch) and holds a process-wide lock (`launching`); one-thread launches run the
   kernels' serial builds.
 """
 from __future__ import annotations
@@ -34,8 +34,8 @@ FASTMATH = frozenset({"contract", "reassoc", "arcp", "nsz"})
 #: on 2 threads beside torch's OpenMP threads, 1.1-1.4x for forward+backward (benchmarks/NOTES.md, "Issue 13,
 #: second pass"; an earlier measurement under heavy load had said the opposite). "workqueue" where numba has no
 #: OpenMP (numba wants a permutation of all three names; "workqueue" always loads, so "tbb" is never reached). GNU
-#: OpenMP cannot survive fork(): numba terminates a forked child that launches a parallel region after
-#: its parent did, so a child forked after a parallel launch runs every kernel in its serial build (`threads_for`).
+#: OpenMP cannot survive fork(): numba terminates a forked child that launches a parallel region after its parent
+#: started the layer, so a child forked after any launch runs every kernel in its serial build (`threads_for`).
 #: "workqueue" aborts the process when two launches overlap (calls from two Python threads: the GIL is released while
 #: a parallel kernel runs); every launch goes through `launching()`, which serializes them, whatever the layer.
 THREADING_LAYER_PRIORITY = ("omp", "workqueue", "tbb")
@@ -67,13 +67,17 @@ def _probe_numba() -> str | None:
 ONE_THREAD_BELOW_ELEMENTS = 1 << 20
 
 
-_parallel_launched = False  # a parallel kernel ran in this process (its thread pool exists)
-_forked_after_parallel_launch = False  # this process was forked from one where a parallel kernel had run
+# numba starts its threading layer at the first numba.set_num_threads, which every launch calls (`launching`), a
+# one-thread launch included: from then on, numba's "omp" layer terminates a forked child at its first parallel
+# region ("fork() called from a process already using GNU OpenMP"), checked here with a child of a process that had
+# only run serial builds.
+_pool_started = False  # numba's threading layer was started in this process
+_forked_after_pool_start = False  # this process was forked from one where it had been
 
 
 def _after_fork_in_child() -> None:
-    global _forked_after_parallel_launch
-    _forked_after_parallel_launch = _forked_after_parallel_launch or _parallel_launched
+    global _forked_after_pool_start
+    _forked_after_pool_start = _forked_after_pool_start or _pool_started
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -81,11 +85,11 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def threads_for(elements: int | None = None) -> int:
     """The thread count of a launch of `elements` tanh elements: torch's (capped at the pool numba started with),
-    or 1 below ONE_THREAD_BELOW_ELEMENTS, and always 1 in a process forked after a parallel launch (see
-    THREADING_LAYER_PRIORITY). A one-thread launch runs the kernels' serial builds, which use no thread pool."""
+    or 1 below ONE_THREAD_BELOW_ELEMENTS, and always 1 in a process forked after numba's threading layer started
+    (see THREADING_LAYER_PRIORITY). A one-thread launch runs the kernels' serial builds, which use no thread pool."""
     import numba
 
-    if _forked_after_parallel_launch or (elements is not None and elements < ONE_THREAD_BELOW_ELEMENTS):
+    if _forked_after_pool_start or (elements is not None and elements < ONE_THREAD_BELOW_ELEMENTS):
         return 1
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
@@ -94,10 +98,10 @@ def use_torch_threads(elements: int | None = None) -> int:
     """Set numba's thread count for the next kernel launch (`threads_for`); returns it."""
     import numba
 
-    global _parallel_launched
+    global _pool_started
     threads = threads_for(elements)
+    _pool_started = True  # set_num_threads starts the threading layer, whatever the count
     numba.set_num_threads(threads)
-    _parallel_launched = _parallel_launched or threads > 1
     return threads
 
 
