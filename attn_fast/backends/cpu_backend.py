@@ -100,10 +100,11 @@ def _forward(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_pa
     probs = common.empty_buffer((query_rows, tgt_len, src_len), dtype, query_proj.device)
     row_of_value = all_rows if index is None else index.contiguous()
     elements = query_rows * tgt_len * src_len * query_proj.shape[2]
+    value_row_of = row_of_value.numpy()
+    limits = key_limits(key_lengths, index, query_rows, src_len, query_proj.device).numpy()
     arrays = [query.contiguous().numpy(), (key_exp if keys_are_exp else keys).contiguous().numpy(), keys_are_exp,
-              key_row_of.contiguous().numpy(), v.to(dtype).contiguous().numpy(), values.numpy(),
-              row_of_value.numpy(), key_limits(key_lengths, index, query_rows, src_len, query_proj.device).numpy(),
-              hidden_keys(key_padding_mask, index).numpy(), causal, form, EXP_SAFE_MAGNITUDE[dtype],
+              key_row_of.contiguous().numpy(), v.to(dtype).contiguous().numpy(), values.numpy(), value_row_of,
+              limits, hidden_keys(key_padding_mask, index).numpy(), causal, form, EXP_SAFE_MAGNITUDE[dtype],
               step_block(query_rows, tgt_len, src_len, threads_for(elements))]
 
     def run(fuse_context, probs, context):
@@ -126,10 +127,9 @@ def _forward(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_pa
     if tgt_len == 1:
         return fused(probs), probs
     run(False, probs, torch.empty(0, 0, 0, dtype=dtype))
-    limits = arrays[7]
     lengths_skipped = common.worth_skipping_hidden_keys(limits, tgt_len, src_len, value_dim)
     if lengths_skipped:
-        context = common.context_over_visible_prefix(probs, values, row_of_value.numpy(), limits)
+        context = common.context_over_visible_prefix(probs, values, value_row_of, limits)
     elif index is None:
         context = torch.bmm(probs, values)
     else:

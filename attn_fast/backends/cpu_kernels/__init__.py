@@ -107,7 +107,7 @@ def use_torch_threads(elements: int | None = None) -> int:
 
 @contextlib.contextmanager
 def launching(elements: int | None = None):
-    """Hold around every kernel launch: one launch at a time in the process (see THREADING_LAYER), with numba's
+    """Hold around every kernel launch: one launch at a time in the process (see THREADING_LAYER_PRIORITY), with numba's
     thread count set from torch's, or 1 for a small launch of `elements` tanh elements (`use_torch_threads`);
     yields that count."""
     with _LAUNCH_LOCK:

@@ -136,14 +136,12 @@ def forward_item(item, query, keys, keys_are_exp, key_row_of, v, v_sum, value, v
     # which stays in cache while the block's steps read it. The exponentials and the range check are separate loops
     # over one key: together in one loop (a count beside a store) LLVM left both scalar, ~2.8 ns per key element,
     # a quarter of the kernel at caption; apart they vectorize (benchmarks/NOTES.md, "Issue 13, second pass").
-    make_key_exp = factorized and not keys_are_exp
-    if make_key_exp:
-        key_exp = key_scratch
+    if factorized and not keys_are_exp:
         source = keys[key_row_of[row]]
         for j in range(row_limit):
-            exponentials(source[j], key_exp[j])
+            exponentials(source[j], key_scratch[j])
             bad += beyond(source[j], largest)
-        row_keys = key_exp
+        row_keys = key_scratch
     else:
         row_keys = keys[key_row_of[row]]
     query_row = np.empty(attn_dim if factorized else 0, dtype)
@@ -221,10 +219,9 @@ def forward_items(query, keys, keys_are_exp, key_row_of, v, value, value_row_of,
 
     Work items: (query row, block of steps), in parallel (`forward_item`); inlined into both launchers, so that
     the prange is numba's parallel loop in `attention_forward` and a plain loop in `attention_forward_serial`.
-    The fused context reads the whole [S, D] value row
-    once per step: right for a decode step (T = 1: a matrix-vector product anyway, and no gather of the memory
-    rows), several times slower than a batched matrix product for many steps (benchmarks/NOTES.md), where the
-    caller leaves it to `torch.bmm` on P.
+    The fused context reads the whole [S, D] value row once per step: right for a decode step (T = 1: a
+    matrix-vector product anyway, and no gather of the memory rows), several times slower than a batched matrix
+    product for many steps (benchmarks/NOTES.md), where the caller leaves it to torch's products on P.
     """
     factorized = form != DIRECT
     largest = v.dtype.type(magnitude_limit if form == FACTORIZED_IF_IN_RANGE else np.inf)
