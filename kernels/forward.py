@@ -38,6 +38,7 @@ from .tanh import (
     reciprocal,
     score_bias,
     score_weights,
+    uses_reciprocal_form,
 )
 
 
@@ -549,6 +550,49 @@ def _mask_strides(key_padding_mask: torch.Tensor | None) -> tuple[int, int, int]
     return key_padding_mask.stride(0), key_padding_mask.stride(1), key_padding_mask.stride(2)
 
 
+#: Prepared score weights (`prepare_score_weights`) hold v's per-a weights padded along A to a multiple of this,
+#: then the two score scalars: every forward tile's BLOCK_A divides it, so one prepared buffer serves every launch.
+SCORE_WEIGHTS_ALIGNMENT = 64
+
+
+def score_weights_reciprocal(dtype: torch.dtype, interpret: bool) -> bool:
+    """Which weights `prepare_score_weights` prepares for calls in `dtype`: c = -1 / (2 v) for the reciprocal tanh
+    forms (fp32 takes "exp" or "factorized"; every form is computed that way under the interpreter), v itself for
+    fp16/bf16's tanh.approx. `plan_forward` uses prepared weights only where its tanh form wants the same kind."""
+    return interpret or dtype == torch.float32
+
+
+def _score_vector_launch(v: torch.Tensor, score_vector: torch.Tensor, score_scalars: torch.Tensor,
+                         attn_dim_padded: int, tanh_form: str, interpret: bool) -> launch.KernelLaunch:
+    attn_dim = v.shape[0]
+    return launch.KernelLaunch(
+        kernel=_score_vector_kernel,
+        grid=(1,),
+        arguments=dict(
+            v=v, stride_va=v.stride(0), score_vector=score_vector, score_scalars=score_scalars, A=attn_dim,
+            A_PADDED=attn_dim_padded, TANH_FORM=tanh_form, INTERPRET=interpret,
+            BLOCK_A=min(1024, next_power_of_2(attn_dim)),
+        ),
+        num_warps=4,
+    )
+
+
+def prepare_score_weights(v: torch.Tensor, dtype: torch.dtype, *, wrap=None) -> torch.Tensor:
+    """The forward's per-call v pre-pass, done once for a decoding memory: fp32 [cdiv(A, 64) * 64 + 2] holding
+    `tanh.score_weights(v)` (zero-weight padding up to a multiple of SCORE_WEIGHTS_ALIGNMENT), then the score bias
+    and max |v|, for calls computing in `dtype` (`score_weights_reciprocal` says which weights). Passed to every step
+    as `AttentionCall.score_weights`, it saves each step the pre-pass launch; valid while v keeps its values.
+    v [A] in any floating dtype and stride, on a device the kernels run on. `wrap`: see `launch.run_launches`."""
+    interpret = launch.require_runnable(v.device)
+    attn_dim = v.shape[0]
+    aligned = triton.cdiv(max(attn_dim, 1), SCORE_WEIGHTS_ALIGNMENT) * SCORE_WEIGHTS_ALIGNMENT
+    weights = launch.empty_buffer((aligned + 2,), torch.float32, v.device)
+    tanh_form = "exp" if score_weights_reciprocal(dtype, interpret) else "approx"
+    launch.run_launches([_score_vector_launch(v, weights[:aligned], weights[aligned:], aligned, tanh_form,
+                                              interpret)], v.device, wrap)
+    return weights
+
+
 def plan_forward(
     call,
     *,
@@ -570,6 +614,8 @@ def plan_forward(
     `functional.prepare_key_exp` checked once at precompute): fp32 decode tiles then take the factorized form, and
     in that form the kernel loads e^{2k} through the memory row instead of computing it, with no key range check
     (HAS_KEY_EXP). Ignored with an extra key term or in any other tanh form.
+    `call.score_weights` (if the call has it: `prepare_score_weights` of its v, made once with a decoding memory)
+    replaces the per-call v pre-pass launch whenever it holds the kind of weights the chosen tanh form needs.
     """
     if tanh_form is not None and tanh_form not in TANH_FORMS:
         raise ValueError(f"tanh_form must be one of {TANH_FORMS}, got {tanh_form!r}")
@@ -625,23 +671,23 @@ def plan_forward(
         # Absent tensors get a stand-in pointer: the kernels never touch it (their HAS_* flag is off).
         return stand_in if tensor is None else tensor
 
-    # v turned into the per-a weights of the score loop (tanh.score_weights), padded to whole A-chunks.
+    # v turned into the per-a weights of the score loop (tanh.score_weights), padded to whole A-chunks: prepared
+    # once with a decoding memory (`prepare_score_weights`, when made for this tanh form's kind of weights), else by
+    # a one-program pre-pass launched here.
     attn_dim_padded = triton.cdiv(attn_dim, config.block_a) * config.block_a
-    score_vector = launch.empty_buffer((attn_dim_padded,), torch.float32, device)
-    score_scalars = launch.empty_buffer((2,), torch.float32, device)
+    prepared_weights = getattr(call, "score_weights", None)
+    if (prepared_weights is not None and SCORE_WEIGHTS_ALIGNMENT % config.block_a == 0
+            and uses_reciprocal_form(config.tanh_form, interpret) == score_weights_reciprocal(dtype, interpret)):
+        aligned = triton.cdiv(attn_dim, SCORE_WEIGHTS_ALIGNMENT) * SCORE_WEIGHTS_ALIGNMENT
+        score_vector, score_scalars = prepared_weights[:aligned], prepared_weights[aligned:aligned + 2]
+    else:
+        score_vector = launch.empty_buffer((attn_dim_padded,), torch.float32, device)
+        score_scalars = launch.empty_buffer((2,), torch.float32, device)
+        plan.launches.append(_score_vector_launch(v, score_vector, score_scalars, attn_dim_padded, config.tanh_form,
+                                                  interpret))
     # With prepared keys, each program's c e^{2q} (written in its prologue, read by its score loop).
     query_factor = (launch.empty_buffer((splits, rows, attn_dim_padded), torch.float32, device)
                     if key_exp is not None else None)
-    plan.launches.append(launch.KernelLaunch(
-        kernel=_score_vector_kernel,
-        grid=(1,),
-        arguments=dict(
-            v=v, stride_va=v.stride(0), score_vector=score_vector, score_scalars=score_scalars, A=attn_dim,
-            A_PADDED=attn_dim_padded, TANH_FORM=config.tanh_form, INTERPRET=interpret,
-            BLOCK_A=min(1024, next_power_of_2(attn_dim)),
-        ),
-        num_warps=4,
-    ))
     prepared = {}  # the prepared-keys kernel's extra arguments
     if key_exp is not None:
         prepared = dict(key_exp=key_exp, query_factor=query_factor, HAS_KEY_EXP=True,
