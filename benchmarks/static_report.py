@@ -65,6 +65,8 @@ REPORT_ONLY_SHAPES: dict[str, ProblemShape] = {
         ProblemShape("short_steps", 64, 4, 100, 256, 128),  # a few steps per call (T = 4 query rows per program)
         ProblemShape("mid", 32, 12, 50, 256, 128),  # 12 query rows: a tile of 16 or 32
         ProblemShape("decode_long", 1, 1, 8192, 256, 128),  # B = 1, long S: the most key splits one combine merges
+        # long fp32 all-steps where the heuristic prepares the keys (a pre-pass writes e^{2k}, ForwardConfig)
+        ProblemShape("long_prepared", 16, 800, 800, 512, 128),
     )
 }
 #: Every shape the report can compile: the bench's named shapes (not its CI-only "tiny"), then the additions.
@@ -76,9 +78,11 @@ DEFAULT_OUTPUT = REPOSITORY / "benchmarks" / "results" / "static_sm90.json"
 #: The bench's subset of the report, shipped as package data (see attn_fast/tools/bench/roofline.py).
 PACKAGE_PREDICTIONS = REPOSITORY / "attn_fast" / "tools" / "bench" / STATIC_PREDICTIONS_FILE
 SCORE_KERNEL = "_attention_forward_kernel"
+#: The score kernel with prepared keys (a decoding memory's e^{2k}, or fp32 all-steps with the key pre-pass).
+PREPARED_SCORE_KERNEL = "_attention_forward_prepared_kernel"
 BACKWARD_KERNEL = "_attention_backward_kernel"
 #: Kernels with a tanh loop to analyze (their tile constexprs share the names BLOCK_A/T/S and TANH_FORM).
-TANH_KERNELS = (SCORE_KERNEL, BACKWARD_KERNEL)
+TANH_KERNELS = (SCORE_KERNEL, PREPARED_SCORE_KERNEL, BACKWARD_KERNEL)
 TARGET_ARCH = 90
 #: Every compile target of the report: the predictions come from sm_90 (H100); sm_80 (A100) is the oldest GPU the
 #: Triton backend is used on (attn_fast/functional.py `MIN_TRITON_CAPABILITY`), checked for spills and compiles.
@@ -343,7 +347,7 @@ def whole_gpu(launch, shape: ProblemShape, entry: dict, gpu) -> dict:
     batch, tgt_len, src_len, attn_dim, value_dim = shape.sizes
     constants, arguments = entry["constexprs"], launch.arguments
     a_padded = -(-attn_dim // constants["BLOCK_A"]) * constants["BLOCK_A"]
-    if launch.kernel.__name__ == SCORE_KERNEL:
+    if launch.kernel.__name__ in (SCORE_KERNEL, PREPARED_SCORE_KERNEL):
         work = constants["BLOCK_T"] * arguments["keys_per_split"] * a_padded
         splits = launch.grid[1] if len(launch.grid) > 1 else 1
         traffic = occupancy.combine_bytes(query_rows=batch, tgt_len=tgt_len, value_dim=value_dim, splits=splits,

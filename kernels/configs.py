@@ -76,6 +76,7 @@ class ForwardConfig:
     tanh_form: str  # see kernels/tanh.py
     num_splits: int  # key ranges processed by separate programs, combined afterwards (1 = no split)
     fuse_context: bool  # True: online softmax + P @ value in the score kernel; False: scores, then a second kernel
+    prepare_keys: bool = False  # fp32 all-steps: e^{2k} by a key pre-pass, loaded by the score loop (PREPARED_TILES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,15 @@ ALL_STEPS_TILES = ((64, 32, 8, 8), (32, 32, 8, 4), (16, 32, 8, 2))
 ALL_STEPS_TILES_HALF_SCORES = ((8, 32, 8, 1),)
 #: With a [BLOCK_T, 256] fp32 accumulator (fused, 128 < D <= 256): no 64-row tile.
 ALL_STEPS_TILES_WIDE = ((32, 32, 16, 8), (16, 32, 8, 2))
+#: fp32 all-steps tiles with prepared keys (`ForwardConfig.prepare_keys`): a pre-pass kernel writes e^{2k} once per
+#: key, each program writes its rows' c e^{2q} once, and the score loop loads both factors: 1 MUFU op per tanh at
+#: any tile (3.75-4.25 instructions per tanh on sm_90, against 1 + (BT + BS) / (BT BS) MUFU ops computing them in
+#: every tile), so 8-row tiles pad T less at no MUFU cost (caption, T = 20: 24 rows instead of 32). Scores mode:
+#: the 8-row tiles too; fused: 32 rows only (the 64-row fused tile keeps 8 B of stack on sm_80, and fused fp32
+#: never takes 2 warps, see `forward_config`). 4-row tiles compile to 4.6-4.8 instructions per tanh, and the 8-row
+#: 1-warp tile (4.25) keeps 8 B of stack on sm_90 with the key range check and splits: left out.
+PREPARED_TILES = ((64, 32, 8, 8), (32, 32, 8, 4), (16, 32, 8, 2), (8, 64, 8, 2))
+PREPARED_TILES_FUSED = ((32, 32, 8, 4),)
 #: The costs `_modelled_seconds` weighs against the tanh work (H100 SXM): HBM bytes per second, 16 tanh/clk per SM
 #: at 1.98 GHz, and a few microseconds for the second kernel of scores mode (the launch the fused path saves).
 HBM_BYTES_PER_S = 3.35e12
@@ -119,31 +129,42 @@ MUFU_PER_S_PER_SM = 16 * 1.98e9
 LAUNCH_SECONDS = 4e-6
 
 
-def per_sm_estimate(tanh_form: str, block_t: int, block_s: int) -> float:
+def per_sm_estimate(tanh_form: str, block_t: int, block_s: int, prepare_keys: bool = False) -> float:
     """The per-SM fraction of 16 tanh/clk the issue model predicts for a tile before it is compiled: 1 / (MUFU ops
-    per tanh), the candidate tiles being within 8 instructions per MUFU op (the static report checks)."""
+    per tanh), the candidate tiles being within 8 instructions per MUFU op (the static report checks). With prepared
+    keys the factorized form's exponentials are outside the score loop: 1 MUFU op per tanh."""
+    if tanh_form == "factorized" and prepare_keys:
+        return 1.0
     if tanh_form == "factorized":
         return 1.0 / (1.0 + (block_t + block_s) / (block_t * block_s))
     return 0.5 if tanh_form in ("exp", "libdevice") else 1.0
 
 
 def _modelled_seconds(config: ForwardConfig, *, query_rows, tgt_len, src_len, attn_dim, value_dim,
-                      sm_count) -> float:
+                      sm_count, memory_rows=None, key_bytes=4) -> float:
     """Modelled time of a forward configuration: the tanh work at per-SM estimate x whole-GPU efficiency, plus the
     bytes of the split partials (written, then read by the combine pass) and of scores mode (scores written and
-    re-read) and scores mode's second launch. The combine pass's launch is left out on purpose: small batches
-    (decode steps) split whenever that spreads the tanh work over more SMs, latency-bound as they are anyway."""
+    re-read) and scores mode's second launch; with prepared keys, the key pre-pass (key_proj read at `key_bytes`
+    per element, e^{2k} and max |k| written, its launch) and the programs' c e^{2q} rows (written once; re-read
+    from L2). The combine pass's launch is left out on purpose: small batches (decode steps) split whenever that
+    spreads the tanh work over more SMs, latency-bound as they are anyway."""
     ctas, work, splits = occupancy.forward_grid(
         query_rows=query_rows, tgt_len=tgt_len, src_len=src_len, attn_dim=attn_dim, block_t=config.block_t,
         block_s=config.block_s, block_a=config.block_a, num_splits=config.num_splits)
     useful = query_rows * tgt_len * max(src_len, 1) * attn_dim
     model = occupancy.grid_model(ctas, work, useful, config.num_warps, sm_count=sm_count)
-    ceiling = per_sm_estimate(config.tanh_form, config.block_t, config.block_s) * model.efficiency
+    ceiling = (per_sm_estimate(config.tanh_form, config.block_t, config.block_s, config.prepare_keys)
+               * model.efficiency)
     traffic = occupancy.combine_bytes(query_rows=query_rows, tgt_len=tgt_len, value_dim=value_dim, splits=splits,
                                       fuse_context=config.fuse_context)
     launches = 0
     if not config.fuse_context:
         traffic += 2 * 4 * query_rows * tgt_len * src_len
+        launches += 1
+    if config.prepare_keys:
+        keys = (query_rows if memory_rows is None else memory_rows) * src_len
+        a_padded = -(-attn_dim // config.block_a) * config.block_a
+        traffic += keys * attn_dim * (key_bytes + 4) + keys * 4 + splits * query_rows * tgt_len * a_padded * 4
         launches += 1
     return useful / (MUFU_PER_S_PER_SM * sm_count * ceiling) + traffic / HBM_BYTES_PER_S + launches * LAUNCH_SECONDS
 
@@ -161,10 +182,14 @@ def forward_config(
     tanh_form: str | None = None,
     num_splits: int | None = None,
     has_key_exp: bool = False,
+    can_prepare_keys: bool = False,
+    memory_rows: int | None = None,
 ) -> ForwardConfig:
     """The configuration for one call. `tanh_form` and `num_splits` override the heuristic (tests, benchmarks).
     `has_key_exp`: the call brings the memory's prepared e^{2 key_proj} (fp32 decode then takes the factorized
-    form, `default_tanh_form`).
+    form, `default_tanh_form`). `can_prepare_keys`: an fp32 all-steps call whose keys a pre-pass may turn into
+    e^{2k} (no extra key term), which adds the PREPARED_TILES candidates; `memory_rows` (B_m, default B_q) sizes
+    that pre-pass in the model.
 
     Candidates: fused context (when the weights are not asked for and the value dim fits, see the module
     docstring) and scores mode, each with its tiles (decoding: its one decode tile) and every key split count
@@ -177,28 +202,33 @@ def forward_config(
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
 
-    modes = []  # (fuse_context, tiles)
+    modes = []  # (fuse_context, tiles, prepare_keys)
     if tgt_len <= DECODE_MAX_TGT_LEN:
         # Decoding: few query rows share each key, so the tile is long in S instead: [16, 1, 128] for T = 1.
         # Fused, the [BLOCK_S, BLOCK_D] value tile must fit in registers too: half the keys, D <= 128.
         block_t = next_power_of_2(tgt_len)
         block_a = min(attn_pow2, max(2, 16 // block_t))
         if not need_weights and block_d <= MAX_FUSED_VALUE_DIM_DECODE:
-            modes.append((True, [(block_t, 64, block_a, 4)]))
-        modes.append((False, [(block_t, 128, block_a, 4)]))
+            modes.append((True, [(block_t, 64, block_a, 4)], False))
+        modes.append((False, [(block_t, 128, block_a, 4)], False))
         form = tanh_form or default_tanh_form(dtype, block_t, has_key_exp)
     else:
         if not need_weights and block_d <= MAX_FUSED_VALUE_DIM:
             fused_tiles = ALL_STEPS_TILES_WIDE if block_d > 128 else ALL_STEPS_TILES
             if dtype == torch.float32:  # fp32 accumulators: the 2-warp tile reaches 255 registers (sm_80 spills)
                 fused_tiles = tuple(tile for tile in fused_tiles if tile[3] > 2)
-            modes.append((True, fused_tiles))
-        modes.append((False, ALL_STEPS_TILES + (ALL_STEPS_TILES_HALF_SCORES if dtype != torch.float32 else ())))
+            modes.append((True, fused_tiles, False))
+        modes.append((False, ALL_STEPS_TILES + (ALL_STEPS_TILES_HALF_SCORES if dtype != torch.float32 else ()),
+                      False))
         # All-steps tiles share their query rows' exponentials: fp32 takes the factorized form at any BLOCK_T.
         form = tanh_form or default_tanh_form(dtype, 16)
+        if can_prepare_keys and not has_key_exp and dtype == torch.float32 and form == "factorized":
+            if not need_weights and block_d <= 128:
+                modes.append((True, PREPARED_TILES_FUSED, True))
+            modes.append((False, PREPARED_TILES, True))
 
     candidates = []  # (modelled seconds, padded work, config)
-    for fuse_context, tiles in modes:
+    for fuse_context, tiles, prepare_keys in modes:
         for block_t, block_s, block_a, num_warps in tiles:
             key_tiles = -(-max(src_len, 1) // block_s)
             if num_splits is not None:
@@ -210,11 +240,12 @@ def forward_config(
                 config = ForwardConfig(
                     block_t=block_t, block_s=block_s, block_a=min(attn_pow2, block_a), block_d=block_d,
                     num_warps=num_warps, num_stages=num_stages, tanh_form=form, num_splits=splits,
-                    fuse_context=fuse_context)
+                    fuse_context=fuse_context, prepare_keys=prepare_keys)
                 if query_rows * tgt_len == 0:
                     return config
                 seconds = _modelled_seconds(config, query_rows=query_rows, tgt_len=tgt_len, src_len=src_len,
-                                            attn_dim=attn_dim, value_dim=value_dim, sm_count=sm_count)
+                                            attn_dim=attn_dim, value_dim=value_dim, sm_count=sm_count,
+                                            memory_rows=memory_rows)
                 ctas, work, _ = occupancy.forward_grid(
                     query_rows=query_rows, tgt_len=tgt_len, src_len=src_len, attn_dim=attn_dim, block_t=block_t,
                     block_s=block_s, block_a=config.block_a, num_splits=splits)

@@ -78,6 +78,33 @@ def _score_vector_kernel(
 
 
 @triton.jit
+def _key_exponentials_kernel(
+    key_proj, key_exp, key_absmax,  # [B_m, S, A] any strides; outputs [B_m, S, A] and [B_m, S] fp32, contiguous
+    stride_kb, stride_ks, stride_ka, S, A,
+    BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
+):
+    """Program = (memory row, tile of BLOCK_S keys): key_exp = e^{2 key_proj} (`tanh.exp2x_accurate`, the formula the
+    score loop would use) and key_absmax[m, j] = max_a |key_proj[m, j, a]|, for all-steps calls whose fp32 score
+    kernel loads the key factors instead of computing them in every query tile (`ForwardConfig.prepare_keys`). The
+    score kernel checks key_absmax per key tile and takes the exp form from key_proj where a key is out of the
+    factorized range, so nothing here needs to be in range."""
+    memory = tl.program_id(0).to(tl.int64)
+    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_valid = offs_s < S
+    key_rows = key_proj + memory * stride_kb + offs_s.to(tl.int64) * stride_ks  # [BS]
+    exp_rows = key_exp + (memory * S + offs_s.to(tl.int64)) * A  # [BS]
+    absmax = tl.zeros([BLOCK_S, BLOCK_A], dtype=tl.float32)
+    for a_start in range(0, A, BLOCK_A):
+        offs_a = a_start + tl.arange(0, BLOCK_A)
+        valid = s_valid[:, None] & (offs_a < A)[None, :]
+        keys = tl.load(key_rows[:, None] + offs_a.to(tl.int64)[None, :] * stride_ka, mask=valid,
+                       other=0.0).to(tl.float32)
+        tl.store(exp_rows[:, None] + offs_a[None, :], exp2x_accurate(keys), mask=valid)
+        absmax = tl.maximum(absmax, tl.abs(keys))
+    tl.store(key_absmax + memory * S + offs_s, tl.max(absmax, axis=1), mask=s_valid)
+
+
+@triton.jit
 def memory_row(batch64, index, stride_index, HAS_INDEX: tl.constexpr):
     """The memory row (int64) that query row `batch64` reads: index[b] with beam search, else b itself."""
     if HAS_INDEX:
@@ -162,7 +189,8 @@ def _attention_forward_program(
     # inputs (placeholders where the HAS_* flag is off); score_vector [A] and score_scalars [2] come from
     # _score_vector_kernel
     query_proj, key_proj, value, score_vector, score_scalars, extra_key_term, key_lengths, key_padding_mask, index,
-    key_exp,  # e^{2 key_proj} fp32 [B_m, S, A] prepared with a decoding memory (HAS_KEY_EXP), else a placeholder
+    key_exp,  # e^{2 key_proj} fp32 [B_m, S, A]: a decoding memory's, or the key pre-pass's (HAS_KEY_EXP)
+    key_absmax,  # CHECK_KEY_RANGE: max_a |key_proj| [B_m, S] fp32 from the key pre-pass, else a placeholder
     query_factor,  # HAS_KEY_EXP: scratch [splits, B_q * T, A padded to whole chunks] fp32 for c e^{2q}
     # outputs: context [B_q, T, D] and lse [B_q, T] (one split) or, with splits, fp32 partials
     # context [splits, B_q, T, D] (unnormalized), row_max / row_sum [splits, B_q, T]; scores [B_q, T, S] fp32, and
@@ -178,7 +206,7 @@ def _attention_forward_program(
     query_rows, T, S, A, D,
     keys_per_split,  # a multiple of BLOCK_S
     HAS_EXTRA: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
-    HAS_INDEX: tl.constexpr, HAS_KEY_EXP: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_KEY_EXP: tl.constexpr, CHECK_KEY_RANGE: tl.constexpr, CAUSAL: tl.constexpr,
     FUSE_CONTEXT: tl.constexpr, WRITE_SCORES: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_STAGES: tl.constexpr, TANH_FORM: tl.constexpr, INTERPRET: tl.constexpr,
@@ -263,8 +291,13 @@ def _attention_forward_program(
         tile_scores = tl.zeros([BLOCK_T, BLOCK_S], dtype=tl.float32) + bias
         if TANH_FORM == "factorized" and HAS_KEY_EXP:
             # e^{2k} prepared with the memory, whose keys `prepare_key_exp` found within FACTORIZED_LIMIT once at
-            # precompute: no key range check. An out-of-range query tile takes the exp form from key_proj.
-            if query_in_range:
+            # precompute (no key range check), or by the key pre-pass of an all-steps call (CHECK_KEY_RANGE: its
+            # max |k| per key, checked here once per key tile). Out-of-range tiles take the exp form from key_proj.
+            tile_in_range = query_in_range
+            if CHECK_KEY_RANGE:
+                tile_key_absmax = tl.load(key_absmax + memory * S + offs_s, mask=s_valid, other=0.0)
+                tile_in_range = tile_in_range & (tl.max(tile_key_absmax, axis=0) <= FACTORIZED_LIMIT)
+            if tile_in_range:
                 tile_scores = _key_tile_scores(
                     tile_scores, query_base, key_base, extra_base, score_vector, query_rows_offset, t_valid,
                     key_rows_offset, offs_s, s_valid, A, stride_qa, stride_ka, stride_xa, stride_xs,
@@ -280,12 +313,12 @@ def _attention_forward_program(
             # The factorized form needs |q|, |k| <= FACTORIZED_LIMIT; saturated inputs take the exp form. The key
             # tile is checked once, before the A loop (a block-wide max inside it cost SHFL and BAR.SYNC per chunk),
             # and the branch is taken once per key tile: neither A loop has a reduction or a branch.
-            key_absmax = tl.zeros([BLOCK_A, BLOCK_S], dtype=tl.float32)
+            tile_key_absmax = tl.zeros([BLOCK_A, BLOCK_S], dtype=tl.float32)
             for a_start in range(0, A, BLOCK_A):
                 key_chunk = _load_key_chunk(key_base, extra_base, a_start, key_rows_offset, offs_s, s_valid, A,
                                             stride_ka, stride_xa, stride_xs, HAS_EXTRA, BLOCK_A)
-                key_absmax = tl.maximum(key_absmax, tl.abs(key_chunk))
-            key_in_range = tl.max(tl.max(key_absmax, axis=1), axis=0) <= FACTORIZED_LIMIT
+                tile_key_absmax = tl.maximum(tile_key_absmax, tl.abs(key_chunk))
+            key_in_range = tl.max(tl.max(tile_key_absmax, axis=1), axis=0) <= FACTORIZED_LIMIT
             if query_in_range & key_in_range:
                 tile_scores = _key_tile_scores(
                     tile_scores, query_base, key_base, extra_base, score_vector, query_rows_offset, t_valid,
@@ -378,11 +411,12 @@ def _attention_forward_kernel(
     kernel of its own rather than extra arguments here."""
     _attention_forward_program(
         query_proj, key_proj, value, score_vector, score_scalars, extra_key_term, key_lengths, key_padding_mask,
-        index, query_proj, lse, context, lse, row_max, row_sum, scores,
+        index, query_proj, lse, lse, context, lse, row_max, row_sum, scores,
         stride_qb, stride_qt, stride_qa, stride_kb, stride_ks, stride_ka, stride_vb, stride_vs, stride_vd,
         stride_xb, stride_xs, stride_xa, 0, 0, 0, stride_mb, stride_mt, stride_ms,
         stride_lengths, stride_index, query_rows, T, S, A, D, keys_per_split,
-        HAS_EXTRA, HAS_LENGTHS, HAS_MASK, MASK_PER_QUERY, HAS_INDEX, False, CAUSAL, FUSE_CONTEXT, WRITE_SCORES, SPLIT,
+        HAS_EXTRA, HAS_LENGTHS, HAS_MASK, MASK_PER_QUERY, HAS_INDEX, False, False, CAUSAL, FUSE_CONTEXT, WRITE_SCORES,
+        SPLIT,
         BLOCK_T, BLOCK_S, BLOCK_A, BLOCK_D, NUM_STAGES, TANH_FORM, INTERPRET,
     )
 
@@ -390,7 +424,7 @@ def _attention_forward_kernel(
 @triton.jit
 def _attention_forward_prepared_kernel(
     query_proj, key_proj, value, score_vector, score_scalars, extra_key_term, key_lengths, key_padding_mask, index,
-    key_exp, query_factor,
+    key_exp, key_absmax, query_factor,
     context, lse, row_max, row_sum, scores,
     stride_qb, stride_qt, stride_qa,
     stride_kb, stride_ks, stride_ka,
@@ -402,22 +436,23 @@ def _attention_forward_prepared_kernel(
     query_rows, T, S, A, D,
     keys_per_split,
     HAS_EXTRA: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
-    HAS_INDEX: tl.constexpr, HAS_KEY_EXP: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_KEY_EXP: tl.constexpr, CHECK_KEY_RANGE: tl.constexpr, CAUSAL: tl.constexpr,
     FUSE_CONTEXT: tl.constexpr, WRITE_SCORES: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_STAGES: tl.constexpr, TANH_FORM: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """`_attention_forward_kernel` with a decoding memory's prepared keys: key_exp = e^{2 key_proj} fp32 [B_m, S, A]
-    and the scratch query_factor [splits, B_q * T, A padded] for c e^{2q}; HAS_KEY_EXP is True in every launch
+    """`_attention_forward_kernel` with prepared keys: key_exp = e^{2 key_proj} fp32 [B_m, S, A] (a decoding memory's,
+    or with CHECK_KEY_RANGE the key pre-pass's, whose key_absmax [B_m, S] the program checks per key tile) and the
+    scratch query_factor [splits, B_q * T, A padded] for c e^{2q}; HAS_KEY_EXP is True in every launch
     `plan_forward` makes (the factorized form loads both factors, see `_attention_forward_program`)."""
     _attention_forward_program(
         query_proj, key_proj, value, score_vector, score_scalars, extra_key_term, key_lengths, key_padding_mask,
-        index, key_exp, query_factor, context, lse, row_max, row_sum, scores,
+        index, key_exp, key_absmax, query_factor, context, lse, row_max, row_sum, scores,
         stride_qb, stride_qt, stride_qa, stride_kb, stride_ks, stride_ka, stride_vb, stride_vs, stride_vd,
         stride_xb, stride_xs, stride_xa, stride_eb, stride_es, stride_ea, stride_mb, stride_mt, stride_ms,
         stride_lengths, stride_index, query_rows, T, S, A, D, keys_per_split,
-        HAS_EXTRA, HAS_LENGTHS, HAS_MASK, MASK_PER_QUERY, HAS_INDEX, HAS_KEY_EXP, CAUSAL, FUSE_CONTEXT, WRITE_SCORES,
-        SPLIT,
+        HAS_EXTRA, HAS_LENGTHS, HAS_MASK, MASK_PER_QUERY, HAS_INDEX, HAS_KEY_EXP, CHECK_KEY_RANGE, CAUSAL,
+        FUSE_CONTEXT, WRITE_SCORES, SPLIT,
         BLOCK_T, BLOCK_S, BLOCK_A, BLOCK_D, NUM_STAGES, TANH_FORM, INTERPRET,
     )
 
@@ -550,6 +585,10 @@ def _mask_strides(key_padding_mask: torch.Tensor | None) -> tuple[int, int, int]
     return key_padding_mask.stride(0), key_padding_mask.stride(1), key_padding_mask.stride(2)
 
 
+#: The key pre-pass's tile (`_key_exponentials_kernel`): 16 keys x 128 units per chunk, 4 warps.
+KEY_PREPASS_BLOCK_S = 16
+KEY_PREPASS_BLOCK_A = 128
+
 #: Prepared score weights (`prepare_score_weights`) hold v's per-a weights padded along A to a multiple of this,
 #: then the two score scalars: every forward tile's BLOCK_A divides it, so one prepared buffer serves every launch.
 SCORE_WEIGHTS_ALIGNMENT = 64
@@ -635,6 +674,7 @@ def plan_forward(
             query_rows=query_rows, tgt_len=tgt_len, src_len=src_len, attn_dim=attn_dim, value_dim=value_dim,
             dtype=dtype, need_weights=need_weights, sm_count=launch.sm_count(device), tanh_form=tanh_form,
             num_splits=num_splits, has_key_exp=key_exp is not None,
+            can_prepare_keys=extra_key_term is None and dtype == torch.float32, memory_rows=key_proj.shape[0],
         )
     elif need_weights and config.fuse_context:
         raise ValueError("need_weights requires a configuration with fuse_context=False")
@@ -685,12 +725,30 @@ def plan_forward(
         score_scalars = launch.empty_buffer((2,), torch.float32, device)
         plan.launches.append(_score_vector_launch(v, score_vector, score_scalars, attn_dim_padded, config.tanh_form,
                                                   interpret))
+    # An fp32 all-steps configuration with prepared keys: a pre-pass writes e^{2k} and max |k| per key, which the
+    # score kernel checks per key tile (CHECK_KEY_RANGE). A decoding memory's key_exp was range-checked at precompute.
+    key_absmax = None
+    if config.prepare_keys and key_exp is None and extra_key_term is None and config.tanh_form == "factorized":
+        memory_rows = key_proj.shape[0]
+        key_exp = launch.empty_buffer((memory_rows, src_len, attn_dim), torch.float32, device)
+        key_absmax = launch.empty_buffer((memory_rows, src_len), torch.float32, device)
+        plan.launches.append(launch.KernelLaunch(
+            kernel=_key_exponentials_kernel,
+            grid=(memory_rows, triton.cdiv(src_len, KEY_PREPASS_BLOCK_S)),
+            arguments=dict(
+                key_proj=key_proj, key_exp=key_exp, key_absmax=key_absmax,
+                **dict(zip(("stride_kb", "stride_ks", "stride_ka"), key_proj.stride())), S=src_len, A=attn_dim,
+                BLOCK_S=KEY_PREPASS_BLOCK_S, BLOCK_A=min(KEY_PREPASS_BLOCK_A, next_power_of_2(attn_dim)),
+            ),
+            num_warps=4,
+        ))
     # With prepared keys, each program's c e^{2q} (written in its prologue, read by its score loop).
     query_factor = (launch.empty_buffer((splits, rows, attn_dim_padded), torch.float32, device)
                     if key_exp is not None else None)
     prepared = {}  # the prepared-keys kernel's extra arguments
     if key_exp is not None:
-        prepared = dict(key_exp=key_exp, query_factor=query_factor, HAS_KEY_EXP=True,
+        prepared = dict(key_exp=key_exp, key_absmax=pointer(key_absmax, key_exp), query_factor=query_factor,
+                        HAS_KEY_EXP=True, CHECK_KEY_RANGE=key_absmax is not None,
                         **dict(zip(("stride_eb", "stride_es", "stride_ea"), key_exp.stride())))
     plan.launches.append(launch.KernelLaunch(
         kernel=_attention_forward_kernel if key_exp is None else _attention_forward_prepared_kernel,
