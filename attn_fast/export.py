@@ -25,8 +25,9 @@ What the decomposition computes, and what it costs:
   are decoding steps (T = 1), where the tensor is [B, 1, S, A], as large as what every eager framework module
   (Tacotron-2, Coqui, OpenNMT-py) holds at each step. A whole-sequence (teacher-forced) export with large T * S * A
   pays the eager frameworks' memory, not attn-fast's.
-- The tanh-form and chunk-size options of the ops, and a memory's prepared e^{2 key_proj} (`key_exp`), only
-  choose how the fused kernels compute the same numbers: the decomposition ignores them.
+- The tanh-form and chunk-size options of the ops, a memory's prepared e^{2 key_proj} (`key_exp`) and its
+  prepared score weights (`score_weights`, the Triton op's v pre-pass done once), only choose how the fused
+  kernels compute the same numbers: the decomposition ignores them.
 """
 from __future__ import annotations
 
@@ -86,8 +87,9 @@ def _cpu_forward(query_proj, key_proj, value, v, extra_key_term, key_lengths, ke
 
 
 def _triton_forward(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask, index, causal,
-                    keep_probs, key_exp=None):
-    """attn_fast::triton_forward: P in fp32 when `keep_probs`, else an empty fp32 tensor (as the op returns it)."""
+                    keep_probs, key_exp=None, score_weights=None):
+    """attn_fast::triton_forward: P in fp32 when `keep_probs`, else an empty fp32 tensor (as the op returns it);
+    key_exp and score_weights (prepared from the keys and v) change how, not what, it computes."""
     context, probs = exact_attention(query_proj, key_proj, value, v, extra_key_term, key_lengths, key_padding_mask,
                                      index, causal)
     return context, (probs.float() if keep_probs else probs.new_empty(0, dtype=torch.float32))

@@ -165,16 +165,18 @@ def additive_attention_on_memory(
     backend: str = "auto", tanh_form: str = "auto", **options,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`additive_attention` for a decode step against a memory already checked by `check_memory`: the same
-    arguments (`options`: key_lengths, key_padding_mask, need_weights, index, extra_key_term, and the memory's
-    `key_exp` from `prepare_key_exp`; no `causal`) and results, but only metadata is validated (types, shapes,
-    dtypes, devices), never a value: nothing here reads a tensor back to the host, so a step can be captured in a
-    CUDA graph (eagerly too).
+    arguments (`options`: key_lengths, key_padding_mask, need_weights, index, extra_key_term, the memory's
+    `key_exp` from `prepare_key_exp` and `score_weights` from `prepare_score_weights`; no `causal`) and results,
+    but only metadata is validated (types, shapes, dtypes, devices), never a value: nothing here reads a tensor
+    back to the host, so a step can be captured in a CUDA graph (eagerly too).
 
     The caller vouches for the values: key_lengths in [0, S] (checked once by `check_memory`), `index` in
     [0, B_m) (an out-of-range index fails in the backends' gathers: IndexError on CPU, a device-side assert on
     CUDA), and finite key_proj and value at the keys key_lengths and a [B, S] key_padding_mask hide
     (`hide_masked_keys` makes them so, once per memory; the layers' `precompute` calls it): the backends then skip
-    their check for a NaN or inf leaked from a hidden key (README "NaN and inf"), which reads a value back.
+    their check for a NaN or inf leaked from a hidden key (README "NaN and inf"), which reads a value back. Also
+    its word: `score_weights` made from this very v (in the call's compute dtype) and v unchanged since (the
+    layers' steps check that, `nn.additive.ScoreWeightsSource`).
     `tanh_form` is the torch backend's block tanh form ("auto", "direct", "factorized"), as `check_memory` chose it:
     anything but "auto" spares the torch backend its per-call magnitude scan (a host read); the other backends
     ignore it. Autocast as in `additive_attention`.
@@ -277,6 +279,35 @@ def prepare_key_exp(key_proj: torch.Tensor, tanh_form: str, backend: str = "auto
     return torch_backend.key_exponentials(key_proj)
 
 
+def prepare_score_weights(v: torch.Tensor, dtype: torch.dtype, backend: str = "auto") -> torch.Tensor | None:
+    """The Triton forward's v pre-pass done once for a decoding memory, passed to every step as `score_weights`:
+    fp32 [cdiv(A, 64) * 64 + 2] (`kernels.forward.prepare_score_weights`) when `backend` resolves to "triton" for
+    v's device and `dtype`, the dtype the steps compute in (their inputs' dtype, or the autocast dtype they are
+    cast to: v is read in that dtype, so prepare from v cast to it for results equal to an unprepared step's).
+    Each step then launches one kernel less. None otherwise: the torch and cpu backends have no pre-pass launch to
+    save, float64 calls run the kernels on a cast copy (their v is another tensor), and meta tensors have no values.
+
+    The weights are valid while v keeps the values they were made from: the caller must not pass them once v has
+    changed (the layers' memories record v's `_version` to know). Launches one kernel; reads nothing back.
+    v [A] in any floating dtype; no gradient flows through the result (the steps' backward uses v itself)."""
+    if v.device.type == "meta" or dtype == torch.float64:
+        return None
+    # While torch.compile traces (a compiled precompute), None: `kernels.forward.prepare_score_weights` launches a
+    # raw, unwrapped kernel, which would either be baked into the graph as a launch on fake tensors or fail on
+    # them (the interpreter); the steps then launch the pre-pass themselves, correct and one launch dearer. Outside
+    # tracing a CUDA-graph capture is fine: the launch is captured like any other and reads nothing back.
+    if torch.compiler.is_compiling():
+        return None
+    if backend == "triton" and not triton_usable(v.device):
+        return None  # the step itself reports why the kernels cannot run there
+    if resolve_backend(backend, v.device, dtype) != "triton":
+        return None
+    from attn_fast.kernels.forward import prepare_score_weights as prepare_kernel_score_weights
+
+    with torch.no_grad():
+        return prepare_kernel_score_weights(v.detach(), dtype)
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype `torch.autocast` computes in on this device's type, or None when autocast is off there (or the
     device type has no autocast)."""
@@ -286,6 +317,13 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     except RuntimeError:  # e.g. "meta": no autocast for this device type
         return None
     return torch.get_autocast_dtype(device.type)
+
+
+def call_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a call computes in whose query_proj is `tensor`: the autocast dtype when autocast is on for its
+    device and casts it (fp16/bf16/fp32), else its own dtype (see `additive_attention`, "Autocast")."""
+    cast_to = autocast_dtype(tensor.device)
+    return cast_to if cast_to is not None and tensor.dtype in _AUTOCAST_ELIGIBLE else tensor.dtype
 
 
 def _autocast_cast(tensor, dtype: torch.dtype):

@@ -35,6 +35,11 @@ class AttentionCall:
                          prepared once per decoding memory (`functional.prepare_key_exp`); the torch backend's
                          factorized tanh and the Triton fp32 decode kernel then skip that exponential at every
                          step. Ignored by the reference and whenever extra_key_term is given.
+        score_weights    fp32 [cdiv(A, 64) * 64 + 2]: the Triton forward's per-call v pre-pass done once per decoding
+                         memory (`functional.prepare_score_weights` of this call's v, for its compute dtype): v's
+                         per-a weights padded to a multiple of 64, then the score bias and max |v|. The Triton
+                         kernels then launch no pre-pass; valid only while v keeps the values it was made from (the
+                         caller's word, as for key_exp). Ignored by the other backends and by float64 calls.
         check_values     False when the caller vouched for the values (`attention_call(check_values=False)`,
                          decode steps against a memory from the layers' `precompute`): the ranges of key_lengths
                          and index, and finite key_proj / value at every hidden key (`precompute` zeroes them
@@ -58,6 +63,7 @@ class AttentionCall:
     extra_key_term: torch.Tensor | None = None
     key_exp: torch.Tensor | None = None
     check_values: bool = True
+    score_weights: torch.Tensor | None = None
 
     @property
     def query_rows(self) -> int:  # B_q
@@ -154,6 +160,32 @@ def _require_bool(name: str, value) -> None:
         raise TypeError(f"{name} must be a Python bool (True or False), got {qualified}; pass bool({name})")
 
 
+#: Prepared score weights hold v's per-a weights padded along A to a multiple of this, then two scalars; the
+#: Triton kernels' `SCORE_WEIGHTS_ALIGNMENT` (kernels/forward.py, not imported here: that imports triton).
+SCORE_WEIGHTS_ALIGNMENT = 64
+
+
+def score_weights_length(attn_dim: int) -> int:
+    """The length of prepared score weights for attention dim A: cdiv(A, 64) * 64 + 2."""
+    return -(-attn_dim // SCORE_WEIGHTS_ALIGNMENT) * SCORE_WEIGHTS_ALIGNMENT + 2
+
+
+def _check_score_weights(score_weights, attn_dim: int, device: torch.device) -> None:
+    """Metadata only (no value is read): fp32, 1-D, score_weights_length(A) long, on the call's device."""
+    _require_tensor("score_weights", score_weights)
+    expected = score_weights_length(attn_dim)
+    if score_weights.dtype != torch.float32:
+        raise TypeError(f"score_weights must be float32 [{expected}] (functional.prepare_score_weights), "
+                        f"got {score_weights.dtype}")
+    if tuple(score_weights.shape) != (expected,):
+        raise ValueError(f"score_weights must be [cdiv(A, {SCORE_WEIGHTS_ALIGNMENT}) * {SCORE_WEIGHTS_ALIGNMENT} + 2] "
+                         f"= [{expected}] for A = {attn_dim} (functional.prepare_score_weights), "
+                         f"got shape {tuple(score_weights.shape)}")
+    if score_weights.device != device:
+        raise ValueError(f"all inputs must be on one device: query_proj is on {device} but score_weights is on "
+                         f"{score_weights.device}")
+
+
 def check_backend(backend) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
@@ -174,6 +206,7 @@ def attention_call(
     extra_key_term=None,
     key_exp=None,
     check_values: bool = True,
+    score_weights=None,
 ) -> AttentionCall:
     """Validate the arguments of `additive_attention` and return them as one `AttentionCall`.
 
@@ -271,6 +304,9 @@ def attention_call(
             raise ValueError(f"all inputs must be on one device: query_proj is on {device} but key_exp is on "
                              f"{key_exp.device}")
 
+    if score_weights is not None:
+        _check_score_weights(score_weights, attn_dim, device)
+
     if key_lengths is not None:
         _require_tensor("key_lengths", key_lengths)
         _require_integer("key_lengths", key_lengths)
@@ -299,4 +335,4 @@ def attention_call(
 
     return AttentionCall(query_proj, key_proj, value, v, key_lengths=key_lengths, key_padding_mask=key_padding_mask,
                          causal=causal, need_weights=need_weights, index=index, extra_key_term=extra_key_term,
-                         key_exp=key_exp, check_values=check_values)
+                         key_exp=key_exp, check_values=check_values, score_weights=score_weights)

@@ -109,6 +109,21 @@ def test_bad_extra_key_term(inputs):
         call(inputs, extra_key_term=torch.zeros(2, 4, 6))
 
 
+@pytest.mark.parametrize("bad, error, expected", [
+    (torch.ones(66, dtype=torch.float64), TypeError, r"score_weights must be float32 \[66\].*got torch.float64"),
+    (torch.ones(64), ValueError, r"score_weights must be \[cdiv\(A, 64\) \* 64 \+ 2\] = \[66\] for A = 5.*\(64,\)"),
+    (torch.ones(1, 66), ValueError, r"score_weights must be .* = \[66\] for A = 5.*\(1, 66\)"),
+    (torch.ones(66, device="meta"), ValueError, r"query_proj is on cpu but score_weights is on meta"),
+    ([1.0] * 66, TypeError, r"score_weights must be a torch.Tensor, got list"),
+])
+def test_bad_score_weights(inputs, bad, error, expected):
+    """Checked by metadata only, at every call that passes them (decode steps: `additive_attention_on_memory`)."""
+    from attn_fast.functional import additive_attention_on_memory
+
+    with pytest.raises(error, match=expected):
+        additive_attention_on_memory(*inputs.values(), score_weights=bad, backend="torch")
+
+
 @pytest.mark.parametrize("bad, shown", [
     (1, "int"), (np.bool_(True), "numpy.bool"), (torch.tensor(True), "torch.Tensor"),
 ])
@@ -169,8 +184,11 @@ def test_metadata_only_validation_reads_no_value_but_checks_everything_else(inpu
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
     lengths, index = torch.tensor([9, 1]), torch.tensor([0, 5])
-    call_record = attention_call(*inputs.values(), key_lengths=lengths, index=index, check_values=False)
+    score_weights = torch.randn(66)
+    call_record = attention_call(*inputs.values(), key_lengths=lengths, index=index, check_values=False,
+                                 score_weights=score_weights)
     assert reads == [] and call_record.key_lengths is lengths and call_record.index is index
+    assert call_record.score_weights is score_weights
     with pytest.raises(ValueError, match=r"key_lengths must be \[B\] = \[2\]"):
         attention_call(*inputs.values(), key_lengths=torch.tensor([1, 2, 3]), check_values=False)
     with pytest.raises(TypeError, match="all inputs must share one dtype"):

@@ -35,13 +35,16 @@ from attn_fast.validation import AttentionCall
 def _forward_op(query_proj: torch.Tensor, key_proj: torch.Tensor, value: torch.Tensor, v: torch.Tensor,
                 extra_key_term: torch.Tensor | None, key_lengths: torch.Tensor | None,
                 key_padding_mask: torch.Tensor | None, index: torch.Tensor | None, causal: bool,
-                keep_probs: bool, key_exp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                keep_probs: bool, key_exp: torch.Tensor | None = None,
+                score_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> context [B_q, T, D] in the input dtype, and P [B_q, T, S] fp32 (an empty tensor unless `keep_probs`).
     `key_exp`: the decoding memory's e^{2 key_proj} (fp32, keys within the kernels' factorized range), which fp32
-    decode then loads instead of computing; not saved for the backward, no gradient."""
+    decode then loads instead of computing. `score_weights`: the memory's prepared v pre-pass (fp32
+    [cdiv(A, 64) * 64 + 2], `kernels.forward.prepare_score_weights` of this v), which spares the call the pre-pass
+    launch. Neither is saved for the backward (which uses v itself); no gradient."""
     call = AttentionCall.from_op_inputs(query_proj, key_proj, value, v, extra_key_term, key_lengths,
                                         key_padding_mask, index, causal, need_weights=keep_probs)
-    call = call.replace(key_exp=key_exp)
+    call = call.replace(key_exp=key_exp, score_weights=score_weights)
     context, _, probs = attention_forward(call, weights_dtype=torch.float32, wrap=wrap_triton)
     if probs is None:
         probs = context.new_empty(0, dtype=torch.float32)
@@ -68,7 +71,8 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    query_proj, key_proj, value, v, extra_key_term, key_lengths, _, index, causal = inputs[:9]  # not key_exp
+    # Not key_exp nor score_weights: both are forward-only shortcuts.
+    query_proj, key_proj, value, v, extra_key_term, key_lengths, _, index, causal = inputs[:9]
     ctx.save_for_backward(query_proj, key_proj, value, v, extra_key_term, index, output[1], key_lengths)
     ctx.causal = causal
     ctx.has_hidden_keys = causal or key_lengths is not None or inputs[6] is not None  # inputs[6]: key_padding_mask
@@ -112,7 +116,8 @@ def _backward_in_saved_dtypes(ctx, grad_context, grad_probs):
     inputs = (query_proj, key_proj, value, v, extra_key_term)
     results = tuple(None if grad is None or not needed else grad.to(tensor.dtype)
                     for grad, tensor, needed in zip(grads, inputs, ctx.needs_input_grad[:5]))
-    return (*results, None, None, None, None, None, None)  # masks, index, causal, keep_probs, key_exp
+    # key_lengths, key_padding_mask, index, causal, keep_probs, key_exp, score_weights
+    return (*results, None, None, None, None, None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -126,6 +131,9 @@ def attend(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     float64) and the results are cast back, with fp32 accuracy. `backend="auto"` sends float64 to the torch backend.
     `call.key_exp` (the memory's prepared e^{2 key_proj}) goes to the kernels unless an extra key term changes the
     keys; float64 calls drop it (it was prepared in float64 for the torch backend's range, not the kernels').
+    `call.score_weights` (the memory's prepared v pre-pass) goes to the kernels with or without an extra key term
+    (v does not depend on the keys); float64 calls drop it too (their v is the fp32 copy made here, and
+    `functional.prepare_score_weights` makes none for them).
     """
     if call.dtype == torch.float64:
         def single(tensor):
@@ -133,17 +141,17 @@ def attend(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
 
         context, weights = attend(call.replace(
             query_proj=single(call.query_proj), key_proj=single(call.key_proj), value=single(call.value),
-            v=single(call.v), extra_key_term=single(call.extra_key_term), key_exp=None))
+            v=single(call.v), extra_key_term=single(call.extra_key_term), key_exp=None, score_weights=None))
         return context.double(), (None if weights is None else weights.double())
     keep_probs = call.need_weights or (torch.is_grad_enabled() and any(t.requires_grad for t in call.float_inputs()))
     key_exp = call.key_exp if call.extra_key_term is None else None
-    context, probs = _forward_op(*call.op_inputs(), keep_probs, key_exp)
+    context, probs = _forward_op(*call.op_inputs(), keep_probs, key_exp, call.score_weights)
     # The kernel never loads a value beyond key_lengths, but keys hidden by key_padding_mask or causal inside a
     # visited tile go through P @ value with P = 0, and 0 * NaN = NaN: recompute such a context from P without the
     # hidden keys (README "NaN and inf"). Checked (one host read) only where the caller did not vouch for the values.
     if common.context_may_hold_hidden_values(call, context, lengths_skipped=True):
         if not keep_probs:
-            _, probs = _forward_op(*call.op_inputs(), True, key_exp)
+            _, probs = _forward_op(*call.op_inputs(), True, key_exp, call.score_weights)
         visible = visible_keys(call.query_rows, call.tgt_len, call.src_len, key_lengths=call.key_lengths,
                                key_padding_mask=call.key_padding_mask, causal=call.causal, index=call.index,
                                device=call.device)

@@ -13,12 +13,53 @@ from attn_fast.functional import (
     additive_attention,
     additive_attention_on_memory,
     autocast_dtype,
+    call_dtype,
     check_memory,
     hide_masked_keys,
     prepare_key_exp,
+    prepare_score_weights,
     step_tanh_form,
 )
 from attn_fast.validation import FLOATING_DTYPES, check_backend
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: no elementwise tensor comparison, identity is what counts
+class ScoreWeightsSource:
+    """What a memory's prepared score weights were made from, so that a step can tell whether they still hold.
+
+    parameters: the tensors the score vector is computed from (v, and g with `normalize`; SpeechBrain's
+        mlp_attn.weight), each with its `_version` and data pointer when the weights were made. An in-place write
+        (an optimizer step, `load_state_dict`, `copy_`, `nn.init`) bumps the version; a parameter replaced, moved
+        or cast (`.to`, `.half()`) is another tensor or another pointer. Host-side metadata only: checking it reads
+        no value back and does not sync. Not seen: a write through `.data` (which PyTorch deliberately leaves
+        uncounted, as autograd's own saved-tensor check does) — call `precompute` again after one.
+    dtype: the compute dtype of the steps the weights serve (the layer's dtype, or the autocast dtype).
+    score_vector: the detached score vector [A] the weights were made from, as the layer's score_vector() returned
+        it: steps that need no gradient to v pass it instead of recomputing g * v / ||v|| (with `normalize`, a
+        norm and three elementwise launches per step).
+    extra: any other value the score vector depends on (SpeechBrain's `scaling`), compared by equality.
+    """
+
+    parameters: tuple[tuple[torch.Tensor, int, int], ...]
+    dtype: torch.dtype
+    score_vector: torch.Tensor
+    extra: tuple = ()
+
+    @classmethod
+    def of(cls, parameters, dtype: torch.dtype, score_vector: torch.Tensor, extra: tuple = ()) -> ScoreWeightsSource:
+        return cls(tuple((tensor, tensor._version, tensor.data_ptr()) for tensor in parameters), dtype,
+                   score_vector.detach(), extra)
+
+    def holds_for(self, parameters, dtype: torch.dtype, extra: tuple = ()) -> bool:
+        """True when `parameters` are the very tensors recorded, unchanged since, and the step computes in the
+        recorded dtype. False while torch.compile traces: `_version` is then a data-dependent symbol that a
+        fullgraph trace cannot branch on, so compiled steps run the per-call pre-pass (correct, one launch more)."""
+        if torch.compiler.is_compiling() or dtype != self.dtype or extra != self.extra:
+            return False
+        parameters = tuple(parameters)
+        return len(parameters) == len(self.parameters) and all(
+            tensor is recorded and tensor._version == version and tensor.data_ptr() == pointer
+            for tensor, (recorded, version, pointer) in zip(parameters, self.parameters))
 
 
 @dataclass
@@ -39,6 +80,12 @@ class AttentionMemory:
         the range itself, with no host read) and use "direct", whose range is unlimited, on other backends.
     key_exp: e^{2 key_proj} [B, S, A] in the compute dtype, computed once by `precompute` when the steps run the
         torch backend in the factorized form (else None): each step's blocks then need no exponential of the keys.
+    score_weights: fp32 [cdiv(A, 64) * 64 + 2], the Triton forward's v pre-pass done once by `precompute` when the
+        steps run the Triton backend (`functional.prepare_score_weights`; else None): a step is then its score
+        kernel alone (one launch, two with split keys), whatever its extra key term. Used only together with
+        score_weights_source, and only while that says the score vector's parameters are unchanged (a step after
+        an in-place update of v or g runs the pre-pass itself, never stale weights).
+    score_weights_source: what score_weights were made from (`ScoreWeightsSource`), or None.
     """
 
     key_proj: torch.Tensor
@@ -48,6 +95,8 @@ class AttentionMemory:
     checked: bool = False
     tanh_form: str = "auto"
     key_exp: torch.Tensor | None = None
+    score_weights: torch.Tensor | None = None
+    score_weights_source: ScoreWeightsSource | None = None
 
 
 def check_positive_int(name: str, size) -> None:
@@ -132,6 +181,32 @@ class AdditiveAttention(nn.Module):
         norm = torch.linalg.vector_norm(self.v).clamp_min(torch.finfo(self.v.dtype).tiny)
         return self.g * self.v / norm
 
+    def score_parameters(self) -> tuple[torch.Tensor, ...]:
+        """The parameters `score_vector` is computed from: (v,), or (v, g) with `normalize`."""
+        return (self.v,) if self.g is None else (self.v, self.g)
+
+    def score_weights_for(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, ScoreWeightsSource | None]:
+        """The score weights of steps computing in `dtype` (`functional.prepare_score_weights` of the score vector
+        as those steps pass it, cast to `dtype` as autocast casts it) and their source, or (None, None) where the
+        steps' backend has no pre-pass to spare (not Triton) or nothing can be launched (tracing, meta tensors)."""
+        with torch.no_grad():
+            score_vector = self.score_vector()
+            weights = prepare_score_weights(score_vector.to(dtype), dtype, self.backend)
+        if weights is None:
+            return None, None
+        return weights, ScoreWeightsSource.of(self.score_parameters(), dtype, score_vector)
+
+    def _step_score_inputs(self, memory: AttentionMemory,
+                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The score vector a step against `memory` computing in `dtype` passes, and the memory's prepared score
+        weights when they still hold (else None: the step's kernels run the pre-pass themselves). With weights
+        that hold and no gradient wanted for v (or g), the score vector is the one recorded at precompute."""
+        source = memory.score_weights_source
+        if memory.score_weights is None or source is None or not source.holds_for(self.score_parameters(), dtype):
+            return self.score_vector(), None
+        wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.score_parameters())
+        return (self.score_vector() if wants_grad else source.score_vector), memory.score_weights
+
     @torch.no_grad()
     def load_eager_weights(self, *, query_weight: torch.Tensor, key_weight: torch.Tensor, v: torch.Tensor,
                            query_bias: torch.Tensor | None = None, key_bias: torch.Tensor | None = None) -> None:
@@ -186,7 +261,9 @@ class AdditiveAttention(nn.Module):
         torch backend's tanh form for its steps is chosen from max |key_proj|; `step` then checks only
         metadata and reads nothing back to the host (see `AttentionMemory`). `index` [B'], the beam index the
         steps will pass, is range-checked here too. `prepare_keys=False` keeps no e^{2k} (`key_exp`): for layers
-        whose steps always add an extra key term, which makes the prepared keys useless."""
+        whose steps always add an extra key term, which makes the prepared keys useless. The Triton backend's v
+        pre-pass is done here too (`score_weights`, extra key term or not), for steps in this call's dtype (the
+        autocast dtype under autocast) while v (and g) keep their values."""
         memory = self._project(key, value, key_lengths, key_padding_mask)
         tanh_form = check_memory(memory.key_proj, memory.value, self.v.detach(), key_lengths=key_lengths,
                                  key_padding_mask=key_padding_mask, index=index)
@@ -199,13 +276,17 @@ class AdditiveAttention(nn.Module):
             tanh_form = check_memory(key_proj, value, self.v.detach(), key_lengths=key_lengths,
                                      key_padding_mask=key_padding_mask, index=index)
         key_exp = prepare_key_exp(memory.key_proj, tanh_form, self.backend) if prepare_keys else None
-        return replace(memory, checked=True, tanh_form=tanh_form, key_exp=key_exp)
+        # The steps compute in key_proj's dtype (the autocast dtype if autocast is on now; a step in another dtype
+        # finds the weights' recorded dtype different and runs the pre-pass itself).
+        score_weights, source = self.score_weights_for(call_dtype(memory.key_proj))
+        return replace(memory, checked=True, tanh_form=tanh_form, key_exp=key_exp, score_weights=score_weights,
+                       score_weights_source=source)
 
     def _attend(self, query: torch.Tensor, memory: AttentionMemory, *, causal=False, extra_key_term=None,
                 index=None, need_weights=False):
         """query [B_q, T, Dq] -> context [B_q, T, D], weights [B_q, T, S] or None."""
         apply_dropout = self.training and self.dropout > 0.0
-        arguments = (self.query_layer(query), memory.key_proj, memory.value, self.score_vector())
+        query_proj = self.query_layer(query)
         options = dict(key_lengths=memory.key_lengths, key_padding_mask=memory.key_padding_mask,
                        need_weights=need_weights or apply_dropout, index=index, extra_key_term=extra_key_term,
                        backend=self.backend)
@@ -215,10 +296,13 @@ class AdditiveAttention(nn.Module):
                                        backend=self.backend, device=memory.key_proj.device,
                                        dtype=memory.key_proj.dtype)
             key_exp = memory.key_exp if extra_key_term is None else None
-            context, weights = additive_attention_on_memory(*arguments, tanh_form=tanh_form, key_exp=key_exp,
-                                                            **options)
+            score_vector, score_weights = self._step_score_inputs(memory, call_dtype(query_proj))
+            context, weights = additive_attention_on_memory(
+                query_proj, memory.key_proj, memory.value, score_vector, tanh_form=tanh_form, key_exp=key_exp,
+                score_weights=score_weights, **options)
         else:
-            context, weights = additive_attention(*arguments, causal=causal, **options)
+            context, weights = additive_attention(query_proj, memory.key_proj, memory.value, self.score_vector(),
+                                                  causal=causal, **options)
         if apply_dropout:
             values = memory.value if index is None else memory.value.index_select(0, index)
             context = torch.bmm(nn.functional.dropout(weights, self.dropout, training=True), values)

@@ -35,7 +35,8 @@ def prepare_memory(attention: AdditiveAttention, key: torch.Tensor, value: torch
         raise ValueError(f"key_padding_mask must be [B, S] (one mask per source sequence), got {shape}")
     # precompute runs the library's own checks (lengths within [0, S], mask shape and dtype, value shape, the index
     # range) on an empty query, so that a malformed memory fails here rather than at the first step. Every step of
-    # these layers adds an extra key term (location / coverage features), so prepared keys would go unused.
+    # these layers adds an extra key term (location / coverage features), so prepared keys would go unused; the
+    # prepared score weights (v's pre-pass) serve them all the same, v not depending on the keys.
     memory = attention.precompute(key, value, key_lengths, key_padding_mask, index=index, prepare_keys=False)
     rows = index.shape[0] if isinstance(index, torch.Tensor) and index.dim() == 1 else key.shape[0]
     src_len = key.shape[1]

@@ -87,6 +87,18 @@ def test_opcheck_forward_op_all_five_checks(triton_device):
 
 
 @pytest.mark.slow
+def test_opcheck_forward_op_with_prepared_score_weights(triton_device):
+    """The op's optional `score_weights` input (a decoding memory's prepared v pre-pass): forward-only, no
+    gradient, the same five checks."""
+    from attn_fast.kernels.forward import prepare_score_weights
+
+    arguments = forward_arguments(small_case(triton_device))
+    score_weights = prepare_score_weights(arguments[3].detach(), torch.float32)
+    results = opcheck(triton_backend._forward_op, (*arguments, None, score_weights), test_utils=ALL_CHECKS)
+    assert results == dict.fromkeys(ALL_CHECKS, "SUCCESS"), results
+
+
+@pytest.mark.slow
 def test_opcheck_tanh_pass_op_all_five_checks(triton_device, monkeypatch):
     arguments = recorded_tanh_pass_arguments(small_case(triton_device, seed=3), monkeypatch)
     results = opcheck(triton_backend._tanh_pass_op, arguments, test_utils=ALL_CHECKS)
