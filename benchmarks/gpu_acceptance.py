@@ -6,6 +6,8 @@
     python benchmarks/gpu_acceptance.py determinism OUT/determinism.json   Triton forward+backward twice, bitwise
     python benchmarks/gpu_acceptance.py graphs OUT/graphs.json        CUDA-graph capture: AdditiveAttention.step on
                                                                       an AttentionMemory, a Seq2Seq greedy step
+    python benchmarks/gpu_acceptance.py prepared-keys OUT/prepared-keys.json   fp32 all-steps forward with the key
+                                                                      pre-pass off and on, timed side by side
     python benchmarks/gpu_acceptance.py summary OUT                   OUT/summary.json from the files above
 
 Every check catches its own failures and records them in its JSON ("ok": false, "error": ...) instead of crashing,
@@ -207,6 +209,50 @@ def determinism() -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# prepared keys at all steps: the one launch choice the model could not settle offline
+
+
+#: (name, B, T, S, A, D): the bench's caption and long shapes, and the static report's long_prepared, where
+#: kernels/configs.py's model prefers the key pre-pass (benchmarks/NOTES.md, "Prepared keys at all steps").
+PREPARED_KEYS_SHAPES = (("caption", 32, 20, 196, 512, 2048), ("long", 8, 400, 400, 256, 256),
+                        ("long_prepared", 16, 800, 800, 512, 128))
+
+
+def prepared_keys() -> dict:
+    """fp32 forward with the key pre-pass off and on (`plan_forward(prepare_keys=...)`) at PREPARED_KEYS_SHAPES:
+    do_bench medians (ms, CUDA events, inputs in L2 as in a model), each configuration, and the two contexts'
+    relative difference. Whichever is faster on this GPU tells whether the model's charge for the pre-pass (its
+    bytes at HBM bandwidth plus one launch) should change."""
+    import triton.testing
+
+    from attn_fast.kernels.forward import attention_forward, plan_forward
+    from attn_fast.tolerances import relative_error
+    from attn_fast.validation import attention_call
+
+    report = {}
+    for name, batch, tgt_len, src_len, attn_dim, value_dim in PREPARED_KEYS_SHAPES:
+        generator = torch.Generator(device="cuda").manual_seed(11)
+        query_proj, key_proj, value = (torch.randn(*sizes, device="cuda", generator=generator) for sizes in
+                                       ((batch, tgt_len, attn_dim), (batch, src_len, attn_dim),
+                                        (batch, src_len, value_dim)))
+        v = torch.randn(attn_dim, device="cuda", generator=generator) / attn_dim ** 0.5
+        call = attention_call(query_proj, key_proj, value, v)
+        row = {}
+        contexts = []
+        for choice in (False, True):
+            config = plan_forward(call, prepare_keys=choice).config
+            contexts.append(attention_forward(call, prepare_keys=choice)[0])
+            milliseconds = triton.testing.do_bench(lambda c=call, k=choice: attention_forward(c, prepare_keys=k),
+                                                   warmup=25, rep=100, return_mode="median")
+            row["prepared" if choice else "default_off"] = {"ms": milliseconds, "config": str(config)}
+        row["relative_difference"] = relative_error(contexts[1], contexts[0])
+        row["faster"] = min(("default_off", "prepared"), key=lambda key: row[key]["ms"])
+        report[name] = row
+    report["ok"] = all(row["relative_difference"] <= 1e-5 for row in report.values() if isinstance(row, dict))
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # CUDA graphs
 
 
@@ -298,7 +344,7 @@ def summary(folder: Path) -> dict:
     steps_file = folder / "steps.jsonl"
     if steps_file.exists():
         steps = [json.loads(line) for line in steps_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    checks = {name: load(f"{name}.json") for name in ("numerics", "determinism", "graphs")}
+    checks = {name: load(f"{name}.json") for name in ("numerics", "determinism", "graphs", "prepared-keys")}
     result = {"environment": load("environment.json"), "steps": steps,
               "checks": {name: (None if value is None else bool(value.get("ok"))) for name, value in checks.items()},
               "bench_json": sorted(str(p.relative_to(folder)) for p in folder.glob("bench/*.json"))}
@@ -307,7 +353,7 @@ def summary(folder: Path) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("env", "numerics", "determinism", "graphs", "summary"):
+    if len(argv) != 2 or argv[0] not in ("env", "numerics", "determinism", "graphs", "prepared-keys", "summary"):
         print(__doc__, file=sys.stderr)
         return 2
     command, target = argv
@@ -325,7 +371,8 @@ def main(argv: list[str]) -> int:
     if not torch.cuda.is_available():
         print(f"gpu_acceptance.py {command}: no CUDA GPU", file=sys.stderr)
         return 2
-    report = _guarded(command, {"numerics": numerics, "determinism": determinism, "graphs": graphs}[command])
+    report = _guarded(command, {"numerics": numerics, "determinism": determinism, "graphs": graphs,
+                                "prepared-keys": prepared_keys}[command])
     _write(target, report)
     return 0 if report.get("ok") else 1
 

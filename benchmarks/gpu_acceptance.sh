@@ -15,6 +15,7 @@
 #   determinism.json    Triton forward+backward twice under torch.use_deterministic_algorithms, bitwise equal
 #   graphs.json         CUDA-graph capture of AdditiveAttention.step (AttentionMemory, beam index) and of a
 #                       Seq2Seq greedy step; a failed capture is a failure in the JSON, not a crash
+#   prepared-keys.json  fp32 all-steps forward with the key pre-pass off and on (caption, long, long_prepared)
 #   steps.jsonl         exit code and seconds of every step;  summary.json: all of it, "ok" overall
 # Without a GPU it says so in one line and exits 0 (a dry run). Exit code: 0 when everything passed, 1 otherwise.
 set -u
@@ -56,12 +57,13 @@ step() {
 echo "gpu_acceptance: writing $OUT"
 step environment 30 "$PYTHON" benchmarks/gpu_acceptance.py env "$OUT/environment.json"
 step gpu-tests 60 "$PYTHON" -m pytest -q -m gpu tests
-step triton-tests 110 "$PYTHON" -m pytest -q -m "not slow" tests/kernels tests/backends/test_triton_backend.py \
+step triton-tests 95 "$PYTHON" -m pytest -q -m "not slow" tests/kernels tests/backends/test_triton_backend.py \
     tests/backends/test_triton_ops.py
 step verify 40 attn-fast verify
 step bench 130 attn-fast bench --full --quiet --out-dir "$OUT/bench"
-step numerics 40 "$PYTHON" benchmarks/gpu_acceptance.py numerics "$OUT/numerics.json"
+step numerics 35 "$PYTHON" benchmarks/gpu_acceptance.py numerics "$OUT/numerics.json"
 step determinism 25 "$PYTHON" benchmarks/gpu_acceptance.py determinism "$OUT/determinism.json"
-step graphs 30 "$PYTHON" benchmarks/gpu_acceptance.py graphs "$OUT/graphs.json"
+step graphs 25 "$PYTHON" benchmarks/gpu_acceptance.py graphs "$OUT/graphs.json"
+step prepared-keys 25 "$PYTHON" benchmarks/gpu_acceptance.py prepared-keys "$OUT/prepared-keys.json"
 
 "$PYTHON" benchmarks/gpu_acceptance.py summary "$OUT"

@@ -184,12 +184,14 @@ def forward_config(
     has_key_exp: bool = False,
     can_prepare_keys: bool = False,
     memory_rows: int | None = None,
+    prepare_keys: bool | None = None,
 ) -> ForwardConfig:
     """The configuration for one call. `tanh_form` and `num_splits` override the heuristic (tests, benchmarks).
     `has_key_exp`: the call brings the memory's prepared e^{2 key_proj} (fp32 decode then takes the factorized
     form, `default_tanh_form`). `can_prepare_keys`: an fp32 all-steps call whose keys a pre-pass may turn into
     e^{2k} (no extra key term), which adds the PREPARED_TILES candidates; `memory_rows` (B_m, default B_q) sizes
-    that pre-pass in the model.
+    that pre-pass in the model. `prepare_keys` overrides the choice (benchmarks): True keeps only the prepared-keys
+    candidates (a ValueError where the call cannot take them), False none of them.
 
     Candidates: fused context (when the weights are not asked for and the value dim fits, see the module
     docstring) and scores mode, each with its tiles (decoding: its one decode tile) and every key split count
@@ -222,10 +224,16 @@ def forward_config(
                       False))
         # All-steps tiles share their query rows' exponentials: fp32 takes the factorized form at any BLOCK_T.
         form = tanh_form or default_tanh_form(dtype, 16)
-        if can_prepare_keys and not has_key_exp and dtype == torch.float32 and form == "factorized":
+        preparable = can_prepare_keys and not has_key_exp and dtype == torch.float32 and form == "factorized"
+        if preparable and prepare_keys is not False:
+            if prepare_keys:
+                modes = []
             if not need_weights and block_d <= 128:
                 modes.append((True, PREPARED_TILES_FUSED, True))
             modes.append((False, PREPARED_TILES, True))
+    if prepare_keys and not any(prepared for _, _, prepared in modes):
+        raise ValueError("prepare_keys=True needs an fp32 all-steps call in the factorized form without an extra key "
+                         "term or a memory's key_exp")
 
     candidates = []  # (modelled seconds, padded work, config)
     for fuse_context, tiles, prepare_keys in modes:

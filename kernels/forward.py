@@ -638,6 +638,7 @@ def plan_forward(
     weights_dtype: torch.dtype | None = None,
     tanh_form: str | None = None,
     num_splits: int | None = None,
+    prepare_keys: bool | None = None,
     interpret: bool = False,
     config: ForwardConfig | None = None,
 ) -> ForwardPlan:
@@ -647,7 +648,8 @@ def plan_forward(
     `weights_dtype` (e.g. torch.float32) returns the weights in another floating dtype than the input's: the
     probabilities are computed in fp32, and a backward pass may want them unrounded.
     `tanh_form` ("exp", "factorized", "approx", "libdevice") and `num_splits` (key splits, >= 1) override the
-    heuristic of kernels/configs.py; leave them None in normal use. `config` replaces the heuristic entirely
+    heuristic of kernels/configs.py, and so does `prepare_keys` (fp32 all-steps: the key pre-pass on or off); leave
+    them None in normal use. `config` replaces the heuristic entirely
     (benchmarks and the static report compare configurations with it). `interpret`: the kernels' INTERPRET switch.
     `call.key_exp` (a decoding memory's e^{2 key_proj}, fp32, every |key_proj| within FACTORIZED_LIMIT as
     `functional.prepare_key_exp` checked once at precompute): fp32 decode tiles then take the factorized form, and
@@ -675,6 +677,7 @@ def plan_forward(
             dtype=dtype, need_weights=need_weights, sm_count=launch.sm_count(device), tanh_form=tanh_form,
             num_splits=num_splits, has_key_exp=key_exp is not None,
             can_prepare_keys=extra_key_term is None and dtype == torch.float32, memory_rows=key_proj.shape[0],
+            prepare_keys=prepare_keys,
         )
     elif need_weights and config.fuse_context:
         raise ValueError("need_weights requires a configuration with fuse_context=False")
@@ -833,7 +836,8 @@ def attention_forward(call, *, wrap=None, **tuning) -> tuple[torch.Tensor, torch
     Returns (context [B_q, T, D] in the input dtype, lse [B_q, T] fp32, weights [B_q, T, S] in the input dtype, or
     None unless `call.need_weights`): lse is the natural log-sum-exp of the visible scores, +inf for a row without
     visible key (whose context and weights are 0). Inputs are not modified; nothing of size B*T*S*A is allocated.
-    `tuning`: weights_dtype, tanh_form, num_splits, as in `plan_forward`. `wrap`: see `launch.run_launches`.
+    `tuning`: weights_dtype, tanh_form, num_splits, prepare_keys, as in `plan_forward`. `wrap`: see
+    `launch.run_launches`.
     """
     plan = plan_forward(call, interpret=launch.require_runnable(call.device), **tuning)
     launch.run_launches(plan.launches, call.device, wrap)

@@ -180,3 +180,19 @@ def test_the_heuristic_prepares_keys_only_where_the_model_says_it_pays():
     assert "_key_exponentials_kernel" not in kernel_names(plan(16, 800, 800, 512, 128, extra=True))
     for sizes in ((32, 50, 50, 256, 512), (32, 20, 196, 512, 2048), (8, 400, 400, 256, 256)):
         assert not plan(*sizes).config.prepare_keys, sizes
+
+
+def test_the_prepare_keys_tuning_switches_the_pre_pass(triton_device):
+    """`attention_forward(call, prepare_keys=...)` (the GPU acceptance run's A/B): True plans the pre-pass, False
+    never does, and both give the reference's context; True where it cannot apply is a ValueError."""
+    inputs, options = case(triton_device)
+    call = attention_call(*inputs, **options)
+    expected, _ = additive_attention_reference(*[tensor.double() for tensor in inputs], **options)
+    for choice in (True, False):
+        plan = forward.plan_forward(call, prepare_keys=choice)
+        assert plan.config.prepare_keys is choice
+        assert ("_key_exponentials_kernel" in kernel_names(plan)) is choice
+        context, _, _ = forward.attention_forward(call, prepare_keys=choice)
+        assert relative_error(context, expected) <= TOLERANCE
+    with pytest.raises(ValueError, match="prepare_keys=True"):
+        forward.plan_forward(attention_call(*[tensor.half() for tensor in inputs], **options), prepare_keys=True)

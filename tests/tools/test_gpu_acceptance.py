@@ -45,13 +45,14 @@ def test_helper_records_the_environment_and_summarizes(tmp_path):
     assert environment["cuda"] is False and {"torch", "triton", "date_utc", "driver"} <= set(environment)
 
     (tmp_path / "steps.jsonl").write_text('{"step": "verify", "rc": 0, "seconds": 3, "limit_s": 40}\n')
-    for name, ok in (("numerics", True), ("determinism", True), ("graphs", False)):
+    for name, ok in (("numerics", True), ("determinism", True), ("graphs", False), ("prepared-keys", True)):
         (tmp_path / f"{name}.json").write_text(json.dumps({"ok": ok, "error": None if ok else "capture failed"}))
     finished = subprocess.run([sys.executable, str(HELPER), "summary", str(tmp_path)], capture_output=True,
                               text=True, timeout=120)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert finished.returncode == 1 and "FAIL" in finished.stdout and "graphs" in finished.stdout
-    assert summary["ok"] is False and summary["checks"] == {"numerics": True, "determinism": True, "graphs": False}
+    assert summary["ok"] is False and summary["checks"] == {"numerics": True, "determinism": True, "graphs": False,
+                                                            "prepared-keys": True}
     assert summary["environment"]["torch"] == environment["torch"]
 
 
