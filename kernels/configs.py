@@ -122,6 +122,10 @@ ALL_STEPS_TILES_WIDE = ((32, 32, 16, 8), (16, 32, 8, 2))
 #: 1-warp tile (4.25) keeps 8 B of stack on sm_90 with the key range check and splits: left out.
 PREPARED_TILES = ((64, 32, 8, 8), (32, 32, 8, 4), (16, 32, 8, 2), (8, 64, 8, 2))
 PREPARED_TILES_FUSED = ((32, 32, 8, 4),)
+#: Least tanh work (B*T*S*A) for which prepared keys are considered: below it a call does not fill the GPU for long
+#: (2^25 tanh are ~8 us at the MUFU limit of an H100), the model's throughput terms decide nothing, and the plain
+#: kernel spares the pre-pass's B_m x S x A fp32 buffer.
+PREPARE_KEYS_MIN_TANH = 1 << 25
 #: The costs `_modelled_seconds` weighs against the tanh work (H100 SXM): HBM bytes per second, 16 tanh/clk per SM
 #: at 1.98 GHz, and a few microseconds for the second kernel of scores mode (the launch the fused path saves).
 HBM_BYTES_PER_S = 3.35e12
@@ -145,9 +149,10 @@ def _modelled_seconds(config: ForwardConfig, *, query_rows, tgt_len, src_len, at
     """Modelled time of a forward configuration: the tanh work at per-SM estimate x whole-GPU efficiency, plus the
     bytes of the split partials (written, then read by the combine pass) and of scores mode (scores written and
     re-read) and scores mode's second launch; with prepared keys, the key pre-pass (key_proj read at `key_bytes`
-    per element, e^{2k} and max |k| written, its launch) and the programs' c e^{2q} rows (written once; re-read
-    from L2). The combine pass's launch is left out on purpose: small batches (decode steps) split whenever that
-    spreads the tanh work over more SMs, latency-bound as they are anyway."""
+    per element, e^{2k} and max |k| written; no launch of its own: it carries the v pre-pass every call launches)
+    and the programs' c e^{2q} rows (written once; re-read from L2). The combine pass's launch is left out on
+    purpose: small batches (decode steps) split whenever that spreads the tanh work over more SMs, latency-bound as
+    they are anyway."""
     ctas, work, splits = occupancy.forward_grid(
         query_rows=query_rows, tgt_len=tgt_len, src_len=src_len, attn_dim=attn_dim, block_t=config.block_t,
         block_s=config.block_s, block_a=config.block_a, num_splits=config.num_splits)
@@ -165,7 +170,6 @@ def _modelled_seconds(config: ForwardConfig, *, query_rows, tgt_len, src_len, at
         keys = (query_rows if memory_rows is None else memory_rows) * src_len
         a_padded = -(-attn_dim // config.block_a) * config.block_a
         traffic += keys * attn_dim * (key_bytes + 4) + keys * 4 + splits * query_rows * tgt_len * a_padded * 4
-        launches += 1
     return useful / (MUFU_PER_S_PER_SM * sm_count * ceiling) + traffic / HBM_BYTES_PER_S + launches * LAUNCH_SECONDS
 
 
@@ -189,9 +193,10 @@ def forward_config(
     """The configuration for one call. `tanh_form` and `num_splits` override the heuristic (tests, benchmarks).
     `has_key_exp`: the call brings the memory's prepared e^{2 key_proj} (fp32 decode then takes the factorized
     form, `default_tanh_form`). `can_prepare_keys`: an fp32 all-steps call whose keys a pre-pass may turn into
-    e^{2k} (no extra key term), which adds the PREPARED_TILES candidates; `memory_rows` (B_m, default B_q) sizes
-    that pre-pass in the model. `prepare_keys` overrides the choice (benchmarks): True keeps only the prepared-keys
-    candidates (a ValueError where the call cannot take them), False none of them.
+    e^{2k} (no extra key term), which adds the PREPARED_TILES candidates from PREPARE_KEYS_MIN_TANH tanh on;
+    `memory_rows` (B_m, default B_q) sizes that pre-pass in the model. `prepare_keys` overrides the choice
+    (benchmarks): True keeps only the prepared-keys candidates (a ValueError where the call cannot take them), False
+    none of them.
 
     Candidates: fused context (when the weights are not asked for and the value dim fits, see the module
     docstring) and scores mode, each with its tiles (decoding: its one decode tile) and every key split count
@@ -225,7 +230,8 @@ def forward_config(
         # All-steps tiles share their query rows' exponentials: fp32 takes the factorized form at any BLOCK_T.
         form = tanh_form or default_tanh_form(dtype, 16)
         preparable = can_prepare_keys and not has_key_exp and dtype == torch.float32 and form == "factorized"
-        if preparable and prepare_keys is not False:
+        large = query_rows * tgt_len * src_len * attn_dim >= PREPARE_KEYS_MIN_TANH
+        if preparable and (prepare_keys or (prepare_keys is None and large)):
             if prepare_keys:
                 modes = []
             if not need_weights and block_d <= 128:

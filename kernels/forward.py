@@ -65,6 +65,15 @@ def _score_vector_kernel(
     """One program: score_vector[a] = tanh.score_weights(v[a]) (fp32, contiguous, padded with the weight of v = 0
     up to A_PADDED, so the hot loop loads whole chunks without a mask), score_scalars = (score bias, max |v|).
     Done once per call so that the hot loop loads ready-made weights."""
+    _write_score_vector(v, stride_va, score_vector, score_scalars, A, A_PADDED, TANH_FORM, INTERPRET, BLOCK_A)
+
+
+@triton.jit
+def _write_score_vector(
+    v, stride_va, score_vector, score_scalars, A, A_PADDED,
+    TANH_FORM: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_A: tl.constexpr,
+):
+    """The body of `_score_vector_kernel` (also run by one program of `_key_exponentials_kernel`)."""
     v_total = tl.zeros([BLOCK_A], dtype=tl.float32)
     v_absmax = tl.zeros([BLOCK_A], dtype=tl.float32)
     for a_start in range(0, A_PADDED, BLOCK_A):
@@ -81,13 +90,21 @@ def _score_vector_kernel(
 def _key_exponentials_kernel(
     key_proj, key_exp, key_absmax,  # [B_m, S, A] any strides; outputs [B_m, S, A] and [B_m, S] fp32, contiguous
     stride_kb, stride_ks, stride_ka, S, A,
-    BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
+    v, stride_va, score_vector, score_scalars, A_PADDED,  # WRITE_SCORE_VECTOR: as `_score_vector_kernel`'s
+    WRITE_SCORE_VECTOR: tl.constexpr, TANH_FORM: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Program = (memory row, tile of BLOCK_S keys): key_exp = e^{2 key_proj} (`tanh.exp2x_accurate`, the formula the
     score loop would use) and key_absmax[m, j] = max_a |key_proj[m, j, a]|, for all-steps calls whose fp32 score
     kernel loads the key factors instead of computing them in every query tile (`ForwardConfig.prepare_keys`). The
     score kernel checks key_absmax per key tile and takes the exp form from key_proj where a key is out of the
-    factorized range, so nothing here needs to be in range."""
+    factorized range, so nothing here needs to be in range.
+    WRITE_SCORE_VECTOR: program (0, 0) also does the v pre-pass (`_score_vector_kernel`, BLOCK_V units a chunk), so
+    that the key pre-pass adds no launch to the call."""
+    if WRITE_SCORE_VECTOR:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            _write_score_vector(v, stride_va, score_vector, score_scalars, A, A_PADDED, TANH_FORM, INTERPRET,
+                                BLOCK_V)
     memory = tl.program_id(0).to(tl.int64)
     offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     s_valid = offs_s < S
@@ -719,6 +736,7 @@ def plan_forward(
     # a one-program pre-pass launched here.
     attn_dim_padded = triton.cdiv(attn_dim, config.block_a) * config.block_a
     prepared_weights = getattr(call, "score_weights", None)
+    score_vector_launch = None
     if (prepared_weights is not None and SCORE_WEIGHTS_ALIGNMENT % config.block_a == 0
             and uses_reciprocal_form(config.tanh_form, interpret) == score_weights_reciprocal(dtype, interpret)):
         aligned = triton.cdiv(attn_dim, SCORE_WEIGHTS_ALIGNMENT) * SCORE_WEIGHTS_ALIGNMENT
@@ -726,25 +744,32 @@ def plan_forward(
     else:
         score_vector = launch.empty_buffer((attn_dim_padded,), torch.float32, device)
         score_scalars = launch.empty_buffer((2,), torch.float32, device)
-        plan.launches.append(_score_vector_launch(v, score_vector, score_scalars, attn_dim_padded, config.tanh_form,
-                                                  interpret))
+        score_vector_launch = _score_vector_launch(v, score_vector, score_scalars, attn_dim_padded, config.tanh_form,
+                                                   interpret)
     # An fp32 all-steps configuration with prepared keys: a pre-pass writes e^{2k} and max |k| per key, which the
-    # score kernel checks per key tile (CHECK_KEY_RANGE). A decoding memory's key_exp was range-checked at precompute.
+    # score kernel checks per key tile (CHECK_KEY_RANGE), and does the v pre-pass in the same launch. A decoding
+    # memory's key_exp was range-checked at precompute.
     key_absmax = None
     if config.prepare_keys and key_exp is None and extra_key_term is None and config.tanh_form == "factorized":
         memory_rows = key_proj.shape[0]
         key_exp = launch.empty_buffer((memory_rows, src_len, attn_dim), torch.float32, device)
         key_absmax = launch.empty_buffer((memory_rows, src_len), torch.float32, device)
+        vector_arguments = dict(v=v, stride_va=v.stride(0), score_vector=score_vector, score_scalars=score_scalars,
+                                A_PADDED=attn_dim_padded, BLOCK_V=min(1024, next_power_of_2(attn_dim)))
         plan.launches.append(launch.KernelLaunch(
             kernel=_key_exponentials_kernel,
             grid=(memory_rows, triton.cdiv(src_len, KEY_PREPASS_BLOCK_S)),
             arguments=dict(
                 key_proj=key_proj, key_exp=key_exp, key_absmax=key_absmax,
                 **dict(zip(("stride_kb", "stride_ks", "stride_ka"), key_proj.stride())), S=src_len, A=attn_dim,
+                **vector_arguments, WRITE_SCORE_VECTOR=score_vector_launch is not None,
+                TANH_FORM=config.tanh_form, INTERPRET=interpret,
                 BLOCK_S=KEY_PREPASS_BLOCK_S, BLOCK_A=min(KEY_PREPASS_BLOCK_A, next_power_of_2(attn_dim)),
             ),
             num_warps=4,
         ))
+    elif score_vector_launch is not None:
+        plan.launches.append(score_vector_launch)
     # With prepared keys, each program's c e^{2q} (written in its prologue, read by its score loop).
     query_factor = (launch.empty_buffer((splits, rows, attn_dim_padded), torch.float32, device)
                     if key_exp is not None else None)

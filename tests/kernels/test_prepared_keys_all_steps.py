@@ -163,8 +163,10 @@ def test_prepared_keys_are_dropped_where_they_cannot_apply(triton_device):
 
 
 def test_the_heuristic_prepares_keys_only_where_the_model_says_it_pays():
-    """Planned on meta tensors: a long fp32 call (T = S = 800, A = 512) takes prepared keys; the named shapes, fp16
-    and calls with an extra key term do not (the pre-pass's bytes and launch outweigh the MUFU ops it saves)."""
+    """Planned on meta tensors: caption (T = 20 pads to 24 rows with 8-row tiles, which only prepared keys make
+    MUFU-cheap) and a long fp32 call (T = S = 800, A = 512) take prepared keys; nmt_train and long (the pre-pass's
+    bytes outweigh the MUFU ops it saves), calls under PREPARE_KEYS_MIN_TANH, fp16 and calls with an extra key term
+    do not."""
     def meta(*sizes, dtype=torch.float32):
         return torch.empty(*sizes, device="meta", dtype=dtype)
 
@@ -174,11 +176,15 @@ def test_the_heuristic_prepares_keys_only_where_the_model_says_it_pays():
                               extra_key_term=meta(batch, src_len, attn_dim, dtype=dtype) if extra else None)
         return forward.plan_forward(call)
 
-    long_plan = plan(16, 800, 800, 512, 128)
-    assert long_plan.config.prepare_keys and "_key_exponentials_kernel" in kernel_names(long_plan)
+    for sizes in ((16, 800, 800, 512, 128), (32, 20, 196, 512, 2048)):
+        prepared = plan(*sizes)
+        assert prepared.config.prepare_keys, sizes
+        # One launch before the score kernel, as without prepared keys: the key pre-pass does the v pre-pass too.
+        assert kernel_names(prepared)[:2] == ["_key_exponentials_kernel", "_attention_forward_prepared_kernel"]
+        assert prepared.launches[0].arguments["WRITE_SCORE_VECTOR"]
     assert not plan(16, 800, 800, 512, 128, dtype=torch.float16).config.prepare_keys
     assert "_key_exponentials_kernel" not in kernel_names(plan(16, 800, 800, 512, 128, extra=True))
-    for sizes in ((32, 50, 50, 256, 512), (32, 20, 196, 512, 2048), (8, 400, 400, 256, 256)):
+    for sizes in ((32, 50, 50, 256, 512), (8, 400, 400, 256, 256), (B_M, T, S, A, D)):
         assert not plan(*sizes).config.prepare_keys, sizes
 
 
