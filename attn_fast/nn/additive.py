@@ -23,6 +23,11 @@ from attn_fast.functional import (
 from attn_fast.validation import FLOATING_DTYPES, check_backend
 
 
+def _capturing_cuda_graph(tensor: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured on the current stream of `tensor`'s (CUDA) device."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: no elementwise tensor comparison, identity is what counts
 class ScoreWeightsSource:
     """What a memory's prepared score weights were made from, so that a step can tell whether they still hold.
@@ -52,11 +57,15 @@ class ScoreWeightsSource:
 
     def holds_for(self, parameters, dtype: torch.dtype, extra: tuple = ()) -> bool:
         """True when `parameters` are the very tensors recorded, unchanged since, and the step computes in the
-        recorded dtype. False while torch.compile traces: `_version` is then a data-dependent symbol that a
-        fullgraph trace cannot branch on, so compiled steps run the per-call pre-pass (correct, one launch more)."""
+        recorded dtype. False while torch.compile traces (`_version` is then a data-dependent symbol that a
+        fullgraph trace cannot branch on) and while a CUDA graph is captured (this check runs once, at capture,
+        and every replay would reuse the weights however v changed in between): such steps run the per-call
+        pre-pass, which reads v itself (correct, one launch more)."""
         if torch.compiler.is_compiling() or dtype != self.dtype or extra != self.extra:
             return False
         parameters = tuple(parameters)
+        if any(_capturing_cuda_graph(tensor) for tensor in parameters):
+            return False
         return len(parameters) == len(self.parameters) and all(
             tensor is recorded and tensor._version == version and tensor.data_ptr() == pointer
             for tensor, (recorded, version, pointer) in zip(parameters, self.parameters))

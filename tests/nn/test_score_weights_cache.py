@@ -271,6 +271,42 @@ def test_a_compiled_step_runs_the_pre_pass_without_a_graph_break(triton_device, 
         assert torch.equal(got, expected)
 
 
+def test_no_cache_while_capturing_a_cuda_graph(monkeypatch):
+    """A captured step replays without its host-side checks: it must read v itself at every replay."""
+    from attn_fast.nn import additive
+
+    v = torch.nn.Parameter(torch.randn(A))
+    source = ScoreWeightsSource.of((v,), torch.float32, v)
+    assert source.holds_for((v,), torch.float32)
+    monkeypatch.setattr(additive, "_capturing_cuda_graph", lambda tensor: tensor is v)
+    assert not source.holds_for((v,), torch.float32)
+
+
+@pytest.mark.gpu
+def test_a_replayed_cuda_graph_step_sees_v_changed_after_the_capture():
+    device = torch.device("cuda")
+    layer = AdditiveAttention(DQ, DK, A, backend="triton", device=device).eval()
+    key, lengths = key_and_lengths(device)
+    memory = layer.precompute(key, key_lengths=lengths)
+    query = torch.randn(B, DQ, device=device)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile every kernel the captured step launches, the pre-pass included
+            for step_memory in (memory, unprepared(memory)):
+                layer.step(query, step_memory, need_weights=True)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            context, weights = layer.step(query, memory, need_weights=True)
+        layer.v.mul_(-2.0)  # in place, after the capture
+        graph.replay()
+        torch.cuda.synchronize()
+        expected_context, expected_weights = fresh_step(layer, key, lengths, query)
+    torch.testing.assert_close(context, expected_context, rtol=TOLERANCE, atol=TOLERANCE)
+    torch.testing.assert_close(weights, expected_weights, rtol=TOLERANCE, atol=TOLERANCE)
+
+
 def test_prepare_score_weights_is_for_the_triton_backend_only(triton_device):
     v = torch.randn(A)
     assert prepare_score_weights(v, torch.float32, backend="torch") is None
@@ -358,3 +394,24 @@ def test_the_speechbrain_adapter_keeps_score_weights_in_its_memory(triton_device
         assert launches.count(PRE_PASS) == 1, change  # its own pre-pass, not the memory's stale weights
         for got, expected in zip(stale_memory_step, fresh(queries[2])):
             assert torch.equal(got, expected), change
+
+
+def test_weights_serve_only_steps_in_the_dtype_they_were_made_for(triton_device, launches):
+    """Under autocast a step computes in the autocast dtype, with v cast to it: weights prepared under the same
+    autocast serve it (and equal the unprepared step's results); fp32 weights do not serve a bf16 step."""
+    layer = AdditiveAttention(DQ, DK, A, backend="triton", device=triton_device)
+    key, lengths = key_and_lengths(triton_device)
+    query = torch.randn(B, DQ, device=triton_device)
+    fp32_memory = layer.precompute(key, key_lengths=lengths)
+    with torch.autocast(triton_device.type, dtype=torch.bfloat16):
+        bf16_memory = layer.precompute(key, key_lengths=lengths)
+        assert bf16_memory.score_weights_source.dtype == torch.bfloat16
+        launches.clear()
+        prepared = layer.step(query, bf16_memory, need_weights=True)
+        assert PRE_PASS not in launches and prepared[0].dtype == torch.bfloat16
+        plain = layer.step(query, unprepared(bf16_memory), need_weights=True)
+        launches.clear()
+        layer.step(query, fp32_memory)
+        assert launches.count(PRE_PASS) == 1
+    for got, expected in zip(prepared, plain):
+        assert torch.equal(got, expected)
