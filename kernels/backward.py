@@ -27,8 +27,18 @@ keeps the keys in each thread's registers (kernels/configs.py: one unit and all 
   partials [num_splits, B_q, S, A] in deterministic mode. One 4-warp program per SM would leave nothing to hide
   the latency of each step's loads.
 
-With causal=True, dE is zero for j > i, so a key tile starting at key s0 skips every query step that ends before
-row s0: the tanh work is halved for T = S. With key_lengths, dE is zero at keys j >= key_lengths[m]: a key tile
+The last key tile of a source whose length S is not a multiple of BLOCK_S (but at least BLOCK_S: KEYS_FIT) is
+shifted back to end at key S: it covers keys S - BLOCK_S .. S - 1 and owns only those past the previous tile. Its dE
+loads then need no key mask (every key it reads exists): its loop is the full tiles' loop without their 128-bit dE
+loads (its first key is not a multiple of BLOCK_S). The keys it reads but does not own are made +inf, so that they
+add nothing (1 - t^2 = 0, and in the reciprocal forms below r = 0). Only a source shorter than one tile
+(S < BLOCK_S) masks its dE loads (predicated loads: keys past S read 0). Clamping the dE addresses of the keys past
+S to key S - 1 instead (an earlier version) held BLOCK_S 64-bit addresses across the loop and cost 2 integer
+instructions per element per step; with those masked loops in the kernel, the fp32 kernel spilled 24 B on sm_80
+(issue 12).
+
+With causal=True, dE is zero for j > i, so a key tile whose first owned key is s0 skips every query step that ends
+before row s0: the tanh work is halved for T = S. With key_lengths, dE is zero at keys j >= key_lengths[m]: a key tile
 lying entirely there walks no query step (its outputs are written as zeros).
 
 tanh forms (kernels/tanh.py): the kernel evaluates one MUFU op per element on the fast path and never a second one
@@ -112,19 +122,22 @@ def _walk_query_rows(
     key_chunk, key_exp [BLOCK_S, BLOCK_A] fp32 (key_exp = e^{2k} for FORM == "factorized"); output_scale [BLOCK_A]
     = DERIVATIVE_SCALE * v. grad_query_base [BLOCK_A] points at grad_query[b, 0, chunk] (or this key tile's partial);
     each step atomically adds grad_query of its rows there. Returns the accumulators
-    (sum_i dE d [BS, BA], sum_i dE h [BS, BA], sum_i dE [BS, BT]); the last two still include keys past S.
+    (sum_i dE d [BS, BA], sum_i dE h [BS, BA], sum_i dE [BS, BT]); the last two still include the keys the
+    program does not own.
 
-    MASK_KEYS=False promises a full key tile. With MASK_KEYS, keys past S read the dE of key S - 1 (no load mask,
-    so no registers to zero and no predicate per load): the caller made those keys +inf, which makes 1 - t^2
-    exactly 0 in every form, so they add nothing to grad_query_proj or grad_row_keys.
+    MASK_KEYS=False promises that every key of the tile exists (offs_s64 < S); the keys the program does not own
+    were made +inf by the caller, which makes 1 - t^2 exactly 0 in every form (and t = 0 in the reciprocal forms),
+    so they add nothing to grad_query_proj or grad_row_keys. With MASK_KEYS (S < BLOCK_S only), keys past S
+    read dE = 0 (predicated loads).
     """
     grad_keys_acc = tl.zeros([BLOCK_S, BLOCK_A], dtype=tl.float32)
     grad_v_acc = tl.zeros([BLOCK_S, BLOCK_A], dtype=tl.float32)
     grad_scores_acc = tl.zeros([BLOCK_S, BLOCK_T], dtype=tl.float32)
+    grad_scores_rows = grad_scores_base + offs_s64 * stride_es  # [BS]: dE[b, 0, tile]
     if MASK_KEYS:
-        grad_scores_rows = grad_scores_base + tl.where(s_valid, offs_s64, S - 1) * stride_es  # [BS]: dE[b, 0, tile]
+        load_mask = s_valid
     else:
-        grad_scores_rows = grad_scores_base + offs_s64 * stride_es
+        load_mask = tl.full([BLOCK_S], True, tl.int1)
     query_columns = query_base + offs_a64 * stride_qa  # [BA]: query_proj[b, 0, chunk]
     for t_start in range(t_begin, t_end, BLOCK_T):
         offs_t = t_start + tl.arange(0, BLOCK_T)
@@ -132,9 +145,9 @@ def _walk_query_rows(
         offs_t64 = offs_t.to(tl.int64)
         query_chunk = tl.load(query_columns[None, :] + offs_t64[:, None] * stride_qt,
                               mask=t_valid[:, None] & a_valid[None, :], other=0.0).to(tl.float32)  # [BT, BA]
-        # [BS, BT] fp32; rows past T read 0 (only with BLOCK_T > 1), keys past S see above
+        # [BS, BT] fp32; rows past T read 0 (only with BLOCK_T > 1), keys past S (MASK_KEYS) too
         grad_scores_tile = tl.load(grad_scores_rows[:, None] + offs_t64[None, :] * stride_et,
-                                   mask=t_valid[None, :], other=0.0)
+                                   mask=load_mask[:, None] & t_valid[None, :], other=0.0)
         hidden, derivative = _tanh_and_derivative(query_chunk, key_chunk, key_exp, FORM, INTERPRET)
 
         weighted = grad_scores_tile[:, :, None] * derivative  # dE d  [BS, BT, BA]
@@ -172,12 +185,13 @@ def _attention_backward_kernel(
     stride_va, stride_index, stride_lengths, stride_gq_tile, stride_gk_split,
     T, S, A, rows_per_split, num_splits,
     HAS_EXTRA: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr,
-    SPLIT_ROWS: tl.constexpr,
+    SPLIT_ROWS: tl.constexpr, KEYS_FIT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
     TANH_FORM: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Program = (query row b, split of the query rows, key tile, A-chunk), on one grid axis with the A-chunk
-    fastest: the programs that read the same dE rows run side by side (L2 reuse). See the module docstring."""
+    fastest: the programs that read the same dE rows run side by side (L2 reuse). KEYS_FIT promises S >= BLOCK_S
+    (the last key tile is shifted back instead of masked). See the module docstring."""
     num_a_chunks = tl.cdiv(A, BLOCK_A)
     num_key_tiles = tl.cdiv(S, BLOCK_S)
     pid = tl.program_id(0)
@@ -195,12 +209,21 @@ def _attention_backward_kernel(
     # Unit and key offsets in int64 too: they multiply strides below.
     offs_a64 = a_chunk.to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
     a_valid = offs_a64 < A
-    offs_s64 = key_tile.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_valid = offs_s64 < S
+    # The keys this program owns start at tile_start; it reads the BLOCK_S keys from key_start: the same, except for
+    # the last tile with KEYS_FIT, which ends at key S instead of past it (module docstring).
+    tile_start = key_tile * BLOCK_S
+    tile_offsets = tile_start.to(tl.int64) + tl.arange(0, BLOCK_S)  # known multiple of BLOCK_S: aligned dE loads
+    if KEYS_FIT:
+        key_start = tl.minimum(tile_start, S - BLOCK_S)
+        offs_s64 = key_start.to(tl.int64) + tl.arange(0, BLOCK_S)
+        s_valid = offs_s64 >= tile_start  # the keys this program owns (every key read exists)
+    else:
+        offs_s64 = tile_offsets
+        s_valid = offs_s64 < S
 
-    # The key chunk [BS, BA], loaded once. Units past A read 0 (finite; their outputs are masked). Keys past S (last
-    # tile only) become +inf: t = 1 and 1 - t^2 = 0 exactly in every form (1 / (1 + inf) = 0, tanh(inf) = 1), so
-    # the hot loop needs no key mask (see _walk_query_rows).
+    # The key chunk [BS, BA], loaded once. Units past A read 0 (finite; their outputs are masked). Keys not owned
+    # (the shifted last tile's first keys, or keys past S) become +inf: t = 1 and 1 - t^2 = 0 exactly in every form
+    # (1 / (1 + inf) = 0, tanh(inf) = 1), so the hot loop needs no key mask (see _walk_query_rows).
     key_mask = s_valid[:, None] & a_valid[None, :]
 
     if HAS_LENGTHS:
@@ -209,7 +232,7 @@ def _attention_backward_kernel(
         # and the program ends here. (An early return rather than an empty query walk: cutting the walk's bound
         # instead cost 0.6-0.75 instructions per tanh and 8-16 B of spills on sm_90.)
         key_length = tl.load(key_lengths + memory * stride_lengths).to(tl.int32)
-        if key_tile * BLOCK_S >= key_length:
+        if tile_start >= key_length:
             if not SPLIT_ROWS:
                 tl.store(grad_row_keys + (batch64 * S + offs_s64[:, None]) * A + offs_a64[None, :],
                          tl.zeros([BLOCK_S, BLOCK_A], dtype=tl.float32), mask=key_mask)
@@ -226,7 +249,7 @@ def _attention_backward_kernel(
             extra_key_term + batch64 * stride_xb + offs_s64[:, None] * stride_xs + offs_a64[None, :] * stride_xa,
             mask=key_mask, other=0.0,
         ).to(tl.float32)
-    key_magnitude = tl.abs(key_chunk)  # 0 past S
+    key_magnitude = tl.abs(key_chunk)  # 0 at the keys not owned
     key_chunk = tl.where(s_valid[:, None], key_chunk, float("inf"))
 
     # This program's query rows: its split (a multiple of BLOCK_T rows). With causal, dE[i, j] = 0 for j > i:
@@ -234,12 +257,13 @@ def _attention_backward_kernel(
     t_begin = split * rows_per_split
     t_end = tl.minimum(t_begin + rows_per_split, T)
     if CAUSAL:
-        t_begin = tl.maximum(t_begin, (key_tile * BLOCK_S) // BLOCK_T * BLOCK_T)
+        t_begin = tl.maximum(t_begin, tile_start // BLOCK_T * BLOCK_T)
 
     # The factorized form needs |q|, |k| <= FACTORIZED_LIMIT (kernels/tanh.py): checked once for the whole program
     # (its key chunk and every query row it visits), so the hot loop branches on a program-uniform flag.
     if TANH_FORM == "factorized":
-        # e^{2k} [BS, BA], +inf past S; the clamp only keeps out-of-range keys (which take the exp form) finite.
+        # e^{2k} [BS, BA], +inf at the keys not owned; the clamp only keeps out-of-range keys (which take the exp
+        # form) finite.
         key_exp = exp2x_accurate(tl.minimum(tl.maximum(key_chunk, -FACTORIZED_LIMIT), FACTORIZED_LIMIT))
         key_exp = tl.where(s_valid[:, None], key_exp, float("inf"))
         query_absmax = tl.zeros([BLOCK_T, BLOCK_A], dtype=tl.float32)
@@ -261,7 +285,8 @@ def _attention_backward_kernel(
 
     # The branches are taken once per program, outside the query loop: a branch inside it made Triton re-convert
     # the loop-invariant key tile through shared memory on every step. Full key tiles (all but the last) load dE
-    # without a key mask, which saves zeroing the registers of every masked load.
+    # from offsets known to be multiples of BLOCK_S (128-bit loads); the shifted last tile loads it unaligned and,
+    # like full tiles, without a key mask; only S < BLOCK_S masks (MASK_KEYS = not KEYS_FIT).
     # [BA]: grad_query[b, 0, chunk], or this key tile's partial (stride_gq_tile = 0 with atomics)
     query_offsets = key_tile.to(tl.int64) * stride_gq_tile + batch64 * T * A + offs_a64
     full_tile = (key_tile + 1) * BLOCK_S <= S
@@ -270,7 +295,7 @@ def _attention_backward_kernel(
             if full_tile:
                 grad_keys_acc, grad_v_acc, grad_scores_acc = _walk_query_rows(
                     query_base, grad_scores_base, grad_query + query_offsets, key_chunk, key_exp, output_scale,
-                    offs_s64, s_valid, offs_a64, a_valid, t_begin, t_end, S, T, A,
+                    tile_offsets, s_valid, offs_a64, a_valid, t_begin, t_end, S, T, A,
                     stride_qt, stride_qa, stride_et, stride_es,
                     "factorized", False, BLOCK_T, BLOCK_S, BLOCK_A, INTERPRET)
             else:
@@ -278,18 +303,18 @@ def _attention_backward_kernel(
                     query_base, grad_scores_base, grad_query + query_offsets, key_chunk, key_exp, output_scale,
                     offs_s64, s_valid, offs_a64, a_valid, t_begin, t_end, S, T, A,
                     stride_qt, stride_qa, stride_et, stride_es,
-                    "factorized", True, BLOCK_T, BLOCK_S, BLOCK_A, INTERPRET)
-        else:  # saturated inputs: the exp form, which is rare enough to always mask
+                    "factorized", not KEYS_FIT, BLOCK_T, BLOCK_S, BLOCK_A, INTERPRET)
+        else:  # saturated inputs: the exp form, which is rare enough to take one loop for every tile
             grad_keys_acc, grad_v_acc, grad_scores_acc = _walk_query_rows(
                 query_base, grad_scores_base, grad_query + query_offsets, key_chunk, key_exp, output_scale,
                 offs_s64, s_valid, offs_a64, a_valid, t_begin, t_end, S, T, A,
                 stride_qt, stride_qa, stride_et, stride_es,
-                "exp", True, BLOCK_T, BLOCK_S, BLOCK_A, INTERPRET)
+                "exp", not KEYS_FIT, BLOCK_T, BLOCK_S, BLOCK_A, INTERPRET)
     else:
         if full_tile:
             grad_keys_acc, grad_v_acc, grad_scores_acc = _walk_query_rows(
                 query_base, grad_scores_base, grad_query + query_offsets, key_chunk, key_exp, output_scale,
-                offs_s64, s_valid, offs_a64, a_valid, t_begin, t_end, S, T, A,
+                tile_offsets, s_valid, offs_a64, a_valid, t_begin, t_end, S, T, A,
                 stride_qt, stride_qa, stride_et, stride_es,
                 TANH_FORM, False, BLOCK_T, BLOCK_S, BLOCK_A, INTERPRET)
         else:
@@ -297,7 +322,7 @@ def _attention_backward_kernel(
                 query_base, grad_scores_base, grad_query + query_offsets, key_chunk, key_exp, output_scale,
                 offs_s64, s_valid, offs_a64, a_valid, t_begin, t_end, S, T, A,
                 stride_qt, stride_qa, stride_et, stride_es,
-                TANH_FORM, True, BLOCK_T, BLOCK_S, BLOCK_A, INTERPRET)
+                TANH_FORM, not KEYS_FIT, BLOCK_T, BLOCK_S, BLOCK_A, INTERPRET)
 
     # grad_row_keys[b, j, a]: every element of the tile is written (zeros for a tile no query row reaches). With
     # split rows, the splits add into a zeroed buffer, or into their own zeroed partial (deterministic mode).
@@ -309,7 +334,7 @@ def _attention_backward_kernel(
     else:
         tl.store(grad_keys_pointers, grad_keys, mask=key_mask)
 
-    # grad_v partial of this program: sum over its keys (not those past S, which read a copy of key S - 1's dE),
+    # grad_v partial of this program: sum over its keys (not those it does not own, which read another's dE),
     # then the constant part TANH_OFFSET * sum(dE).
     grad_v_acc = tl.where(s_valid[:, None], grad_v_acc, 0.0)
     grad_scores_total = tl.sum(tl.sum(tl.where(s_valid[:, None], grad_scores_acc, 0.0), axis=1), axis=0)
@@ -393,7 +418,7 @@ def plan_backward(query_proj, key_proj, v, grad_scores, *, index=None, extra_key
             stride_gk_split=query_rows * src_len * attn_dim if deterministic and split_rows else 0,
             T=tgt_len, S=src_len, A=attn_dim, rows_per_split=rows_per_split, num_splits=num_splits,
             HAS_EXTRA=extra_key_term is not None, HAS_INDEX=index is not None, HAS_LENGTHS=key_lengths is not None,
-            CAUSAL=causal, SPLIT_ROWS=split_rows,
+            CAUSAL=causal, SPLIT_ROWS=split_rows, KEYS_FIT=src_len >= config.block_s,
             BLOCK_T=config.block_t, BLOCK_S=config.block_s, BLOCK_A=config.block_a,
             TANH_FORM=config.tanh_form, INTERPRET=interpret,
         ),

@@ -88,12 +88,13 @@ def check(case, grad_scores, *, tolerance=None, **options):
 # ----------------------------------------------------------------------------------------------------------------
 # shapes, dtypes, layouts
 
-# (B, T, S, A): T = 1 and S = 1, S on and just past the 32-key tile, A not a power of two and past the 128-unit
-# chunk (two chunks).
+# (B, T, S, A): T = 1 and S = 1, S on and just past the 32-key tile (the last tile shifted back), S shorter than
+# the tile (masked dE loads), A not a power of two and past the 128-unit chunk (two chunks).
 SHAPES = [
     (2, 1, 1, 3),
     (2, 1, 37, 13),
     (1, 5, 1, 4),
+    (2, 3, 20, 6),
     (2, 6, 32, 8),
     (2, 7, 33, 9),
     (1, 4, 65, 130),
@@ -198,16 +199,30 @@ def test_large_projections_with_small_sums_take_the_exact_form(triton_device):
     check(case, random_grad_scores(1, 3, 8, seed=22, device=triton_device), config=config)
 
 
-def test_keys_past_the_last_tile_add_nothing_at_the_edge_of_the_factorized_range(triton_device):
-    """The last key tile's keys past S are set to +inf, so that 1 - t^2 = 0 there in every form. q ~ -18 and
-    k ~ +18 (q + k ~ 0, still in the factorized range): a padded key that got any finite e^{2k} instead (up to
-    e^{40}) would give r = 1 / (1 + e^{-36} e^{40}), far from 0, and its (duplicated) dE would leak into
-    grad_query_proj."""
-    case = random_case(1, 3, 6, 4, 2, scale=0.5, device=triton_device, seed=51)
+@pytest.mark.parametrize("src_len", [6, 3])
+def test_keys_past_the_last_tile_add_nothing_at_the_edge_of_the_factorized_range(src_len, triton_device):
+    """The keys a key tile reads but does not own are set to +inf, so that 1 - t^2 = 0 there in every form: with
+    S = 6 and tiles of 4 the last tile reads keys 2..5 and owns 4, 5 (keys 2, 3 belong to the first tile); with
+    S = 3 the only tile masks key 3, past S. q ~ -18 and k ~ +18 (q + k ~ 0, still in the factorized range): a
+    key not owned that got any finite e^{2k} instead (up to e^{40}) would give r = 1 / (1 + e^{-36} e^{40}), far
+    from 0, and its dE would leak into grad_query_proj and grad_v."""
+    case = random_case(1, 3, src_len, 4, 2, scale=0.5, device=triton_device, seed=51)
     case.query_proj.data -= 18.0
     case.key_proj.data += 18.0
     config = BackwardConfig(block_t=1, block_s=4, block_a=4, num_warps=1, num_stages=1, tanh_form="factorized")
-    check(case, random_grad_scores(1, 3, 6, seed=52, device=triton_device), config=config)
+    check(case, random_grad_scores(1, 3, src_len, seed=52, device=triton_device), config=config)
+
+
+@pytest.mark.parametrize(("src_len", "keys_fit"), [(32, True), (50, True), (33, True), (20, False)])
+def test_last_key_tile_is_shifted_back_unless_the_source_is_shorter_than_a_tile(src_len, keys_fit):
+    """KEYS_FIT (S >= BLOCK_S): the last key tile ends at key S and loads dE without a key mask; only a source
+    shorter than one tile takes the masked loads (kernels/backward.py, module docstring)."""
+    meta = torch.empty(2, 3, 256, device="meta")
+    keys = torch.empty(2, src_len, 256, device="meta")
+    plan = backward.plan_backward(meta, keys, torch.empty(256, device="meta"),
+                                  backward.grad_scores_buffer(2, 3, src_len, "meta"))
+    assert plan.config.block_s == 32
+    assert plan.launches[0].arguments["KEYS_FIT"] is keys_fit
 
 
 def test_default_tanh_forms_per_dtype():
@@ -234,16 +249,18 @@ def test_causal_matches_float64(dtype, triton_device):
     check(case, grad_scores, causal=True, config=SMALL_CONFIGS[0] if dtype == torch.float32 else None)
 
 
-def test_causal_skips_exactly_the_query_steps_before_each_key_tile(triton_device):
+@pytest.mark.parametrize(("tgt_len", "src_len"), [(7, 12), (9, 11)])
+def test_causal_skips_exactly_the_query_steps_before_each_key_tile(tgt_len, src_len, triton_device):
     """With causal=True the kernel must not visit (query step, key tile) pairs that lie before the tile: fed a dE
     that is NOT zero above the diagonal, it must give the gradients of dE with exactly those pairs removed (and
     not the gradients of the full dE). Key tiles of 4, query steps of 2 rows: row i sees tile k iff
-    i >= floor(4k / 2) * 2."""
+    i >= floor(4k / 2) * 2. With S = 11 the last tile reads keys 7..10 and owns 8..10: its start for causal is
+    its first owned key, and key 7 (owned by the tile before) must add nothing at the rows it visits."""
     config = BackwardConfig(block_t=2, block_s=4, block_a=4, num_warps=1, num_stages=1, tanh_form="factorized")
-    case = random_case(1, 7, 12, 6, 2, device=triton_device, seed=25)
-    grad_scores = random_grad_scores(1, 7, 12, seed=26, device=triton_device)
-    rows = torch.arange(7, device=triton_device)[:, None]
-    tile_start = (torch.arange(12, device=triton_device) // 4 * 4)[None, :]
+    case = random_case(1, tgt_len, src_len, 6, 2, device=triton_device, seed=25)
+    grad_scores = random_grad_scores(1, tgt_len, src_len, seed=26, device=triton_device)
+    rows = torch.arange(tgt_len, device=triton_device)[:, None]
+    tile_start = (torch.arange(src_len, device=triton_device) // 4 * 4)[None, :]
     visited = rows >= tile_start // 2 * 2
     assert not visited.all() and visited.any()
     grads = run_backward(case, grad_scores, causal=True, config=config)
