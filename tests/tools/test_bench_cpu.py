@@ -124,6 +124,19 @@ def test_prepared_step_prepares_the_memory_once_outside_the_call():
     assert modes == ["forward", "forward_backward", "prepared_step"]
 
 
+def test_the_prepared_memory_holds_the_triton_v_pre_pass():
+    """`memory_options` keeps what `AdditiveAttention.precompute` keeps: for the Triton backend also the score
+    weights of its v pre-pass (run under the interpreter here), which its prepared steps then skip; None for the
+    backends without that launch."""
+    pytest.importorskip("triton")
+    inputs = cases.PreparedCase(CaseSpec("tiny", "fp32", "prepared_step", "torch"), CPU).inputs
+    assert cases.memory_options("torch", inputs)["score_weights"] is None
+    weights = cases.memory_options("triton", inputs)["score_weights"]
+    attn_dim = inputs.v.shape[0]
+    assert weights is not None and weights.shape == (-(-attn_dim // 64) * 64 + 2,)
+    torch.testing.assert_close(weights[:attn_dim], -0.5 / inputs.v)  # c = -1 / (2 v), the reciprocal forms' weights
+
+
 @pytest.mark.slow
 @needs_numba
 def test_every_cpu_row_reports_elements_per_second_and_limit_fraction(tmp_path):

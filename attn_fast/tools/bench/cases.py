@@ -47,6 +47,7 @@ from attn_fast.functional import (
     additive_attention_reference,
     check_memory,
     prepare_key_exp,
+    prepare_score_weights,
 )
 from attn_fast.tolerances import forward_tolerance, gradient_tolerance, relative_error
 from attn_fast.tools.bench.shapes import DTYPES, ProblemShape, get_shape, make_inputs
@@ -150,7 +151,7 @@ def build_attention(backend: str, device: torch.device, mode: str = "forward"):
     **memory_options) -> (context, weights). For "compile", a fresh `torch.compile` of the reference (dynamo's
     caches are reset first, so that an earlier case's graphs, guards or automatic-dynamic decisions do not leak
     into this one). For `prepared_step`, the library's step against a checked memory (`additive_attention_on_memory`),
-    which takes the memory's `tanh_form` and `key_exp` (`memory_options`)."""
+    which takes the memory's `tanh_form`, `key_exp` and `score_weights` (`memory_options`)."""
     if backend == "compile":
         torch._dynamo.reset()
         return torch.compile(additive_attention_reference)
@@ -168,12 +169,14 @@ def build_attention(backend: str, device: torch.device, mode: str = "forward"):
 
 def memory_options(backend: str, inputs) -> dict:
     """What `AdditiveAttention.precompute` keeps for the steps of `backend`, from the inputs' memory (an
-    `AttentionCase`): the tanh form `check_memory` chooses (it validates the memory, values included, once) and the
-    prepared keys e^{2 key_proj} `prepare_key_exp` returns for that backend (None where it has no use for them)."""
+    `AttentionCase`): the tanh form `check_memory` chooses (it validates the memory, values included, once), the
+    prepared keys e^{2 key_proj} `prepare_key_exp` returns for that backend and the Triton backend's v pre-pass
+    `prepare_score_weights` (each None where the backend has no use for it)."""
     tanh_form = check_memory(inputs.key_proj, inputs.value, inputs.v, key_lengths=inputs.key_lengths)
     with torch.no_grad():
         key_exp = prepare_key_exp(inputs.key_proj, tanh_form, backend)
-    return {"tanh_form": tanh_form, "key_exp": key_exp}
+    score_weights = prepare_score_weights(inputs.v, inputs.v.dtype, backend)
+    return {"tanh_form": tanh_form, "key_exp": key_exp, "score_weights": score_weights}
 
 
 class PreparedCase:
