@@ -37,7 +37,9 @@ fastest dim) and the keys in each thread's registers, so that
   next power of two of S (at least 4), 32 at most.
 - Query-row splits: while B_q x key tiles x A-chunks gives fewer than two programs per SM, the query rows are split
   across programs too (at least MIN_ROWS_PER_SPLIT rows each): with one program per SM, nothing hides the latency
-  of a step's loads.
+  of a step's loads. How many: at least two programs per SM, and then the count the whole-GPU model of
+  kernels/occupancy.py finishes first, charging each program SPLIT_OVERHEAD_STEPS query steps for its work outside
+  the loop (long, H100: 5 splits, 1,040 CTAs, instead of 2 and 416 CTAs in 4 waves of which the last is 15% full).
 - fp32 uses the factorized tanh (1 MUFU.RCP per element, fp32-accurate; e^{2q} once per query row and e^{2k} once
   per program), falling back to the exp form (2 MUFU ops) for a program whose |q| or |k| exceeds the factorized
   limit, and taking the exp form outright below FACTORIZED_MIN_ROWS query rows. fp16/bf16 use tanh.approx.f32.
@@ -307,6 +309,10 @@ class BackwardConfig:
 #: Fewest query rows a split of the query rows keeps: a program pays its key chunk, e^{2k} and the grad_row_keys
 #: atomics once per split, which 16 query steps amortize well.
 MIN_ROWS_PER_SPLIT = 16
+#: What a program does outside its query loop (key chunk, e^{2k}, the loop set-up, the grad_row_keys and grad_v
+#: writes), in query steps: ~700 instructions per thread against ~245 per step of the sm_90 fp32 loop, plus the
+#: latency of its first loads. The price of one more split in `_split_steps`.
+SPLIT_OVERHEAD_STEPS = 3
 
 #: Fewest query rows for which fp32 takes the factorized form: a program pays one accurate e^{2k} (an EX2 and ~6
 #: FMA-pipe instructions) per key it owns and saves one EX2 per element, i.e. per key and query row.
@@ -322,6 +328,18 @@ def default_backward_tanh_form(dtype: torch.dtype, tgt_len: int) -> str:
     return "approx"
 
 
+def _split_steps(*, splits: int, query_rows: int, tgt_len: int, src_len: int, attn_dim: int, block_s: int,
+                 block_a: int, sm_count: int) -> float:
+    """Modelled time of the backward with `splits` query-row splits, in query steps of one program at its full share
+    of an SM: the waves of the grid (kernels/occupancy.py) x (rows per split + SPLIT_OVERHEAD_STEPS)."""
+    ctas, work, _ = occupancy.backward_grid(query_rows=query_rows, tgt_len=tgt_len, src_len=src_len,
+                                            attn_dim=attn_dim, block_t=1, block_s=block_s, block_a=block_a,
+                                            num_splits=splits)
+    model = occupancy.grid_model(ctas, work, query_rows * tgt_len * src_len * attn_dim, max(1, block_a // 32),
+                                 sm_count=sm_count)
+    return model.waves * (work // (block_s * block_a) + SPLIT_OVERHEAD_STEPS)
+
+
 def backward_config(*, query_rows: int, tgt_len: int, src_len: int, attn_dim: int, dtype: torch.dtype,
                     sm_count: int = DEFAULT_SM_COUNT, tanh_form: str | None = None,
                     num_splits: int | None = None) -> BackwardConfig:
@@ -330,7 +348,8 @@ def backward_config(*, query_rows: int, tgt_len: int, src_len: int, attn_dim: in
     The query rows are walked in a loop, so their number changes the work per program, not the tile. When the
     (row, key tile, A-chunk) programs cannot give every SM two of them, the query rows are split across programs
     as well (at least MIN_ROWS_PER_SPLIT rows each): with one 4-warp program per SM, nothing hides the latency of
-    each step's loads."""
+    each step's loads. From the count that gives two per SM up to that cap, the split count is the one the whole-GPU
+    model finishes first (`_split_steps`; the fewest on a tie)."""
     if tanh_form is not None and tanh_form not in BACKWARD_TANH_FORMS:
         raise ValueError(f"tanh_form must be one of {BACKWARD_TANH_FORMS}, got {tanh_form!r}")
     block_a = min(128, max(2, next_power_of_2(attn_dim)))
@@ -339,7 +358,11 @@ def backward_config(*, query_rows: int, tgt_len: int, src_len: int, attn_dim: in
         programs = query_rows * -(-src_len // block_s) * -(-attn_dim // block_a)
         num_splits = 1
         if 0 < programs < 2 * sm_count:
-            num_splits = max(1, min(-(-2 * sm_count // programs), tgt_len // MIN_ROWS_PER_SPLIT))
+            most = max(1, tgt_len // MIN_ROWS_PER_SPLIT)
+            fewest = min(-(-2 * sm_count // programs), most)
+            sizes = dict(query_rows=query_rows, tgt_len=tgt_len, src_len=src_len, attn_dim=attn_dim,
+                         block_s=block_s, block_a=block_a, sm_count=sm_count)
+            num_splits = min(range(fewest, most + 1), key=lambda splits: _split_steps(splits=splits, **sizes))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     return BackwardConfig(

@@ -365,15 +365,25 @@ def test_each_split_writes_only_its_own_rows_keys_partial(triton_device):
 
 
 def test_heuristic_splits_query_rows_only_for_small_grids():
-    def splits(query_rows, tgt_len, src_len=50, attn_dim=256):
+    """Small grids (fewer than two programs per SM) split their query rows: at least into two programs per SM, and
+    then into the count the whole-GPU model finishes first (kernels/configs.py `_split_steps`: waves x (rows per
+    split + SPLIT_OVERHEAD_STEPS)); at most into splits of MIN_ROWS_PER_SPLIT rows."""
+    def splits(query_rows, tgt_len, src_len=50, attn_dim=256, sm_count=132):
         return configs.backward_config(query_rows=query_rows, tgt_len=tgt_len, src_len=src_len,
-                                                attn_dim=attn_dim, dtype=torch.float32).num_splits
+                                       attn_dim=attn_dim, dtype=torch.float32, sm_count=sm_count).num_splits
 
-    assert splits(32, 50) == 3  # 128 programs for 132 SMs: 3 splits of 17 rows
+    assert splits(32, 50) == 3  # 128 programs for 132 SMs: 3 splits of 17 rows (the most 16-row splits)
     assert splits(32, 20) == 1  # too few rows to split
     assert splits(256, 50) == 1  # 1,024 programs already
-    assert splits(1, 400, src_len=400) == 11  # 26 programs x 11 splits = 286 >= 2 per SM
-    assert splits(1, 40, src_len=400) == 2  # the same, but no split below 16 rows
+    # long: 208 programs; 2 splits (the two-per-SM count) give 416 CTAs, 4 waves on 132 SMs of which the last is 15%
+    # full (4 x 203 steps); 5 give 1,040 CTAs in 8 nearly full waves (8 x 83 steps). On an A100's 108 SMs 2 splits
+    # already fill 4 waves.
+    assert splits(8, 400, src_len=400) == 5
+    assert splits(8, 400, src_len=400, sm_count=108) == 2
+    # 26 programs: 11 splits (286 CTAs, 3 waves of 37 rows) was the two-per-SM count; 15 splits (390 CTAs, still
+    # 3 waves) have 27 rows each.
+    assert splits(1, 400, src_len=400) == 15
+    assert splits(1, 40, src_len=400) == 2  # no split below 16 rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
