@@ -57,7 +57,9 @@ def test_forward_grid_is_the_planners_grid(sizes, dtype, need_weights):
                                        meta(dtype, batch, src_len, value_dim), meta(dtype, attn_dim),
                                        need_weights=need_weights))
     config = plan.config
-    score = next(launch for launch in plan.launches if launch.kernel.__name__ == "_attention_forward_kernel")
+    # The plain score kernel, or (fp32 caption: prepared keys) the prepared one: the same grid arithmetic.
+    score = next(launch for launch in plan.launches
+                 if launch.kernel.__name__ in ("_attention_forward_kernel", "_attention_forward_prepared_kernel"))
     ctas, work, splits = occupancy.forward_grid(query_rows=batch, tgt_len=tgt_len, src_len=src_len,
                                                 attn_dim=attn_dim, block_t=config.block_t, block_s=config.block_s,
                                                 block_a=config.block_a, num_splits=config.num_splits)
