@@ -14,7 +14,8 @@ Kernels (see DESIGN.md, "Forward kernel"):
 - `_attention_forward_prepared_kernel`: the same program (`_attention_forward_program`) with a decoding memory's
   prepared keys (HAS_KEY_EXP): the factorized tanh loads e^{2k} from key_exp and c e^{2q} from a per-program scratch
   row written in its prologue, so fp32 decode takes 1 MUFU op per element instead of the exp form's 2.
-- `_combine_splits_kernel`: merges the partial (m, l, acc) of the key splits (flash-decoding).
+- `_combine_splits_kernel`: merges the partial (m, l, acc) of the key splits of a fused context (flash-decoding);
+  in scores mode the second pass merges the splits' (m, l) itself, so a call is at most three launches.
 - `_context_from_scores_kernel`: scores mode's second pass, without tanh: P = exp(E - max) / sum (the row's
   softmax statistics, exact at any score magnitude), context = P @ value tiled over D, and the weights P when asked
   for.
@@ -479,12 +480,11 @@ def _combine_splits_kernel(
     row_max, row_sum, partial_context,  # [splits, rows], [splits, rows], [splits, rows, D] fp32
     context, lse,  # [rows, D] in the input dtype, [rows] fp32
     rows, D, NUM_SPLITS,
-    FUSE_CONTEXT: tl.constexpr, WRITE_STATS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per (query row, step): lse = log sum_s l_s e^{m_s}, context = sum_s e^{m_s} acc_s / that.
-
-    WRITE_STATS (scores mode): the merged max and sum overwrite split 0's row_max / row_sum, in place (each program
-    reads every split of its own row before it writes), for `_context_from_scores_kernel` to normalize by."""
+    """Fused context with key splits, one program per (query row, step): lse = log sum_s l_s e^{m_s},
+    context = sum_s e^{m_s} acc_s / sum_s l_s e^{m_s}. (Scores mode needs no such pass: `_context_from_scores_kernel`
+    merges the splits' statistics itself.)"""
     row = tl.program_id(0).to(tl.int64)
     offs_split = tl.arange(0, BLOCK_SPLITS)
     split_valid = offs_split < NUM_SPLITS
@@ -497,31 +497,31 @@ def _combine_splits_kernel(
     total_sum = tl.sum(split_sum * split_weight, axis=0)
     has_keys = total_sum > 0.0
     tl.store(lse + row, tl.where(has_keys, base + tl.log(tl.where(has_keys, total_sum, 1.0)), float("inf")))
-    if WRITE_STATS:
-        tl.store(row_max + row, base)
-        tl.store(row_sum + row, total_sum)
-    if FUSE_CONTEXT:
-        offs_d = tl.arange(0, BLOCK_D)
-        d_valid = offs_d < D
-        partial = tl.load(partial_context + part_rows[:, None] * D + offs_d[None, :],
-                          mask=split_valid[:, None] & d_valid[None, :], other=0.0)
-        combined = tl.sum(partial * split_weight[:, None], axis=0) / tl.where(has_keys, total_sum, 1.0)
-        tl.store(context + row * D + offs_d, combined.to(context.dtype.element_ty), mask=d_valid)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    partial = tl.load(partial_context + part_rows[:, None] * D + offs_d[None, :],
+                      mask=split_valid[:, None] & d_valid[None, :], other=0.0)
+    combined = tl.sum(partial * split_weight[:, None], axis=0) / tl.where(has_keys, total_sum, 1.0)
+    tl.store(context + row * D + offs_d, combined.to(context.dtype.element_ty), mask=d_valid)
 
 
 @triton.jit
 def _context_from_scores_kernel(
-    # scores [B_q, T, S] fp32 (-inf where hidden); row_max, row_sum [B_q, T] fp32: the softmax statistics
+    # scores [B_q, T, S] fp32 (-inf where hidden); row_max, row_sum [splits, B_q, T] fp32: the softmax statistics
+    # of each key split (one split without SPLIT)
     scores, row_max, row_sum, value, key_lengths, index,
-    context, weights,  # [B_q, T, D], [B_q, T, S] in the input dtype
+    context, weights, lse,  # [B_q, T, D], [B_q, T, S] in the input dtype; lse [B_q, T] fp32, written with SPLIT
     stride_vb, stride_vs, stride_vd, stride_lengths, stride_index,
-    T, S, D,
+    query_rows, T, S, D, NUM_SPLITS,
     HAS_LENGTHS: tl.constexpr, HAS_INDEX: tl.constexpr, CAUSAL: tl.constexpr, WRITE_WEIGHTS: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Program = (query row b, tile of query rows, tile of D): weights = exp(scores - max) / sum (normalized by the
     row sum itself: exp(scores - lse) with an fp32 lse is off by lse's rounding, 3e-5 relative at |score| ~ 300),
-    context = weights @ value.
+    context = weights @ value. SPLIT: the row's max and sum are merged here from the NUM_SPLITS key splits' partial
+    statistics (what `_combine_splits_kernel` does for the fused context), and the first D-tile writes lse, so a
+    scores-mode call with key splits needs no combine launch.
 
     The score kernel stored every position of the key tiles it visited; keys beyond the key length or (causal)
     after the query are hidden elementwise here, so the two kernels may tile T differently."""
@@ -541,12 +541,26 @@ def _context_from_scores_kernel(
     rows = batch64 * T + offs_t
     offs_d = d_tile * BLOCK_D + tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
-    # A row without visible key has sum 0 (and max -inf, or 0 from the combine kernel): P = 0 there.
-    row_base = tl.load(row_max + rows, mask=t_valid, other=0.0)
-    row_base = tl.where(row_base == float("-inf"), 0.0, row_base)
-    row_total = tl.load(row_sum + rows, mask=t_valid, other=0.0)
+    first_d_tile = d_tile == 0  # the one D-tile that writes the weights (and, with splits, lse)
+    # A row without visible key has sum 0 (and max -inf): P = 0 there.
+    if SPLIT:
+        offs_split = tl.arange(0, BLOCK_SPLITS)
+        part_rows = offs_split.to(tl.int64)[:, None] * query_rows * T + rows[None, :]  # [splits, BT]
+        part_valid = (offs_split < NUM_SPLITS)[:, None] & t_valid[None, :]
+        split_max = tl.load(row_max + part_rows, mask=part_valid, other=float("-inf"))  # [splits, BT]
+        split_sum = tl.load(row_sum + part_rows, mask=part_valid, other=0.0)
+        total_max = tl.max(split_max, axis=0)
+        row_base = tl.where(total_max == float("-inf"), 0.0, total_max)
+        row_total = tl.sum(split_sum * tl.exp(split_max - row_base[None, :]), axis=0)  # 0 for empty splits' terms
+        if first_d_tile:
+            has_keys = row_total > 0.0
+            row_lse = row_base + tl.log(tl.where(has_keys, row_total, 1.0))
+            tl.store(lse + rows, tl.where(has_keys, row_lse, float("inf")), mask=t_valid)
+    else:
+        row_base = tl.load(row_max + rows, mask=t_valid, other=0.0)
+        row_base = tl.where(row_base == float("-inf"), 0.0, row_base)
+        row_total = tl.load(row_sum + rows, mask=t_valid, other=0.0)
     row_scale = tl.where(row_total > 0.0, 1.0 / tl.where(row_total > 0.0, row_total, 1.0), 0.0)
-    first_d_tile = d_tile == 0  # the one D-tile that writes the weights
 
     key_end = S
     if HAS_LENGTHS:
@@ -819,14 +833,13 @@ def plan_forward(
         ),
         num_warps=config.num_warps,
     ))
-    if split:
+    if split and config.fuse_context:
         plan.launches.append(launch.KernelLaunch(
             kernel=_combine_splits_kernel,
             grid=(rows,),
             arguments=dict(
-                row_max=row_max, row_sum=row_sum, partial_context=pointer(partial_context, row_max),
+                row_max=row_max, row_sum=row_sum, partial_context=partial_context,
                 context=context, lse=lse, rows=rows, D=value_dim, NUM_SPLITS=splits,
-                FUSE_CONTEXT=config.fuse_context, WRITE_STATS=not config.fuse_context,
                 BLOCK_SPLITS=next_power_of_2(splits), BLOCK_D=config.block_d,
             ),
             num_warps=4 if config.block_d >= 256 else 1,
@@ -839,13 +852,13 @@ def plan_forward(
             arguments=dict(
                 scores=scores, row_max=row_max, row_sum=row_sum, value=value,
                 key_lengths=pointer(key_lengths, lse), index=pointer(index, lse),
-                context=context, weights=pointer(weights, context),
+                context=context, weights=pointer(weights, context), lse=lse,
                 stride_vb=value.stride(0), stride_vs=value.stride(1), stride_vd=value.stride(2),
                 stride_lengths=0 if key_lengths is None else key_lengths.stride(0),
                 stride_index=0 if index is None else index.stride(0),
-                T=tgt_len, S=src_len, D=value_dim,
+                query_rows=query_rows, T=tgt_len, S=src_len, D=value_dim, NUM_SPLITS=splits,
                 HAS_LENGTHS=key_lengths is not None, HAS_INDEX=index is not None, CAUSAL=causal,
-                WRITE_WEIGHTS=need_weights,
+                WRITE_WEIGHTS=need_weights, SPLIT=split, BLOCK_SPLITS=next_power_of_2(splits),
                 BLOCK_T=second.block_t, BLOCK_S=second.block_s, BLOCK_D=second.block_d, INTERPRET=interpret,
             ),
             num_warps=second.num_warps,

@@ -216,3 +216,27 @@ def test_gradients_through_a_triton_step_with_prepared_keys(triton_device):
                       for parameter in (layer.query_layer.weight, layer.key_layer.weight, layer.v)])
     for prepared, plain in zip(*grads):
         assert relative_error(prepared, plain) <= gradient_tolerance(torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("sizes", [(32, 200, 128, 512), (32, 196, 512, 2048), (1, 8192, 256, 128),
+                                   (32, 200, 128, 128), (8, 50, 256, 64)])
+def test_a_decode_step_on_a_prepared_memory_is_one_or_two_launches(sizes, dtype, need_weights):
+    """Issue 12 item 5, planned on meta tensors for an H100 at decode sizes (B, S, A, D): with the memory's score
+    weights (and, fp32, its e^{2k}) a step is the score kernel plus at most one more launch — the combine pass of
+    split fused contexts, or scores mode's context pass, which merges the splits' statistics itself."""
+    batch, src_len, attn_dim, value_dim = sizes
+
+    def meta(*shape, kind=dtype):
+        return torch.empty(*shape, device="meta", dtype=kind)
+
+    prepared = {"score_weights": meta(-(-attn_dim // 64) * 64 + 2, kind=torch.float32)}
+    if dtype == torch.float32:
+        prepared["key_exp"] = meta(batch, src_len, attn_dim)
+    call = attention_call(meta(batch, 1, attn_dim), meta(batch, src_len, attn_dim), meta(batch, src_len, value_dim),
+                          meta(attn_dim), need_weights=need_weights, **prepared)
+    plan = forward.plan_forward(call)
+    names = [item.kernel.__name__ for item in plan.launches]
+    assert 1 <= len(names) <= 2, names
+    assert names[0] in ("_attention_forward_kernel", "_attention_forward_prepared_kernel"), names
