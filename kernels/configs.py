@@ -14,6 +14,10 @@ Forward (`forward_config`):
   plus the bytes the split partials and scores mode move. So a small batch takes smaller query tiles and key
   splits (any number of key tiles per split, at most MAX_COMBINE_SPLITS splits) until the grid fills whole waves,
   and T is covered by the tile size that pads it least.
+- fp32 all-steps calls of at least PREPARE_KEYS_MIN_TANH tanh without an extra key term also weigh prepared keys
+  (PREPARED_TILES): a pre-pass writes e^{2k} once per key (in the launch that does the v pre-pass anyway), the
+  score loop loads both factors, 1 MUFU op per tanh at any tile; the model adds the pre-pass's bytes. Caption
+  (T = 20) takes it with 8-row tiles; nmt_train and long keep computing the exponentials per tile.
 - Single-step decoding (T small) cannot share a key across query rows, so the tile is long in S instead:
   [16, 1, 128] (scores only) or [16, 1, 64] (fused: the [BLOCK_S, BLOCK_D] value tile sits in registers too, so
   D <= 128 there). fp32 decoding uses the exp tanh (the factorized one saves nothing with one row when it must
