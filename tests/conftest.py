@@ -45,6 +45,17 @@ def _deterministic_seed():
     yield
 
 
+@pytest.fixture(scope="session")
+def cli_processes(tmp_path_factory):
+    """Runs `python -m attn_fast.tools.cli ARGS` commands, each in a process of its own forked from one server that
+    imported the CLI once (tests/cli_process.py): `cli_processes.run(*args, cwd=..., **environment)`."""
+    from tests.cli_process import CliProcesses
+
+    processes = CliProcesses(tmp_path_factory.mktemp("cli-server"))
+    yield processes
+    processes.close()
+
+
 @pytest.fixture
 def poison(monkeypatch):
     """`poison(module)`: every buffer `module.empty_buffer` hands out from now on starts as NaN, so an element the

@@ -2,12 +2,13 @@
 by one while the rest is translated, output fields escaped, heatmaps into a missing directory, refused figure
 paths before any decoding, TSV files with a byte-order mark, invalid UTF-8, no pairs or over-long sources.
 
-The commands run through the real entry point (`python -m attn_fast.tools.cli`) in a subprocess, on a checkpoint
-of a tiny 8-step run trained once for the module."""
+The commands run through the real entry point (`python -m attn_fast.tools.cli`), each in a process of its own
+forked from a server that imported the CLI once (tests/cli_process.py, the `cli_processes` fixture; checked against
+a plain subprocess in tests/tools/test_cli_errors.py), on a checkpoint of a tiny 8-step run trained once for the
+module."""
 import os
 import pathlib
 import subprocess
-import sys
 
 import pytest
 
@@ -31,15 +32,15 @@ def checkpoint(tmp_path_factory):
     return out_dir / "last.pt"
 
 
-def run_cli(*args) -> subprocess.CompletedProcess:
-    """`python -m attn_fast.tools.cli ARGS` (str or bytes arguments) from the repository root; stdout and stderr
-    decoded as UTF-8."""
-    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPOSITORY), PYTHONIOENCODING="utf-8")
-    environment.pop("ATTN_FAST_DEBUG", None)
-    command = [sys.executable, "-m", "attn_fast.tools.cli", *args]
-    completed = subprocess.run(command, capture_output=True, cwd=REPOSITORY, env=environment, timeout=300)
-    return subprocess.CompletedProcess(completed.args, completed.returncode, completed.stdout.decode("utf-8"),
-                                       completed.stderr.decode("utf-8", "backslashreplace"))
+@pytest.fixture
+def run_cli(cli_processes):
+    """`run_cli(*args)`: `python -m attn_fast.tools.cli ARGS` (str or bytes arguments) from the repository root, in
+    a process of its own (UTF-8 stdio, one thread, no ATTN_FAST_DEBUG); stdout and stderr decoded as UTF-8."""
+    def run(*args) -> subprocess.CompletedProcess:
+        completed = cli_processes.run(*args, cwd=REPOSITORY)
+        return subprocess.CompletedProcess(completed.args, completed.returncode, completed.stdout.decode("utf-8"),
+                                           completed.stderr.decode("utf-8", "backslashreplace"))
+    return run
 
 
 def error_lines(completed: subprocess.CompletedProcess, command: str) -> list[str]:
@@ -70,7 +71,7 @@ def test_read_tsv_takes_a_byte_order_mark_and_names_bad_lines(tmp_path):
 
 
 @pytest.mark.slow
-def test_translate_reports_bad_sources_and_translates_the_rest(checkpoint):
+def test_translate_reports_bad_sources_and_translates_the_rest(checkpoint, run_cli):
     good = ["25 июня 2009 г.", "tab\there, new\nline, back\\slash"]
     too_long = "1" * 31
     completed = run_cli("translate", "--checkpoint", str(checkpoint), "--max-source-length", "30",
@@ -90,7 +91,7 @@ def test_translate_reports_bad_sources_and_translates_the_rest(checkpoint):
 
 
 @pytest.mark.slow
-def test_heatmaps_go_into_a_missing_directory_and_bad_sources_get_none(checkpoint, tmp_path):
+def test_heatmaps_go_into_a_missing_directory_and_bad_sources_get_none(checkpoint, tmp_path, run_cli):
     out_dir = tmp_path / "figures"
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("already here", encoding="utf-8")
@@ -112,7 +113,7 @@ def test_heatmaps_go_into_a_missing_directory_and_bad_sources_get_none(checkpoin
 
 
 @pytest.mark.slow
-def test_a_bad_heatmap_path_is_refused_before_decoding(checkpoint, tmp_path):
+def test_a_bad_heatmap_path_is_refused_before_decoding(checkpoint, tmp_path, run_cli):
     (tmp_path / "a-file").write_text("not a directory", encoding="utf-8")
     for heatmap, expected in [(tmp_path / "align.jpeg", "must end in .png, .svg, .pdf"),
                               (tmp_path / "a-file" / "align.png", "cannot make its directory")]:
@@ -125,7 +126,7 @@ def test_a_bad_heatmap_path_is_refused_before_decoding(checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_reads_a_byte_order_mark_and_refuses_empty_and_overlong_files(checkpoint, tmp_path):
+def test_evaluate_reads_a_byte_order_mark_and_refuses_empty_and_overlong_files(checkpoint, tmp_path, run_cli):
     with_mark = tmp_path / "with-mark.tsv"
     with_mark.write_bytes("\ufeff12.03.2001\t2001-03-12\n2001-03-12\t2001-03-12\n".encode())
     completed = run_cli("evaluate", "--checkpoint", str(checkpoint), "--data-tsv", str(with_mark))

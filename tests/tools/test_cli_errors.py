@@ -1,10 +1,13 @@
 """User errors through the real entry point (`python -m attn_fast.tools.cli`, the console script's main, in a
-subprocess): each ends with exit status 2 and one line on stderr, `attn-fast <command>: error: ...`, that names the
-flag or file and the problem, without a traceback, before any work, and leaves the files it was given as they
-were. `--debug` and ATTN_FAST_DEBUG=1 bring the traceback back."""
-import os
+process of its own): each ends with exit status 2 and one line on stderr, `attn-fast <command>: error: ...`, that
+names the flag or file and the problem, without a traceback, before any work, and leaves the files it was given as
+they were. `--debug` and ATTN_FAST_DEBUG=1 bring the traceback back.
+
+The commands run in processes forked from a server that imported the CLI once (tests/cli_process.py, the
+`cli_processes` fixture): a fresh interpreter per command spent ~3-5 s importing torch before refusing in
+milliseconds. The first test runs commands both ways, there and in a plain `python -m attn_fast.tools.cli`
+subprocess, and requires the same exit status, stdout and stderr."""
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,6 @@ import torch
 from attn_fast.examples.checkpoints import CHECKPOINT_TASKS
 from attn_fast.tools.cli import main
 
-REPO = Path(__file__).resolve().parents[2]
 TINY_RUN = ["--train-size", "64", "--valid-size", "8", "--embed-dim", "8", "--hidden-dim", "16", "--attn-dim", "8",
             "--batch-size", "16", "--attention-backend", "torch", "--device", "cpu", "--quiet"]
 TINY_CAPTIONS = ["--train-size", "16", "--valid-size", "4", "--image-size", "48", "--channels", "8", "--embed-dim",
@@ -45,13 +47,15 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
-def run_cli(*args: str, **environment: str) -> subprocess.CompletedProcess:
-    """`attn-fast ARGS` in a subprocess, on this checkout's attn_fast (the editable install may point elsewhere)."""
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {key: value for key, value in os.environ.items() if key != "ATTN_FAST_DEBUG"}
-    env.update(PYTHONPATH=path, OMP_NUM_THREADS="1", **environment)
-    return subprocess.run([sys.executable, "-m", "attn_fast.tools.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+def as_text(completed: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    return subprocess.CompletedProcess(completed.args, completed.returncode, completed.stdout.decode("utf-8"),
+                                       completed.stderr.decode("utf-8"))
+
+
+def run_cli(cli_processes, *args: str, **environment: str) -> subprocess.CompletedProcess:
+    """`attn-fast ARGS` in a process of its own (forked from the fixture's server), on this checkout's attn_fast
+    (the editable install may point elsewhere), without ATTN_FAST_DEBUG unless given; text stdout and stderr."""
+    return as_text(cli_processes.run(*args, **environment))
 
 
 slow = pytest.mark.slow
@@ -59,7 +63,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refus
 
 # (argv: {name} stands for a file of the fixture, by name without .pt, and {new} for an output directory that must
 # stay uncreated; the command that reports; what its one line must say; id). Three run in the quick loop, the rest
-# are slow (each is a fresh interpreter importing torch, ~3 s).
+# are slow.
 CASES = [
     pytest.param(["train", *TINY_RUN, "--batch-size", "0", "--out-dir", "{new}"], "train",
                  ["--batch-size must be a positive integer, got 0"], id="batch-size-0"),
@@ -110,14 +114,32 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("argv", "command", "expected"), CASES)
-def test_a_user_error_is_one_line_and_exit_2(files, tmp_path, argv, command, expected):
-    new_dir = tmp_path / "new-run"
+def case_args(argv: list[str], files: dict[str, Path], new_dir: Path) -> list[str]:
     names = {name: str(path) for name, path in files.items()}
-    args = [arg.replace("{new}", str(new_dir)).format(**names) for arg in argv]
+    return [arg.replace("{new}", str(new_dir)).format(**names) for arg in argv]
+
+
+def test_a_forked_command_is_the_real_entry_point(cli_processes, files, tmp_path):
+    """What the other tests see of a command (exit status, stdout, stderr) is what a fresh `python -m
+    attn_fast.tools.cli` process gives: a refusal by `main` (the quick loop's first case) and the usage error
+    that argparse exits with."""
+    from tests.cli_process import run_real_cli
+
+    for argv in (CASES[0].values[0], ["no-such-command"]):
+        args = case_args(argv, files, tmp_path / "new-run")
+        forked, real = cli_processes.run(*args), run_real_cli(*args)
+        assert (forked.returncode, forked.stdout, forked.stderr) == (real.returncode, real.stdout, real.stderr)
+        assert real.returncode == 2 and real.stderr.count(b"\n") == 1, real
+    assert not (tmp_path / "new-run").exists()
+
+
+@pytest.mark.parametrize(("argv", "command", "expected"), CASES)
+def test_a_user_error_is_one_line_and_exit_2(cli_processes, files, tmp_path, argv, command, expected):
+    new_dir = tmp_path / "new-run"
+    args = case_args(argv, files, new_dir)
     root = files["run"].parent
     before = snapshot(root)
-    completed = run_cli(*args)
+    completed = run_cli(cli_processes, *args)
     assert completed.returncode == 2, completed.stdout + completed.stderr
     assert "Traceback" not in completed.stderr
     lines = completed.stderr.strip().splitlines()
@@ -132,9 +154,9 @@ def test_a_user_error_is_one_line_and_exit_2(files, tmp_path, argv, command, exp
 @pytest.mark.slow
 @pytest.mark.parametrize("debug", [["--debug", "evaluate"], ["evaluate", "--debug"], ["evaluate"]],
                          ids=["flag-before", "flag-after", "environment"])
-def test_debug_shows_the_traceback(files, debug):
+def test_debug_shows_the_traceback(cli_processes, files, debug):
     environment = {"ATTN_FAST_DEBUG": "1"} if "--debug" not in debug else {}
-    completed = run_cli(*debug, "--checkpoint", str(files["empty"]), **environment)
+    completed = run_cli(cli_processes, *debug, "--checkpoint", str(files["empty"]), **environment)
     assert completed.returncode == 1  # the exception escapes main, as Python reports it
     assert "Traceback" in completed.stderr and "UserError: " in completed.stderr
     assert "empty.pt is empty (0 bytes)" in completed.stderr
