@@ -2,10 +2,8 @@
 train-captions options map to the captioning config, and each task's commands refusing the other's options."""
 import dataclasses
 import importlib
-import os
 import pathlib
 import subprocess
-import sys
 
 import pytest
 
@@ -61,21 +59,20 @@ def test_caption_rejects_images_of_another_size(checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_caption_reports_bad_images_and_captions_the_rest(checkpoint, tmp_path, capsys):
-    """Through the real entry point: an unreadable and a missing image get one error line each, the good one is
-    captioned and its overlay written into a directory that did not exist; nothing else is touched."""
+def test_caption_reports_bad_images_and_captions_the_rest(checkpoint, tmp_path, capsys, cli_processes):
+    """Through the real entry point (`python -m attn_fast.tools.cli`, in a process of its own forked from the
+    fixture's server: tests/cli_process.py): an unreadable and a missing image get one error line each, the good
+    one is captioned and its overlay written into a directory that did not exist; nothing else is touched."""
     samples = tmp_path / "samples"
     assert main(["caption", "--write-samples", str(samples), "--count", "1", "--checkpoint", str(checkpoint)]) == 0
     capsys.readouterr()
     good, not_png, missing = samples / "test-000.png", tmp_path / "notes.png", tmp_path / "missing.png"
     not_png.write_text("not an image", encoding="utf-8")
     overlay = tmp_path / "figures" / "new" / "overlay.png"
-    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPOSITORY), PYTHONIOENCODING="utf-8")
-    environment.pop("ATTN_FAST_DEBUG", None)
-    completed = subprocess.run([sys.executable, "-m", "attn_fast.tools.cli", "caption", str(good), str(not_png),
-                                str(missing), "--checkpoint", str(checkpoint), "--overlay", str(overlay)],
-                               capture_output=True, text=True, encoding="utf-8", cwd=REPOSITORY, env=environment,
-                               timeout=300)
+    forked = cli_processes.run("caption", str(good), str(not_png), str(missing), "--checkpoint", str(checkpoint),
+                               "--overlay", str(overlay), cwd=REPOSITORY)
+    completed = subprocess.CompletedProcess(forked.args, forked.returncode, forked.stdout.decode("utf-8"),
+                                            forked.stderr.decode("utf-8"))
     assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr
     errors = [line for line in completed.stderr.splitlines() if line.startswith("attn-fast caption: error: ")]
     assert len(errors) == 2, completed.stderr

@@ -147,10 +147,13 @@ def cli_environment(**extra: str) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", **extra)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """`attn-fast ARGS` through its entry point, `python -m attn_fast.tools.cli` (the console script's main)."""
-    return subprocess.run([sys.executable, "-m", "attn_fast.tools.cli", *args], capture_output=True, text=True,
-                          env=cli_environment(), timeout=300)
+def run_cli(cli_processes, *args: str) -> subprocess.CompletedProcess:
+    """`attn-fast ARGS` through its entry point, `python -m attn_fast.tools.cli` (the console script's main), in a
+    process of its own forked from the fixture's server, which imported the CLI once (tests/cli_process.py); text
+    stdout and stderr."""
+    completed = cli_processes.run(*args)
+    return subprocess.CompletedProcess(completed.args, completed.returncode, completed.stdout.decode("utf-8"),
+                                       completed.stderr.decode("utf-8"))
 
 
 def start_paused(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path, Path]:
@@ -183,7 +186,8 @@ def assert_one_line_error(completed: subprocess.CompletedProcess, command: str, 
 
 
 @pytest.mark.slow
-def test_kills_during_checkpoint_writes_keep_the_previous_checkpoint_and_the_next_start_cleans_up(tmp_path):
+def test_kills_during_checkpoint_writes_keep_the_previous_checkpoint_and_the_next_start_cleans_up(tmp_path,
+                                                                                                  cli_processes):
     out_dir = tmp_path / "run"
     assert main(["train", *TINY_RUN, "--max-steps", "2", "--out-dir", str(out_dir)]) == 0
     previous = snapshot(out_dir)
@@ -199,20 +203,21 @@ def test_kills_during_checkpoint_writes_keep_the_previous_checkpoint_and_the_nex
         assert {name: data for name, data in snapshot(out_dir).items() if name.endswith(".pt")} == previous
         assert load_checkpoint(out_dir / "last.pt", "train", for_resume=True)["step"] == 2
 
-    completed = run_cli(*resume)  # the next start, unhindered
+    completed = run_cli(cli_processes, *resume)  # the next start, unhindered
     assert completed.returncode == 0 and "Traceback" not in completed.stderr, completed.stderr
     assert sorted(entry.name for entry in out_dir.iterdir()) == ["best.pt", "last.pt"]  # no temporary, no lock
     assert load_checkpoint(out_dir / "last.pt", "train", for_resume=True)["step"] == 4
 
 
 @pytest.mark.slow
-def test_a_second_run_into_a_directory_in_use_refuses(tmp_path):
+def test_a_second_run_into_a_directory_in_use_refuses(tmp_path, cli_processes):
     out_dir = tmp_path / "run"
     first, _, go = start_paused(tmp_path, "train", *TINY_RUN, "--max-steps", "2", "--out-dir", str(out_dir))
     try:
         during = snapshot(out_dir)
         # even --overwrite, which would remove the first run's checkpoints, must not take a directory in use
-        second = run_cli("train", *TINY_RUN, "--max-steps", "2", "--out-dir", str(out_dir), "--overwrite")
+        second = run_cli(cli_processes, "train", *TINY_RUN, "--max-steps", "2", "--out-dir", str(out_dir),
+                         "--overwrite")
         assert_one_line_error(second, "train", f"--out-dir {out_dir} is in use by another run (pid {first.pid})")
         assert snapshot(out_dir) == during
     finally:
