@@ -116,12 +116,17 @@ def _run_command(request: dict) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    sys.path[0] = os.getcwd()  # `python -m` puts the working directory first
-    sys.argv = ["-m", *request["args"]]
+    script = request.get("script")
+    # `python -m` puts the working directory first on sys.path, `python SCRIPT` the script's directory
+    sys.path[0] = os.getcwd() if script is None else os.path.dirname(os.path.abspath(script))
+    sys.argv = ["-m" if script is None else script, *request["args"]]
     sys.modules["__main__"] = types.ModuleType("__main__")  # a fresh one: the server's names are not the CLI's
     status, interrupted = 0, False
     try:
-        runpy._run_module_as_main(CLI_MODULE)
+        if script is None:
+            runpy._run_module_as_main(CLI_MODULE)
+        else:
+            runpy.run_path(script, run_name="__main__")
     except SystemExit as exit:
         if exit.code is None or isinstance(exit.code, int):
             status = exit.code or 0
@@ -172,18 +177,23 @@ class CliProcesses:
             raise RuntimeError(f"the CLI server did not answer within {self.timeout} s (or ended)")
         return json.loads(line)
 
-    def run(self, *args: str | bytes, cwd: str | os.PathLike | None = None,
+    def run(self, *args: str | bytes, cwd: str | os.PathLike | None = None, script: str | os.PathLike | None = None,
             **environment: str) -> subprocess.CompletedProcess:
-        """`python -m attn_fast.tools.cli ARGS` (bytes arguments as the OS would hand them to Python), with
+        """`python -m attn_fast.tools.cli ARGS` (bytes arguments as the OS would hand them to Python), or with
+        `script`, `python SCRIPT ARGS` (a script that imports what the CLI does: torch, attn_fast), with
         `environment` added to the server's; stdout and stderr as bytes."""
         argv = [os.fsdecode(arg) for arg in args]
         request = {"args": argv, "cwd": str(cwd if cwd is not None else os.getcwd()),
                    "env": dict(self.environment, **environment)}
+        command = [sys.executable, "-m", CLI_MODULE, *argv]
+        if script is not None:
+            request["script"] = str(script)
+            command = [sys.executable, str(script), *argv]
         self.server.stdin.write(json.dumps(request).encode("ascii") + b"\n")
         self.server.stdin.flush()
         answer = self._answer()
-        return subprocess.CompletedProcess([sys.executable, "-m", CLI_MODULE, *argv], answer["returncode"],
-                                           _decode(answer["stdout"]), _decode(answer["stderr"]))
+        return subprocess.CompletedProcess(command, answer["returncode"], _decode(answer["stdout"]),
+                                           _decode(answer["stderr"]))
 
     def close(self) -> None:
         if self.server.poll() is None:

@@ -1,6 +1,8 @@
 """benchmarks/gpu_acceptance.sh, the first GPU's acceptance run, as far as a machine without a GPU can check it: it
 parses, finds no GPU, says so in one line and exits 0 (a dry run); its Python helper's environment record and
-summary work. (On a GPU machine the run itself is the check: `bash benchmarks/gpu_acceptance.sh`.)"""
+summary work. (On a GPU machine the run itself is the check: `bash benchmarks/gpu_acceptance.sh`.) The helper's
+commands run as `python benchmarks/gpu_acceptance.py ...` in processes forked from a server that imported torch and
+attn_fast once (tests/cli_process.py, the `cli_processes` fixture), not in fresh interpreters (~4 s each)."""
 from __future__ import annotations
 
 import json
@@ -16,9 +18,13 @@ SCRIPT = REPOSITORY / "benchmarks" / "gpu_acceptance.sh"
 HELPER = REPOSITORY / "benchmarks" / "gpu_acceptance.py"
 
 
+#: What makes this machine one without a GPU, even when it has one (the helper's process initializes CUDA itself).
+WITHOUT_GPU = {"CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+
+
 def without_gpu() -> dict:
     """The environment of a machine without a GPU, even when this one has one."""
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+    return {**os.environ, **WITHOUT_GPU}
 
 
 def test_script_parses():
@@ -36,10 +42,16 @@ def test_dry_run_without_gpu_says_so_and_exits_0():
     assert set((REPOSITORY / "benchmarks" / "results").glob("gpu-acceptance-*")) == before, "a dry run writes nothing"
 
 
+def run_helper(cli_processes, *args: str, **environment: str) -> subprocess.CompletedProcess:
+    """`python benchmarks/gpu_acceptance.py ARGS` in a process of its own; text stdout and stderr."""
+    finished = cli_processes.run(*args, script=HELPER, **environment)
+    return subprocess.CompletedProcess(finished.args, finished.returncode, finished.stdout.decode(),
+                                       finished.stderr.decode())
+
+
 @pytest.mark.slow
-def test_helper_records_the_environment_and_summarizes(tmp_path):
-    finished = subprocess.run([sys.executable, str(HELPER), "env", str(tmp_path / "environment.json")],
-                              env=without_gpu(), capture_output=True, text=True, timeout=120)
+def test_helper_records_the_environment_and_summarizes(tmp_path, cli_processes):
+    finished = run_helper(cli_processes, "env", str(tmp_path / "environment.json"), **WITHOUT_GPU)
     assert finished.returncode == 0, finished.stderr
     environment = json.loads((tmp_path / "environment.json").read_text())
     assert environment["cuda"] is False and {"torch", "triton", "date_utc", "driver"} <= set(environment)
@@ -47,8 +59,7 @@ def test_helper_records_the_environment_and_summarizes(tmp_path):
     (tmp_path / "steps.jsonl").write_text('{"step": "verify", "rc": 0, "seconds": 3, "limit_s": 40}\n')
     for name, ok in (("numerics", True), ("determinism", True), ("graphs", False), ("prepared-keys", True)):
         (tmp_path / f"{name}.json").write_text(json.dumps({"ok": ok, "error": None if ok else "capture failed"}))
-    finished = subprocess.run([sys.executable, str(HELPER), "summary", str(tmp_path)], capture_output=True,
-                              text=True, timeout=120)
+    finished = run_helper(cli_processes, "summary", str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert finished.returncode == 1 and "FAIL" in finished.stdout and "graphs" in finished.stdout
     assert summary["ok"] is False and summary["checks"] == {"numerics": True, "determinism": True, "graphs": False,
@@ -57,7 +68,6 @@ def test_helper_records_the_environment_and_summarizes(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_checks_refuse_to_run_without_gpu(tmp_path):
-    finished = subprocess.run([sys.executable, str(HELPER), "graphs", str(tmp_path / "graphs.json")],
-                              env=without_gpu(), capture_output=True, text=True, timeout=120)
+def test_gpu_checks_refuse_to_run_without_gpu(tmp_path, cli_processes):
+    finished = run_helper(cli_processes, "graphs", str(tmp_path / "graphs.json"), **WITHOUT_GPU)
     assert finished.returncode == 2 and "no CUDA GPU" in finished.stderr
