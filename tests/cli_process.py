@@ -20,12 +20,15 @@ Run as a script, this file is the server (one JSON request a line on stdin, one 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import pathlib
 import select
+import signal
 import subprocess
 import sys
+import time
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 CLI_MODULE = "attn_fast.tools.cli"
@@ -74,30 +77,45 @@ def _import_the_cli(scratch: pathlib.Path) -> tuple[bytes, bytes]:
 
 
 def _serve(scratch: pathlib.Path) -> dict:
-    """Answer requests until stdin closes (then exit). Returns only in a forked child, with its request."""
-    out_path, err_path = scratch / "command.out", scratch / "command.err"
+    """Answer requests until stdin closes (then exit). Returns only in a forked child, with its request.
+
+    A request runs a command and answers with its outcome, or with "start", forks it and answers with its pid at
+    once; {"wait": pid} then waits for that one (the others run meanwhile) and answers with its outcome."""
     preamble_out, preamble_err = _import_the_cli(scratch)
     answer = sys.stdout
     answer.write(json.dumps({"stdout": _encode(preamble_out), "stderr": _encode(preamble_err)}) + "\n")
     answer.flush()
-    while True:
+    started = {}  # pid: (stdout path, stderr path)
+    for number in itertools.count():
         line = sys.stdin.buffer.readline()
         if not line:
             os._exit(0)  # nothing to flush: skip the finalization of torch's modules
         request = json.loads(line)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            _redirect(0, os.devnull, os.O_RDONLY)
-            _redirect(1, str(out_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            _redirect(2, str(err_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            return request
+        if "wait" in request:
+            pid = request["wait"]
+        else:
+            paths = scratch / f"command-{number}.out", scratch / f"command-{number}.err"
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _redirect(0, os.devnull, os.O_RDONLY)
+                _redirect(1, str(paths[0]), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                _redirect(2, str(paths[1]), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                return request
+            started[pid] = paths
+            if request.get("start"):
+                answer.write(json.dumps({"pid": pid}) + "\n")
+                answer.flush()
+                continue
         _, status = os.waitpid(pid, 0)
+        out_path, err_path = started.pop(pid)
         answer.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status),
                                  "stdout": _encode(preamble_out + out_path.read_bytes()),
                                  "stderr": _encode(preamble_err + err_path.read_bytes())}) + "\n")
         answer.flush()
+        out_path.unlink()
+        err_path.unlink()
 
 
 def _run_command(request: dict) -> None:
@@ -116,6 +134,8 @@ def _run_command(request: dict) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    if request.get("prelude"):  # Python run first, in a namespace of its own (say, to patch torch.save)
+        exec(request["prelude"], {"__name__": "prelude"})
     script = request.get("script")
     # `python -m` puts the working directory first on sys.path, `python SCRIPT` the script's directory
     sys.path[0] = os.getcwd() if script is None else os.path.dirname(os.path.abspath(script))
@@ -177,23 +197,37 @@ class CliProcesses:
             raise RuntimeError(f"the CLI server did not answer within {self.timeout} s (or ended)")
         return json.loads(line)
 
-    def run(self, *args: str | bytes, cwd: str | os.PathLike | None = None, script: str | os.PathLike | None = None,
-            **environment: str) -> subprocess.CompletedProcess:
-        """`python -m attn_fast.tools.cli ARGS` (bytes arguments as the OS would hand them to Python), or with
-        `script`, `python SCRIPT ARGS` (a script that imports what the CLI does: torch, attn_fast), with
-        `environment` added to the server's; stdout and stderr as bytes."""
-        argv = [os.fsdecode(arg) for arg in args]
-        request = {"args": argv, "cwd": str(cwd if cwd is not None else os.getcwd()),
-                   "env": dict(self.environment, **environment)}
-        command = [sys.executable, "-m", CLI_MODULE, *argv]
-        if script is not None:
-            request["script"] = str(script)
-            command = [sys.executable, str(script), *argv]
+    def _request(self, request: dict) -> dict:
         self.server.stdin.write(json.dumps(request).encode("ascii") + b"\n")
         self.server.stdin.flush()
-        answer = self._answer()
+        return self._answer()
+
+    def _command(self, args, cwd, script, prelude, environment) -> tuple[list[str], dict]:
+        argv = [os.fsdecode(arg) for arg in args]
+        request = {"args": argv, "cwd": str(cwd if cwd is not None else os.getcwd()),
+                   "env": dict(self.environment, **environment), "prelude": prelude}
+        if script is None:
+            return [sys.executable, "-m", CLI_MODULE, *argv], request
+        request["script"] = str(script)
+        return [sys.executable, str(script), *argv], request
+
+    def run(self, *args: str | bytes, cwd: str | os.PathLike | None = None, script: str | os.PathLike | None = None,
+            prelude: str | None = None, **environment: str) -> subprocess.CompletedProcess:
+        """`python -m attn_fast.tools.cli ARGS` (bytes arguments as the OS would hand them to Python), or with
+        `script`, `python SCRIPT ARGS` (a script that imports what the CLI does: torch, attn_fast), with
+        `environment` added to the server's and the Python source `prelude` run first; stdout and stderr as
+        bytes."""
+        command, request = self._command(args, cwd, script, prelude, environment)
+        answer = self._request(request)
         return subprocess.CompletedProcess(command, answer["returncode"], _decode(answer["stdout"]),
                                            _decode(answer["stderr"]))
+
+    def start(self, *args: str | bytes, cwd: str | os.PathLike | None = None, script: str | os.PathLike | None = None,
+              prelude: str | None = None, **environment: str) -> StartedCommand:
+        """The command of `run`, started and left running: a Popen-like handle (pid, poll, send_signal, kill,
+        communicate, returncode; text stdout and stderr)."""
+        command, request = self._command(args, cwd, script, prelude, environment)
+        return StartedCommand(self, command, self._request(dict(request, start=True))["pid"])
 
     def close(self) -> None:
         if self.server.poll() is None:
@@ -204,6 +238,50 @@ class CliProcesses:
                 self.server.kill()
                 self.server.wait()
 
+
+class StartedCommand:
+    """A command CliProcesses.start left running (a child of the server, not of this process)."""
+
+    def __init__(self, processes: CliProcesses, args: list[str], pid: int):
+        self.processes, self.args, self.pid = processes, args, pid
+        self.returncode = None
+        self._output = None
+
+    def _ended(self) -> bool:
+        """Exited or killed (a zombie until the server waits for it) or gone."""
+        try:
+            stat = pathlib.Path(f"/proc/{self.pid}/stat").read_text()
+        except FileNotFoundError:
+            return True
+        return stat[stat.rindex(")") + 2] in "ZX"
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self._ended():
+            self.communicate()
+        return self.returncode
+
+    def send_signal(self, signal_number: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signal_number)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Wait for the end (within `timeout` s, else the command is killed and TimeoutExpired raised); returns
+        (stdout, stderr) as text."""
+        if self._output is None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while deadline is not None and not self._ended():
+                if time.monotonic() > deadline:
+                    self.kill()
+                    self.communicate()
+                    raise subprocess.TimeoutExpired(self.args, timeout)
+                time.sleep(0.02)
+            answer = self.processes._request({"wait": self.pid})
+            self.returncode = answer["returncode"]
+            self._output = _decode(answer["stdout"]).decode("utf-8"), _decode(answer["stderr"]).decode("utf-8")
+        return self._output
 
 def run_real_cli(*args: str | bytes, cwd: str | os.PathLike | None = None, timeout: float = 300,
                  **environment: str) -> subprocess.CompletedProcess:

@@ -1,7 +1,9 @@
 """The output directory of a training run (`training.claim_out_dir`): an exclusive lock for the run, stale checkpoint
 temporaries removed at start and nothing else, a directory with files refused unless the run resumes or overwrites;
 and, through the real command in subprocesses, SIGKILL in the middle of checkpoint writes (the previous checkpoint
-survives, the next start cleans up), a second run into a directory in use, and a torchrun launch that refuses."""
+survives, the next start cleans up), a second run into a directory in use, and a torchrun launch that refuses. The
+commands run in processes of their own forked from a server that imported the CLI once (tests/cli_process.py, the
+`cli_processes` fixture), but for the torchrun launch."""
 import os
 import signal
 import subprocess
@@ -111,15 +113,14 @@ def test_only_rank_0_claims_the_directory(tmp_path, monkeypatch):
 # The real command, killed and raced
 # ----------------------------------------------------------------------------------------------------------------
 
-# `attn-fast ARGS` with torch.save stopped in the middle of every checkpoint write: it writes half of the bytes to
-# the temporary file, creates the file $PAUSED, and finishes only once the file $GO exists (or is killed first).
-PAUSING_CLI = textwrap.dedent("""
-    import io, os, sys, time
+# Run before `attn-fast ARGS`: torch.save stopped in the middle of every checkpoint write: it writes half of the
+# bytes to the temporary file, creates the file $PAUSED, and finishes only once the file $GO exists (or is killed
+# first).
+PAUSING_PRELUDE = textwrap.dedent("""
+    import io, os, time
     from pathlib import Path
 
     import torch
-
-    from attn_fast.tools.cli import main
 
     paused, go = Path(os.environ["PAUSED"]), Path(os.environ["GO"])
     real_save = torch.save
@@ -136,7 +137,6 @@ PAUSING_CLI = textwrap.dedent("""
         f.write(data[len(data) // 2:])
 
     torch.save = save_with_a_pause
-    sys.exit(main(sys.argv[1:]))
 """)
 
 
@@ -156,15 +156,12 @@ def run_cli(cli_processes, *args: str) -> subprocess.CompletedProcess:
                                        completed.stderr.decode("utf-8"))
 
 
-def start_paused(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path, Path]:
-    """Start `attn-fast ARGS` under PAUSING_CLI and wait until it is halfway through its first checkpoint write;
-    returns (process, the PAUSED file, the GO file)."""
-    script = tmp_path / "pausing_cli.py"
-    script.write_text(PAUSING_CLI)
+def start_paused(cli_processes, tmp_path: Path, *args: str):
+    """Start `attn-fast ARGS` with PAUSING_PRELUDE (in a process of its own, forked from the fixture's server) and
+    wait until it is halfway through its first checkpoint write; returns (process, the PAUSED file, the GO file)."""
     paused, go = tmp_path / "paused", tmp_path / "go"
     paused.unlink(missing_ok=True)
-    process = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=cli_environment(PAUSED=str(paused), GO=str(go)))
+    process = cli_processes.start(*args, prelude=PAUSING_PRELUDE, PAUSED=str(paused), GO=str(go))
     deadline = time.monotonic() + 240
     while not paused.exists():
         if process.poll() is not None:
@@ -194,7 +191,7 @@ def test_kills_during_checkpoint_writes_keep_the_previous_checkpoint_and_the_nex
     assert sorted(previous) == ["best.pt", "last.pt"]
     resume = ["train", *TINY_RUN, "--max-steps", "4", "--out-dir", str(out_dir), "--resume", str(out_dir / "last.pt")]
     for kill in range(2):  # repeated: the second start must remove what the first kill left
-        process, _, _ = start_paused(tmp_path, *resume)
+        process, _, _ = start_paused(cli_processes, tmp_path, *resume)
         temporaries = [entry.name for entry in out_dir.iterdir() if entry.name.endswith(".tmp")]
         # this write's, half done; the previous kill's was removed when this run started
         assert len(temporaries) == 1 and is_stale_temporary(temporaries[0]), (kill, temporaries)
@@ -212,7 +209,8 @@ def test_kills_during_checkpoint_writes_keep_the_previous_checkpoint_and_the_nex
 @pytest.mark.slow
 def test_a_second_run_into_a_directory_in_use_refuses(tmp_path, cli_processes):
     out_dir = tmp_path / "run"
-    first, _, go = start_paused(tmp_path, "train", *TINY_RUN, "--max-steps", "2", "--out-dir", str(out_dir))
+    first, _, go = start_paused(cli_processes, tmp_path, "train", *TINY_RUN, "--max-steps", "2", "--out-dir",
+                                str(out_dir))
     try:
         during = snapshot(out_dir)
         # even --overwrite, which would remove the first run's checkpoints, must not take a directory in use
