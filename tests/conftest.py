@@ -56,6 +56,20 @@ def cli_processes(tmp_path_factory):
     processes.close()
 
 
+@pytest.fixture(scope="session")
+def tiny_seq2seq_checkpoint(tmp_path_factory):
+    """last.pt of a tiny 8-step `attn-fast train` run (torch backend, CPU), trained once for the session: the
+    checkpoint that the translate and evaluate tests of tests/examples only read."""
+    from attn_fast.tools.cli import main
+
+    out_dir = tmp_path_factory.mktemp("run")
+    argv = ["train", "--train-size", "300", "--valid-size", "20", "--embed-dim", "8", "--hidden-dim", "16",
+            "--attn-dim", "8", "--batch-size", "16", "--max-steps", "8", "--attention-backend", "torch",
+            "--device", "cpu", "--out-dir", str(out_dir), "--quiet"]
+    assert main(argv) == 0
+    return out_dir / "last.pt"
+
+
 @pytest.fixture
 def poison(monkeypatch):
     """`poison(module)`: every buffer `module.empty_buffer` hands out from now on starts as NaN, so an element the

@@ -10,13 +10,9 @@ from attn_fast.tools.cli import main
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("run")
-    argv = ["train", "--train-size", "300", "--valid-size", "20", "--embed-dim", "8", "--hidden-dim", "16",
-            "--attn-dim", "8", "--batch-size", "16", "--max-steps", "8", "--attention-backend", "torch",
-            "--device", "cpu", "--out-dir", str(out_dir), "--quiet"]
-    assert main(argv) == 0
-    return out_dir / "last.pt"
+def checkpoint(tiny_seq2seq_checkpoint):
+    """A tiny 8-step `attn-fast train` run's last.pt (conftest: trained once for the session, only read here)."""
+    return tiny_seq2seq_checkpoint
 
 
 @pytest.mark.parametrize("beam", ["1", "3"])

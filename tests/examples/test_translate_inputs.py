@@ -5,7 +5,7 @@ paths before any decoding, TSV files with a byte-order mark, invalid UTF-8, no p
 The commands run through the real entry point (`python -m attn_fast.tools.cli`), each in a process of its own
 forked from a server that imported the CLI once (tests/cli_process.py, the `cli_processes` fixture; checked against
 a plain subprocess in tests/tools/test_cli_errors.py), on a checkpoint of a tiny 8-step run trained once for the
-module."""
+session (conftest's tiny_seq2seq_checkpoint, which test_seq2seq_cli reads too)."""
 import os
 import pathlib
 import subprocess
@@ -15,7 +15,6 @@ import pytest
 from attn_fast.examples.errors import UserError
 from attn_fast.examples.seq2seq.data import escape_tsv_field, read_tsv, source_problem
 from attn_fast.examples.seq2seq.train import load_checkpoint, translate
-from attn_fast.tools.cli import main
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -23,13 +22,9 @@ INVALID_UTF8 = b"25 \xff\xfe 2009"  # not UTF-8: Python keeps such argv bytes as
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("run")
-    argv = ["train", "--train-size", "300", "--valid-size", "20", "--embed-dim", "8", "--hidden-dim", "16",
-            "--attn-dim", "8", "--batch-size", "16", "--max-steps", "8", "--attention-backend", "torch",
-            "--device", "cpu", "--out-dir", str(out_dir), "--quiet"]
-    assert main(argv) == 0
-    return out_dir / "last.pt"
+def checkpoint(tiny_seq2seq_checkpoint):
+    """A tiny 8-step `attn-fast train` run's last.pt (conftest: trained once for the session, only read here)."""
+    return tiny_seq2seq_checkpoint
 
 
 @pytest.fixture
