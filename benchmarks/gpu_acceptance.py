@@ -218,32 +218,36 @@ PREPARED_KEYS_SHAPES = (("caption", 32, 20, 196, 512, 2048), ("long", 8, 400, 40
                         ("long_prepared", 16, 800, 800, 512, 128))
 
 
-def prepared_keys() -> dict:
-    """fp32 forward with the key pre-pass off and on (`plan_forward(prepare_keys=...)`) at PREPARED_KEYS_SHAPES:
-    do_bench medians (ms, CUDA events, inputs in L2 as in a model), each configuration, and the two contexts'
-    relative difference. Whichever is faster on this GPU tells whether the model's charge for the pre-pass (its
-    bytes at HBM bandwidth plus one launch) should change."""
+def _do_bench_median_ms(function) -> float:
     import triton.testing
 
+    return triton.testing.do_bench(function, warmup=25, rep=100, return_mode="median")
+
+
+def prepared_keys(device: str = "cuda", shapes=PREPARED_KEYS_SHAPES, timer=_do_bench_median_ms) -> dict:
+    """fp32 forward with the key pre-pass off and on (`plan_forward(prepare_keys=...)`) at `shapes`: do_bench
+    medians (ms, CUDA events, inputs in L2 as in a model; `timer` takes the function to time), each configuration,
+    and the two contexts' relative difference. Whichever is faster on this GPU tells whether the model's charge for
+    the pre-pass (its bytes at HBM bandwidth, kernels/configs.py `_modelled_seconds`) should change. `device` and
+    `timer` are parameters so that a test can run the same code on CPU under the Triton interpreter."""
     from attn_fast.kernels.forward import attention_forward, plan_forward
     from attn_fast.tolerances import relative_error
     from attn_fast.validation import attention_call
 
     report = {}
-    for name, batch, tgt_len, src_len, attn_dim, value_dim in PREPARED_KEYS_SHAPES:
-        generator = torch.Generator(device="cuda").manual_seed(11)
-        query_proj, key_proj, value = (torch.randn(*sizes, device="cuda", generator=generator) for sizes in
+    for name, batch, tgt_len, src_len, attn_dim, value_dim in shapes:
+        generator = torch.Generator(device=device).manual_seed(11)
+        query_proj, key_proj, value = (torch.randn(*sizes, device=device, generator=generator) for sizes in
                                        ((batch, tgt_len, attn_dim), (batch, src_len, attn_dim),
                                         (batch, src_len, value_dim)))
-        v = torch.randn(attn_dim, device="cuda", generator=generator) / attn_dim ** 0.5
+        v = torch.randn(attn_dim, device=device, generator=generator) / attn_dim ** 0.5
         call = attention_call(query_proj, key_proj, value, v)
         row = {}
         contexts = []
         for choice in (False, True):
             config = plan_forward(call, prepare_keys=choice).config
             contexts.append(attention_forward(call, prepare_keys=choice)[0])
-            milliseconds = triton.testing.do_bench(lambda c=call, k=choice: attention_forward(c, prepare_keys=k),
-                                                   warmup=25, rep=100, return_mode="median")
+            milliseconds = timer(lambda c=call, k=choice: attention_forward(c, prepare_keys=k))
             row["prepared" if choice else "default_off"] = {"ms": milliseconds, "config": str(config)}
         row["relative_difference"] = relative_error(contexts[1], contexts[0])
         row["faster"] = min(("default_off", "prepared"), key=lambda key: row[key]["ms"])

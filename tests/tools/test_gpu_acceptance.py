@@ -71,3 +71,24 @@ def test_helper_records_the_environment_and_summarizes(tmp_path, cli_processes):
 def test_gpu_checks_refuse_to_run_without_gpu(tmp_path, cli_processes):
     finished = run_helper(cli_processes, "graphs", str(tmp_path / "graphs.json"), **WITHOUT_GPU)
     assert finished.returncode == 2 and "no CUDA GPU" in finished.stderr
+
+
+def test_the_prepared_keys_check_runs_both_configurations(monkeypatch):
+    """The acceptance run's prepared-keys A/B, run on CPU under the Triton interpreter at a tiny shape with a
+    stand-in timer: both configurations are planned as asked, agree within fp32 accuracy, and are reported."""
+    pytest.importorskip("triton")
+    monkeypatch.syspath_prepend(str(REPOSITORY / "benchmarks"))
+    import gpu_acceptance
+
+    timed = []
+
+    def timer(function):
+        function()
+        timed.append(True)
+        return float(len(timed))  # the pre-pass-off run is "faster": it is timed first
+
+    report = gpu_acceptance.prepared_keys(device="cpu", shapes=(("tiny", 2, 10, 37, 16, 8),), timer=timer)
+    row = report["tiny"]
+    assert report["ok"] and len(timed) == 2 and row["faster"] == "default_off"
+    assert "prepare_keys=False" in row["default_off"]["config"] and "prepare_keys=True" in row["prepared"]["config"]
+    assert row["relative_difference"] <= 1e-5
