@@ -151,11 +151,11 @@ def per_sm_estimate(tanh_form: str, block_t: int, block_s: int, prepare_keys: bo
 
 
 def _modelled_seconds(config: ForwardConfig, *, query_rows, tgt_len, src_len, attn_dim, value_dim,
-                      sm_count, memory_rows=None, key_bytes=4) -> float:
+                      sm_count, memory_rows=None) -> float:
     """Modelled time of a forward configuration: the tanh work at per-SM estimate x whole-GPU efficiency, plus the
     bytes of the split partials (written, then read by the combine pass) and of scores mode (scores written and
-    re-read) and scores mode's second launch; with prepared keys, the key pre-pass (key_proj read at `key_bytes`
-    per element, e^{2k} and max |k| written; no launch of its own: it carries the v pre-pass every call launches)
+    re-read) and scores mode's second launch; with prepared keys (fp32 only), the key pre-pass (fp32 key_proj read,
+    e^{2k} and max |k| written; no launch of its own: it carries the v pre-pass every call launches)
     and the programs' c e^{2q} rows (written once; re-read from L2). The combine pass's launch is left out on
     purpose: small batches (decode steps) split whenever that spreads the tanh work over more SMs, latency-bound as
     they are anyway."""
@@ -175,7 +175,7 @@ def _modelled_seconds(config: ForwardConfig, *, query_rows, tgt_len, src_len, at
     if config.prepare_keys:
         keys = (query_rows if memory_rows is None else memory_rows) * src_len
         a_padded = -(-attn_dim // config.block_a) * config.block_a
-        traffic += keys * attn_dim * (key_bytes + 4) + keys * 4 + splits * query_rows * tgt_len * a_padded * 4
+        traffic += keys * attn_dim * (4 + 4) + keys * 4 + splits * query_rows * tgt_len * a_padded * 4
     return useful / (MUFU_PER_S_PER_SM * sm_count * ceiling) + traffic / HBM_BYTES_PER_S + launches * LAUNCH_SECONDS
 
 

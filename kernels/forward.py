@@ -11,9 +11,10 @@ Kernels (see DESIGN.md, "Forward kernel"):
     fuse_context: keeps an online softmax (running max m, sum l) and the context accumulator acc += P @ value, or
     scores mode:  stores the raw scores E (-inf where hidden) and only the softmax statistics.
   With one split it writes the final context and lse; with several it writes partial (m, l, acc) per split.
-- `_attention_forward_prepared_kernel`: the same program (`_attention_forward_program`) with a decoding memory's
-  prepared keys (HAS_KEY_EXP): the factorized tanh loads e^{2k} from key_exp and c e^{2q} from a per-program scratch
-  row written in its prologue, so fp32 decode takes 1 MUFU op per element instead of the exp form's 2.
+- `_attention_forward_prepared_kernel`: the same program (`_attention_forward_program`) with prepared keys
+  (HAS_KEY_EXP): a decoding memory's e^{2k}, or those `_key_exponentials_kernel` writes for an fp32 all-steps call
+  (CHECK_KEY_RANGE); the factorized tanh loads e^{2k} and c e^{2q} from a per-program scratch row written in its
+  prologue, 1 MUFU op per element (fp32 decode: instead of the exp form's 2).
 - `_combine_splits_kernel`: merges the partial (m, l, acc) of the key splits of a fused context (flash-decoding);
   in scores mode the second pass merges the splits' (m, l) itself, so a call is at most three launches.
 - `_context_from_scores_kernel`: scores mode's second pass, without tanh: P = exp(E - max) / sum (the row's
@@ -398,8 +399,7 @@ def _attention_forward_program(
     else:
         has_keys = row_sum_run > 0.0
         # A row with no visible key: lse = +inf, context = 0 (acc is 0 there).
-        row_lse = row_max_run + tl.log(tl.where(has_keys, row_sum_run, 1.0))
-        tl.store(lse + out_rows, tl.where(has_keys, row_lse, float("inf")), mask=t_valid)
+        tl.store(lse + out_rows, _log_sum_exp(row_max_run, row_sum_run), mask=t_valid)
         if FUSE_CONTEXT:
             normalized = acc / tl.where(has_keys, row_sum_run, 1.0)[:, None]
             tl.store(context + out_rows[:, None] * D + offs_d[None, :],
@@ -476,6 +476,25 @@ def _attention_forward_prepared_kernel(
 
 
 @triton.jit
+def _merged_split_stats(split_max, split_sum):
+    """The softmax statistics of rows computed in key splits, merged over axis 0 (the splits): split_max and
+    split_sum [splits] or [splits, rows] (-inf and 0 for splits that saw no visible key). Returns (base, total,
+    split_weight): the row max (0 for a row without visible key, so that nothing is -inf - -inf), the row sum
+    sum_s l_s e^{m_s - base} and each split's factor e^{m_s - base}."""
+    total_max = tl.max(split_max, axis=0)
+    base = tl.where(total_max == float("-inf"), 0.0, total_max)
+    split_weight = tl.exp(split_max - base)  # 0 for splits that saw no visible key
+    return base, tl.sum(split_sum * split_weight, axis=0), split_weight
+
+
+@triton.jit
+def _log_sum_exp(row_max, row_sum):
+    """lse = max + log(sum) of rows, +inf for a row without visible key (sum 0)."""
+    has_keys = row_sum > 0.0
+    return tl.where(has_keys, row_max + tl.log(tl.where(has_keys, row_sum, 1.0)), float("inf"))
+
+
+@triton.jit
 def _combine_splits_kernel(
     row_max, row_sum, partial_context,  # [splits, rows], [splits, rows], [splits, rows, D] fp32
     context, lse,  # [rows, D] in the input dtype, [rows] fp32
@@ -491,12 +510,9 @@ def _combine_splits_kernel(
     part_rows = offs_split.to(tl.int64) * rows + row
     split_max = tl.load(row_max + part_rows, mask=split_valid, other=float("-inf"))
     split_sum = tl.load(row_sum + part_rows, mask=split_valid, other=0.0)
-    total_max = tl.max(split_max, axis=0)
-    base = tl.where(total_max == float("-inf"), 0.0, total_max)
-    split_weight = tl.exp(split_max - base)  # 0 for splits that saw no visible key
-    total_sum = tl.sum(split_sum * split_weight, axis=0)
+    base, total_sum, split_weight = _merged_split_stats(split_max, split_sum)
+    tl.store(lse + row, _log_sum_exp(base, total_sum))
     has_keys = total_sum > 0.0
-    tl.store(lse + row, tl.where(has_keys, base + tl.log(tl.where(has_keys, total_sum, 1.0)), float("inf")))
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
     partial = tl.load(partial_context + part_rows[:, None] * D + offs_d[None, :],
@@ -549,13 +565,9 @@ def _context_from_scores_kernel(
         part_valid = (offs_split < NUM_SPLITS)[:, None] & t_valid[None, :]
         split_max = tl.load(row_max + part_rows, mask=part_valid, other=float("-inf"))  # [splits, BT]
         split_sum = tl.load(row_sum + part_rows, mask=part_valid, other=0.0)
-        total_max = tl.max(split_max, axis=0)
-        row_base = tl.where(total_max == float("-inf"), 0.0, total_max)
-        row_total = tl.sum(split_sum * tl.exp(split_max - row_base[None, :]), axis=0)  # 0 for empty splits' terms
+        row_base, row_total, _ = _merged_split_stats(split_max, split_sum)
         if first_d_tile:
-            has_keys = row_total > 0.0
-            row_lse = row_base + tl.log(tl.where(has_keys, row_total, 1.0))
-            tl.store(lse + rows, tl.where(has_keys, row_lse, float("inf")), mask=t_valid)
+            tl.store(lse + rows, _log_sum_exp(row_base, row_total), mask=t_valid)
     else:
         row_base = tl.load(row_max + rows, mask=t_valid, other=0.0)
         row_base = tl.where(row_base == float("-inf"), 0.0, row_base)
@@ -632,17 +644,21 @@ def score_weights_reciprocal(dtype: torch.dtype, interpret: bool) -> bool:
     return interpret or dtype == torch.float32
 
 
+def _score_vector_arguments(v: torch.Tensor, score_vector: torch.Tensor, score_scalars: torch.Tensor,
+                            attn_dim_padded: int, block_name: str) -> dict:
+    """The v pre-pass's arguments, for `_score_vector_kernel` (`block_name` "BLOCK_A") or program (0, 0) of
+    `_key_exponentials_kernel` ("BLOCK_V")."""
+    return {"v": v, "stride_va": v.stride(0), "score_vector": score_vector, "score_scalars": score_scalars,
+            "A_PADDED": attn_dim_padded, block_name: min(1024, next_power_of_2(v.shape[0]))}
+
+
 def _score_vector_launch(v: torch.Tensor, score_vector: torch.Tensor, score_scalars: torch.Tensor,
                          attn_dim_padded: int, tanh_form: str, interpret: bool) -> launch.KernelLaunch:
-    attn_dim = v.shape[0]
     return launch.KernelLaunch(
         kernel=_score_vector_kernel,
         grid=(1,),
-        arguments=dict(
-            v=v, stride_va=v.stride(0), score_vector=score_vector, score_scalars=score_scalars, A=attn_dim,
-            A_PADDED=attn_dim_padded, TANH_FORM=tanh_form, INTERPRET=interpret,
-            BLOCK_A=min(1024, next_power_of_2(attn_dim)),
-        ),
+        arguments=dict(**_score_vector_arguments(v, score_vector, score_scalars, attn_dim_padded, "BLOCK_A"),
+                       A=v.shape[0], TANH_FORM=tanh_form, INTERPRET=interpret),
         num_warps=4,
     )
 
@@ -768,8 +784,7 @@ def plan_forward(
         memory_rows = key_proj.shape[0]
         key_exp = launch.empty_buffer((memory_rows, src_len, attn_dim), torch.float32, device)
         key_absmax = launch.empty_buffer((memory_rows, src_len), torch.float32, device)
-        vector_arguments = dict(v=v, stride_va=v.stride(0), score_vector=score_vector, score_scalars=score_scalars,
-                                A_PADDED=attn_dim_padded, BLOCK_V=min(1024, next_power_of_2(attn_dim)))
+        vector_arguments = _score_vector_arguments(v, score_vector, score_scalars, attn_dim_padded, "BLOCK_V")
         plan.launches.append(launch.KernelLaunch(
             kernel=_key_exponentials_kernel,
             grid=(memory_rows, triton.cdiv(src_len, KEY_PREPASS_BLOCK_S)),
