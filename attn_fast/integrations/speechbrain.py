@@ -29,7 +29,6 @@ from attn_fast.functional import (
     call_dtype,
     check_memory,
     prepare_key_exp,
-    prepare_score_weights,
     step_tanh_form,
 )
 from attn_fast.integrations.registry import (
@@ -39,7 +38,7 @@ from attn_fast.integrations.registry import (
     recognize,
     register_adapter,
 )
-from attn_fast.nn.additive import ScoreWeightsSource
+from attn_fast.nn.additive import ScoreWeightsSource, usable_score_weights
 from attn_fast.validation import check_backend
 
 FRAMEWORK = "speechbrain"
@@ -121,28 +120,14 @@ class FusedContentBasedAttention(nn.Module):
             tanh_form = check_memory(self.precomputed_enc_h, enc_states, v.detach(),
                                      key_padding_mask=key_padding_mask)
             key_exp = prepare_key_exp(self.precomputed_enc_h, tanh_form, self.backend) if prepare_keys else None
-            score_weights, source = self.score_weights_for(v, call_dtype(self.precomputed_enc_h))
+            # The Triton backend's v pre-pass, once per sequence; valid while mlp_attn.weight and `scaling` are.
+            score_weights, source = ScoreWeightsSource.prepare(v, (self.mlp_attn.weight,),
+                                                               call_dtype(self.precomputed_enc_h), self.backend,
+                                                               extra=(self.scaling,))
             memory = CheckedMemory(self.precomputed_enc_h, self.mask, key_padding_mask, tanh_form, key_exp,
                                    score_weights, source)
             self.checked_memory = memory
         return memory
-
-    def score_weights_for(self, v: torch.Tensor,
-                          dtype: torch.dtype) -> tuple[torch.Tensor | None, ScoreWeightsSource | None]:
-        """The Triton backend's v pre-pass done once per sequence for steps computing in `dtype` (v = this step's
-        `score_vector()`, as autocast casts it), and what it was made from; (None, None) on other backends."""
-        weights = prepare_score_weights(v.detach().to(dtype), dtype, self.backend)
-        if weights is None:
-            return None, None
-        return weights, ScoreWeightsSource.of((self.mlp_attn.weight,), dtype, v, extra=(self.scaling,))
-
-    def step_score_weights(self, memory: CheckedMemory, dtype: torch.dtype) -> torch.Tensor | None:
-        """The memory's score weights if mlp_attn.weight and `scaling` are unchanged since they were made and the
-        step computes in their dtype, else None (the kernels then run the pre-pass themselves)."""
-        source = memory.score_weights_source
-        if memory.score_weights is None or source is None:
-            return None
-        return memory.score_weights if source.holds_for((self.mlp_attn.weight,), dtype, (self.scaling,)) else None
 
     def attend(self, enc_states: torch.Tensor, dec_states: torch.Tensor,
                extra_key_term: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +143,9 @@ class FusedContentBasedAttention(nn.Module):
             query_proj, memory.key_proj, enc_states, v, key_padding_mask=memory.key_padding_mask,
             extra_key_term=extra_key_term, need_weights=True, tanh_form=tanh_form,
             key_exp=memory.key_exp if extra_key_term is None else None,
-            score_weights=self.step_score_weights(memory, call_dtype(query_proj)), backend=self.backend)
+            score_weights=usable_score_weights(memory.score_weights, memory.score_weights_source,
+                                               (self.mlp_attn.weight,), call_dtype(query_proj), (self.scaling,)),
+            backend=self.backend)
         return self.mlp_out(context.squeeze(1)), weights.squeeze(1)
 
     def forward(self, enc_states: torch.Tensor, enc_len: torch.Tensor,

@@ -55,6 +55,19 @@ class ScoreWeightsSource:
         return cls(tuple((tensor, tensor._version, tensor.data_ptr()) for tensor in parameters), dtype,
                    score_vector.detach(), extra)
 
+    @classmethod
+    def prepare(cls, score_vector: torch.Tensor, parameters, dtype: torch.dtype, backend: str,
+                extra: tuple = ()) -> tuple[torch.Tensor | None, ScoreWeightsSource | None]:
+        """The score weights of steps computing in `dtype` (`functional.prepare_score_weights` of `score_vector` [A],
+        cast to `dtype` as autocast casts it) and their source (`parameters`, `extra`: what score_vector is made
+        from), or (None, None) where the steps' backend has no pre-pass to spare (not Triton) or nothing can be
+        launched (tracing, meta tensors)."""
+        with torch.no_grad():
+            weights = prepare_score_weights(score_vector.detach().to(dtype), dtype, backend)
+        if weights is None:
+            return None, None
+        return weights, cls.of(parameters, dtype, score_vector, extra)
+
     def holds_for(self, parameters, dtype: torch.dtype, extra: tuple = ()) -> bool:
         """True when `parameters` are the very tensors recorded, unchanged since, and the step computes in the
         recorded dtype. False while torch.compile traces (`_version` is then a data-dependent symbol that a
@@ -69,6 +82,15 @@ class ScoreWeightsSource:
         return len(parameters) == len(self.parameters) and all(
             tensor is recorded and tensor._version == version and tensor.data_ptr() == pointer
             for tensor, (recorded, version, pointer) in zip(parameters, self.parameters))
+
+
+def usable_score_weights(weights: torch.Tensor | None, source: ScoreWeightsSource | None, parameters,
+                         dtype: torch.dtype, extra: tuple = ()) -> torch.Tensor | None:
+    """A memory's prepared score weights for a step computing in `dtype`, if `source.holds_for` the score vector's
+    current `parameters` (and `extra`), else None: the step's kernels then run the pre-pass themselves."""
+    if weights is None or source is None or not source.holds_for(parameters, dtype, extra):
+        return None
+    return weights
 
 
 @dataclass
@@ -194,27 +216,17 @@ class AdditiveAttention(nn.Module):
         """The parameters `score_vector` is computed from: (v,), or (v, g) with `normalize`."""
         return (self.v,) if self.g is None else (self.v, self.g)
 
-    def score_weights_for(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, ScoreWeightsSource | None]:
-        """The score weights of steps computing in `dtype` (`functional.prepare_score_weights` of the score vector
-        as those steps pass it, cast to `dtype` as autocast casts it) and their source, or (None, None) where the
-        steps' backend has no pre-pass to spare (not Triton) or nothing can be launched (tracing, meta tensors)."""
-        with torch.no_grad():
-            score_vector = self.score_vector()
-            weights = prepare_score_weights(score_vector.to(dtype), dtype, self.backend)
-        if weights is None:
-            return None, None
-        return weights, ScoreWeightsSource.of(self.score_parameters(), dtype, score_vector)
-
     def _step_score_inputs(self, memory: AttentionMemory,
                            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The score vector a step against `memory` computing in `dtype` passes, and the memory's prepared score
-        weights when they still hold (else None: the step's kernels run the pre-pass themselves). With weights
-        that hold and no gradient wanted for v (or g), the score vector is the one recorded at precompute."""
-        source = memory.score_weights_source
-        if memory.score_weights is None or source is None or not source.holds_for(self.score_parameters(), dtype):
+        weights when they still hold (`usable_score_weights`, else None). With weights that hold and no gradient
+        wanted for v (or g), the score vector is the one recorded at precompute."""
+        weights = usable_score_weights(memory.score_weights, memory.score_weights_source, self.score_parameters(),
+                                       dtype)
+        if weights is None:
             return self.score_vector(), None
         wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.score_parameters())
-        return (self.score_vector() if wants_grad else source.score_vector), memory.score_weights
+        return (self.score_vector() if wants_grad else memory.score_weights_source.score_vector), weights
 
     @torch.no_grad()
     def load_eager_weights(self, *, query_weight: torch.Tensor, key_weight: torch.Tensor, v: torch.Tensor,
@@ -287,7 +299,10 @@ class AdditiveAttention(nn.Module):
         key_exp = prepare_key_exp(memory.key_proj, tanh_form, self.backend) if prepare_keys else None
         # The steps compute in key_proj's dtype (the autocast dtype if autocast is on now; a step in another dtype
         # finds the weights' recorded dtype different and runs the pre-pass itself).
-        score_weights, source = self.score_weights_for(call_dtype(memory.key_proj))
+        with torch.no_grad():
+            score_vector = self.score_vector()
+        score_weights, source = ScoreWeightsSource.prepare(score_vector, self.score_parameters(),
+                                                           call_dtype(memory.key_proj), self.backend)
         return replace(memory, checked=True, tanh_form=tanh_form, key_exp=key_exp, score_weights=score_weights,
                        score_weights_source=source)
 
